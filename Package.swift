@@ -1,0 +1,42 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "flowtrace",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "flowtrace", targets: ["flowtrace"]),
+        .library(name: "FlowTrace", targets: ["FlowTrace"]),
+        .library(name: "Machine", targets: ["Machine"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // C glue: one function per ioctl, nothing else.
+        .target(name: "CKVM"),
+        // libelf from Debian's libelf-dev.
+        .systemLibrary(
+            name: "CLibElf",
+            pkgConfig: "libelf",
+            providers: [.apt(["libelf-dev"])]
+        ),
+        .target(name: "KVM", dependencies: ["CKVM"]),
+        .target(name: "ELF", dependencies: ["CLibElf"]),
+        .target(name: "FlowTrace"),
+        .target(name: "Machine", dependencies: ["KVM", "ELF"]),
+        .executableTarget(
+            name: "flowtrace",
+            dependencies: [
+                "Machine", "ELF", "KVM", "FlowTrace",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "ELFTests", dependencies: ["ELF"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM"]),
+        .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM"]),
+        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace"]),
+        .testTarget(name: "CLITests", dependencies: ["ELF"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,47 @@
+/* CKVM: one function per ioctl; see include/ckvm.h. ioctl is variadic, which
+ * Swift cannot call, hence this file. */
+#define _GNU_SOURCE
+#include "ckvm.h"
+
+#include <errno.h>
+#include <sys/ioctl.h>
+
+/* The Swift side lays these out itself (MemoryLayout); pin the sizes it relies on. */
+_Static_assert(sizeof(struct kvm_regs) == 144, "kvm_regs layout changed");
+_Static_assert(sizeof(struct kvm_sregs) == 312, "kvm_sregs layout changed");
+_Static_assert(sizeof(struct kvm_cpuid_entry2) == 40, "kvm_cpuid_entry2 layout changed");
+_Static_assert(sizeof(struct kvm_guest_debug) == 72, "kvm_guest_debug layout changed");
+
+static int result(int r) { return r < 0 ? -errno : r; }
+
+int ckvm_get_api_version(int kvm_fd) { return result(ioctl(kvm_fd, KVM_GET_API_VERSION, 0)); }
+int ckvm_check_extension(int fd, int capability) { return result(ioctl(fd, KVM_CHECK_EXTENSION, capability)); }
+int ckvm_create_vm(int kvm_fd) { return result(ioctl(kvm_fd, KVM_CREATE_VM, 0)); }
+int ckvm_get_vcpu_mmap_size(int kvm_fd) { return result(ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0)); }
+int ckvm_get_supported_cpuid(int kvm_fd, struct kvm_cpuid2 *cpuid) { return result(ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, cpuid)); }
+
+int ckvm_set_user_memory_region(int vm_fd, const struct kvm_userspace_memory_region *region) { return result(ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, region)); }
+int ckvm_create_vcpu(int vm_fd, unsigned long vcpu_id) { return result(ioctl(vm_fd, KVM_CREATE_VCPU, vcpu_id)); }
+
+int ckvm_run(int vcpu_fd) { return result(ioctl(vcpu_fd, KVM_RUN, 0)); }
+int ckvm_get_regs(int vcpu_fd, struct kvm_regs *regs) { return result(ioctl(vcpu_fd, KVM_GET_REGS, regs)); }
+int ckvm_set_regs(int vcpu_fd, const struct kvm_regs *regs) { return result(ioctl(vcpu_fd, KVM_SET_REGS, regs)); }
+int ckvm_get_sregs(int vcpu_fd, struct kvm_sregs *sregs) { return result(ioctl(vcpu_fd, KVM_GET_SREGS, sregs)); }
+int ckvm_set_sregs(int vcpu_fd, const struct kvm_sregs *sregs) { return result(ioctl(vcpu_fd, KVM_SET_SREGS, sregs)); }
+int ckvm_get_fpu(int vcpu_fd, struct kvm_fpu *fpu) { return result(ioctl(vcpu_fd, KVM_GET_FPU, fpu)); }
+int ckvm_set_fpu(int vcpu_fd, const struct kvm_fpu *fpu) { return result(ioctl(vcpu_fd, KVM_SET_FPU, fpu)); }
+int ckvm_get_debugregs(int vcpu_fd, struct kvm_debugregs *dregs) { return result(ioctl(vcpu_fd, KVM_GET_DEBUGREGS, dregs)); }
+int ckvm_set_debugregs(int vcpu_fd, const struct kvm_debugregs *dregs) { return result(ioctl(vcpu_fd, KVM_SET_DEBUGREGS, dregs)); }
+int ckvm_set_guest_debug(int vcpu_fd, const struct kvm_guest_debug *debug) { return result(ioctl(vcpu_fd, KVM_SET_GUEST_DEBUG, debug)); }
+int ckvm_set_cpuid2(int vcpu_fd, const struct kvm_cpuid2 *cpuid) { return result(ioctl(vcpu_fd, KVM_SET_CPUID2, cpuid)); }
+int ckvm_get_vcpu_events(int vcpu_fd, struct kvm_vcpu_events *events) { return result(ioctl(vcpu_fd, KVM_GET_VCPU_EVENTS, events)); }
+int ckvm_set_vcpu_events(int vcpu_fd, const struct kvm_vcpu_events *events) { return result(ioctl(vcpu_fd, KVM_SET_VCPU_EVENTS, events)); }
+
+const uint64_t ckvm_sync_x86_regs = KVM_SYNC_X86_REGS;
+const uint64_t ckvm_sync_x86_sregs = KVM_SYNC_X86_SREGS;
+const uint64_t ckvm_sync_x86_events = KVM_SYNC_X86_EVENTS;
+const uint32_t ckvm_guestdbg_enable = KVM_GUESTDBG_ENABLE;
+const uint32_t ckvm_guestdbg_singlestep = KVM_GUESTDBG_SINGLESTEP;
+const uint32_t ckvm_guestdbg_use_sw_bp = KVM_GUESTDBG_USE_SW_BP;
+const uint32_t ckvm_guestdbg_use_hw_bp = KVM_GUESTDBG_USE_HW_BP;
+const uint32_t ckvm_guestdbg_inject_bp = KVM_GUESTDBG_INJECT_BP;

@@ -1,0 +1,177 @@
+import CLibElf
+import Glibc
+
+/// A static x86-64 ELF executable, validated and read into memory through libelf.
+public struct ELFImage: Sendable {
+    /// A `PT_LOAD` program header and its file bytes.
+    public struct Segment: Sendable, Equatable {
+        public var virtualAddress: UInt64
+        public var physicalAddress: UInt64
+        /// Bytes that come from the file (`p_filesz`); the rest up to `memorySize` is zero.
+        public var fileSize: UInt64
+        public var memorySize: UInt64
+        public var isExecutable: Bool, isWritable: Bool, isReadable: Bool
+        /// The `fileSize` bytes of the segment.
+        public var data: [UInt8]
+
+        /// `virtualAddress ..< virtualAddress + memorySize`.
+        public var range: Range<UInt64> { virtualAddress ..< virtualAddress &+ memorySize }
+        /// `physicalAddress ..< physicalAddress + memorySize`: where the loader puts it.
+        public var physicalRange: Range<UInt64> { physicalAddress ..< physicalAddress &+ memorySize }
+    }
+
+    /// The file the image came from (as given).
+    public let path: String
+    /// `e_entry`.
+    public let entry: UInt64
+    /// The `PT_LOAD` segments in file order.
+    public let segments: [Segment]
+    /// Functions, objects and code labels from `.symtab`, sorted by address.
+    public let symbols: [Symbol]
+
+    /// Reads and validates `path`.
+    public init(path: String) throws(ELFError) {
+        var st = stat()
+        guard stat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { throw ELFError.notAFile(path: path) }
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw ELFError.unreadable(path: path, reason: String(cString: strerror(errno))) }
+        defer { close(fd) }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+        var got = 0
+        while got < bytes.count {
+            let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, $0.count - got) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else { throw ELFError.unreadable(path: path, reason: n == 0 ? "short read" : String(cString: strerror(errno))) }
+            got += n
+        }
+        try self.init(bytes: bytes, path: path)
+    }
+
+    /// Validates an image held in memory; `path` is only used in messages.
+    public init(bytes: [UInt8], path: String) throws(ELFError) {
+        self.path = path
+        // Checks libelf would only report vaguely come first, so messages stay precise.
+        guard bytes.count >= 4, bytes[0] == 0x7F, bytes[1] == 0x45, bytes[2] == 0x4C, bytes[3] == 0x46 else {
+            throw ELFError.notELF(path: path)
+        }
+        guard bytes.count >= 5, bytes[4] == 2 else {
+            if bytes.count >= 5, bytes[4] == 1 { throw ELFError.not64Bit(path: path) }
+            throw ELFError.truncated(path: path, detail: "\(bytes.count) bytes, shorter than an ELF header")
+        }
+        guard bytes.count >= 64 else {
+            throw ELFError.truncated(path: path, detail: "\(bytes.count) bytes, shorter than the 64-byte ELF64 header")
+        }
+        var storage = bytes
+        let parsed = storage.withUnsafeMutableBytes { raw -> Result<Parsed, ELFError> in
+            Result { () throws(ELFError) in try Parsed.parse(raw, fileSize: bytes.count, path: path) }
+        }
+        let p = try parsed.get()
+        entry = p.entry
+        segments = p.segments
+        symbols = p.symbols
+    }
+
+    /// The symbol called `name`, if any.
+    public func symbol(named name: String) -> Symbol? { symbols.first { $0.name == name } }
+}
+
+/// The libelf walk, kept apart so the `Elf *` never outlives the buffer it reads.
+private struct Parsed {
+    var entry: UInt64 = 0
+    var segments: [ELFImage.Segment] = []
+    var symbols: [Symbol] = []
+
+    static func parse(_ raw: UnsafeMutableRawBufferPointer, fileSize: Int, path: String) throws(ELFError) -> Parsed {
+        _ = elfLibraryReady
+        // SAFETY: libelf reads the caller's buffer, which outlives `elf` (ended by defer).
+        guard let elf = elf_memory(raw.baseAddress!.assumingMemoryBound(to: CChar.self), raw.count) else {
+            throw ELFError.malformed(path: path, detail: libelfMessage())
+        }
+        defer { elf_end(elf) }
+        guard elf_kind(elf) == ELF_K_ELF else { throw ELFError.notELF(path: path) }
+        guard let ehdr = elf64_getehdr(elf)?.pointee else { throw ELFError.malformed(path: path, detail: libelfMessage()) }
+        guard ehdr.e_machine == UInt16(EM_X86_64) else { throw ELFError.wrongMachine(path: path, machine: ehdr.e_machine) }
+        guard ehdr.e_type == UInt16(ET_EXEC) else { throw ELFError.notExecutable(path: path, type: ehdr.e_type) }
+
+        var out = Parsed()
+        out.entry = ehdr.e_entry
+
+        let phEnd = UInt64(ehdr.e_phoff) + UInt64(ehdr.e_phnum) * UInt64(ehdr.e_phentsize)
+        if phEnd > UInt64(fileSize) {
+            throw ELFError.truncated(path: path, detail: "program headers end at byte \(phEnd), file has \(fileSize)")
+        }
+        var phnum = 0
+        guard elf_getphdrnum(elf, &phnum) == 0 else { throw ELFError.malformed(path: path, detail: libelfMessage()) }
+        for i in 0..<phnum {
+            var ph = GElf_Phdr()
+            guard gelf_getphdr(elf, Int32(i), &ph) != nil else { throw ELFError.malformed(path: path, detail: libelfMessage()) }
+            guard ph.p_type == UInt32(PT_LOAD) else { continue }
+            let (end, overflow) = ph.p_offset.addingReportingOverflow(ph.p_filesz)
+            guard !overflow, end <= UInt64(fileSize) else {
+                throw ELFError.truncated(path: path, detail: "segment \(i) needs bytes up to \(end), file has \(fileSize)")
+            }
+            guard ph.p_filesz <= ph.p_memsz else {
+                throw ELFError.malformed(path: path, detail: "segment \(i) has file size \(ph.p_filesz) > memory size \(ph.p_memsz)")
+            }
+            guard !ph.p_vaddr.addingReportingOverflow(ph.p_memsz).overflow,
+                  !ph.p_paddr.addingReportingOverflow(ph.p_memsz).overflow else {
+                throw ELFError.malformed(path: path, detail: "segment \(i) wraps past the end of the address space")
+            }
+            let data = [UInt8](UnsafeRawBufferPointer(rebasing: raw[Int(ph.p_offset) ..< Int(end)]))
+            out.segments.append(ELFImage.Segment(
+                virtualAddress: ph.p_vaddr, physicalAddress: ph.p_paddr, fileSize: ph.p_filesz,
+                memorySize: ph.p_memsz, isExecutable: ph.p_flags & UInt32(PF_X) != 0,
+                isWritable: ph.p_flags & UInt32(PF_W) != 0, isReadable: ph.p_flags & UInt32(PF_R) != 0, data: data))
+        }
+        guard !out.segments.isEmpty else { throw ELFError.noLoadSegments(path: path) }
+        guard out.segments.contains(where: { $0.isExecutable && $0.range.contains(out.entry) }) else {
+            throw ELFError.entryOutsideSegments(path: path, entry: out.entry)
+        }
+        out.symbols = try readSymbols(elf, fileSize: fileSize, path: path)
+        return out
+    }
+
+    static func readSymbols(_ elf: OpaquePointer, fileSize: Int, path: String) throws(ELFError) -> [Symbol] {
+        var result: [Symbol] = []
+        var scn = elf_nextscn(elf, nil)
+        while let s = scn {
+            defer { scn = elf_nextscn(elf, s) }
+            var sh = GElf_Shdr()
+            guard gelf_getshdr(s, &sh) != nil, sh.sh_type == UInt32(SHT_SYMTAB) else { continue }
+            guard sh.sh_offset.addingReportingOverflow(sh.sh_size).partialValue <= UInt64(fileSize) else {
+                throw ELFError.truncated(path: path, detail: "symbol table ends past the end of the file")
+            }
+            guard let data = elf_getdata(s, nil), sh.sh_entsize > 0 else { continue }
+            let count = Int(sh.sh_size / sh.sh_entsize)
+            for i in 0..<count {
+                var sym = GElf_Sym()
+                guard gelf_getsym(data, Int32(i), &sym) != nil else { continue }
+                let type = Int32(sym.st_info & 0xF)
+                let kind: Symbol.Kind
+                switch type {
+                case STT_FUNC: kind = .function
+                case STT_OBJECT: kind = .object
+                case STT_NOTYPE where sym.st_shndx != UInt16(SHN_UNDEF) && sym.st_shndx != UInt16(SHN_ABS) && sym.st_name != 0:
+                    kind = .label
+                default: continue
+                }
+                guard let cname = elf_strptr(elf, Int(sh.sh_link), Int(sym.st_name)) else { continue }
+                let name = String(cString: cname)
+                if name.isEmpty { continue }
+                result.append(Symbol(name: name, address: sym.st_value, size: sym.st_size, kind: kind,
+                                     isGlobal: (sym.st_info >> 4) != 0))
+            }
+        }
+        return result.sorted { ($0.address, $0.name) < ($1.address, $1.name) }
+    }
+}
+
+private let elfLibraryReady: Bool = {
+    _ = elf_version(UInt32(EV_CURRENT))
+    return true
+}()
+
+private func libelfMessage() -> String {
+    if let m = elf_errmsg(-1) { return String(cString: m) }
+    return "libelf error"
+}

@@ -1,0 +1,101 @@
+import CKVM
+import Glibc
+
+/// The host's KVM: an open `/dev/kvm` and what it can do.
+///
+/// The first link of the chain `KVMHost -> VirtualMachine -> VCPU`; each owns its file descriptor.
+public final class KVMHost: Sendable {
+    let fd: Int32
+    /// The path that was opened.
+    public let path: String
+    /// `KVM_GET_API_VERSION` (always 12 for a usable host).
+    public let apiVersion: Int32
+    /// Size of each vCPU's shared `kvm_run` area (`KVM_GET_VCPU_MMAP_SIZE`).
+    public let vcpuMapSize: Int
+
+    /// Opens `path` (default `/dev/kvm`) and checks the API version.
+    /// Wraps `open(2)`, `KVM_GET_API_VERSION` and `KVM_GET_VCPU_MMAP_SIZE`.
+    public init(path: String = "/dev/kvm") throws(KVMError) {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        if fd < 0 { throw KVMError.deviceUnavailable(path: path, errno: errno) }
+        self.fd = fd
+        self.path = path
+        do throws(KVMError) {
+            apiVersion = try checked(ckvm_get_api_version(fd), "KVM_GET_API_VERSION")
+            if apiVersion != KVM_API_VERSION { throw KVMError.unsupportedAPIVersion(apiVersion) }
+            vcpuMapSize = Int(try checked(ckvm_get_vcpu_mmap_size(fd), "KVM_GET_VCPU_MMAP_SIZE"))
+        } catch {
+            close(fd)
+            throw error
+        }
+    }
+
+    deinit { close(fd) }
+
+    /// Whether `/dev/kvm` (or `path`) can be opened and speaks API 12: the gate for tier-2 tests.
+    public static func isUsable(path: String = "/dev/kvm") -> Bool {
+        (try? KVMHost(path: path)) != nil
+    }
+
+    /// The value of a capability: 0 when absent, otherwise capability-specific.
+    /// Wraps `KVM_CHECK_EXTENSION`.
+    public func capability(_ cap: Capability) -> Int {
+        let r = ckvm_check_extension(fd, cap.rawValue)
+        return r < 0 ? 0 : Int(r)
+    }
+
+    /// The recommended number of vCPUs (`KVM_CAP_NR_VCPUS`).
+    public var recommendedVCPUs: Int { max(capability(.nrVCPUs), 1) }
+    /// The most vCPUs one VM may have (`KVM_CAP_MAX_VCPUS`, else the recommended count).
+    public var maxVCPUs: Int {
+        let m = capability(.maxVCPUs)
+        return m > 0 ? m : recommendedVCPUs
+    }
+
+    /// The CPUID leaves this host's KVM can give a guest. Wraps `KVM_GET_SUPPORTED_CPUID`.
+    public func supportedCPUID() throws(KVMError) -> CPUIDTable {
+        var capacity = 128
+        while true {
+            let table = CPUIDTable(capacity: capacity)
+            let r = table.withUnsafeMutableHeader { ckvm_get_supported_cpuid(fd, $0) }
+            if r == -E2BIG, capacity < 1 << 16 { capacity *= 2; continue }
+            _ = try checked(r, "KVM_GET_SUPPORTED_CPUID")
+            return table
+        }
+    }
+
+    /// Creates a VM with no memory and no vCPUs. Wraps `KVM_CREATE_VM`.
+    public func makeVirtualMachine() throws(KVMError) -> VirtualMachine {
+        let vmfd = try checked(ckvm_create_vm(fd), "KVM_CREATE_VM")
+        return VirtualMachine(host: self, fd: vmfd)
+    }
+}
+
+/// KVM capabilities the project asks about (`KVM_CAP_*`).
+public enum Capability: Int32, Sendable, CaseIterable, CustomStringConvertible {
+    case nrVCPUs = 9
+    case syncMMU = 16
+    case setGuestDebug = 23
+    case maxVCPUs = 66
+    case syncRegs = 74
+    case debugRegs = 50
+    case vcpuEvents = 41
+    case immediateExit = 136
+    case x86RobustSinglestep = 51
+    case setGuestDebug2 = 195
+
+    public var description: String {
+        switch self {
+        case .nrVCPUs: "KVM_CAP_NR_VCPUS"
+        case .syncMMU: "KVM_CAP_SYNC_MMU"
+        case .setGuestDebug: "KVM_CAP_SET_GUEST_DEBUG"
+        case .maxVCPUs: "KVM_CAP_MAX_VCPUS"
+        case .syncRegs: "KVM_CAP_SYNC_REGS"
+        case .debugRegs: "KVM_CAP_DEBUGREGS"
+        case .vcpuEvents: "KVM_CAP_VCPU_EVENTS"
+        case .immediateExit: "KVM_CAP_IMMEDIATE_EXIT"
+        case .x86RobustSinglestep: "KVM_CAP_X86_ROBUST_SINGLESTEP"
+        case .setGuestDebug2: "KVM_CAP_SET_GUEST_DEBUG2"
+        }
+    }
+}

@@ -1,0 +1,266 @@
+import CKVM
+import Glibc
+import Synchronization
+
+/// One virtual CPU: its file descriptor and its shared `kvm_run` area.
+///
+/// A vCPU is driven by one thread (the one that calls `run()`); `kick()` is the only
+/// member meant to be called from other threads.
+public final class VCPU: @unchecked Sendable {
+    // SAFETY: `run` points at the vCPU's kvm_run mapping, alive until deinit. All members but
+    // `kick()` are used by the single thread that drives this vCPU (the Machine's rule);
+    // `kick()` only stores the one-byte immediate_exit flag, which KVM defines for exactly
+    // this cross-thread use, and signals the driving thread.
+    public let id: Int
+    /// The VM this vCPU belongs to (kept alive as long as the vCPU).
+    public let vm: VirtualMachine
+    let fd: Int32
+    private let shared: UnsafeMutablePointer<kvm_run>
+    private let mapSize: Int
+    /// Whether registers travel in `kvm_run` (`KVM_CAP_SYNC_REGS`) instead of ioctls.
+    public let usesSyncRegisters: Bool
+    private let driver = Atomic<UInt>(0)
+    private var syncDirty = false
+
+    init(vm: VirtualMachine, id: Int, fd: Int32, run: UnsafeMutableRawPointer, mapSize: Int, syncRegisters: Bool) {
+        self.vm = vm
+        self.id = id
+        self.fd = fd
+        self.shared = run.assumingMemoryBound(to: kvm_run.self)
+        self.mapSize = mapSize
+        self.usesSyncRegisters = syncRegisters
+        if syncRegisters { self.shared.pointee.kvm_valid_regs = ckvm_sync_x86_regs }
+    }
+
+    deinit {
+        munmap(shared, mapSize)
+        close(fd)
+    }
+
+    // MARK: Running
+
+    /// Enters the guest until the next exit. EINTR/EAGAIN come back as `.interrupted`.
+    /// Wraps `KVM_RUN`.
+    public func run() throws(KVMError) -> VMExit {
+        if syncDirty {
+            shared.pointee.kvm_dirty_regs = ckvm_sync_x86_regs
+            syncDirty = false
+        }
+        let r = ckvm_run(fd)
+        if r == -EINTR || r == -EAGAIN {
+            shared.pointee.immediate_exit = 0
+            return .interrupted
+        }
+        _ = try checked(r, "KVM_RUN")
+        return decodeExit()
+    }
+
+    private func decodeExit() -> VMExit {
+        let k = shared.pointee
+        switch Int32(k.exit_reason) {
+        case KVM_EXIT_IO:
+            let size = Int(k.io.size), count = Int(k.io.count)
+            if k.io.direction == UInt8(KVM_EXIT_IO_OUT) {
+                // SAFETY: KVM puts size*count bytes at data_offset inside the kvm_run mapping.
+                let p = UnsafeRawPointer(shared) + Int(k.io.data_offset)
+                let n = min(size * count, mapSize - Int(k.io.data_offset))
+                return .ioOut(port: k.io.port, size: size, data: [UInt8](UnsafeRawBufferPointer(start: p, count: n)))
+            }
+            return .ioIn(port: k.io.port, size: size, count: count)
+        case KVM_EXIT_MMIO:
+            return .mmio(address: k.mmio.phys_addr, isWrite: k.mmio.is_write != 0, length: Int(k.mmio.len))
+        case KVM_EXIT_HLT:
+            return .hlt
+        case KVM_EXIT_DEBUG:
+            let a = k.debug.arch
+            return .debug(exception: a.exception, pc: a.pc, dr6: a.dr6, dr7: a.dr7)
+        case KVM_EXIT_SHUTDOWN:
+            return .shutdown
+        case KVM_EXIT_FAIL_ENTRY:
+            return .failEntry(reason: k.fail_entry.hardware_entry_failure_reason)
+        case KVM_EXIT_INTERNAL_ERROR:
+            return .internalError(suberror: k.internal.suberror)
+        default:
+            return .other(reason: k.exit_reason)
+        }
+    }
+
+    /// Supplies the bytes a pending `.ioIn` exit reads; call before the next `run()`.
+    public func completeIOIn(_ bytes: [UInt8]) {
+        let k = shared.pointee
+        let n = min(bytes.count, Int(k.io.size) * Int(k.io.count), mapSize - Int(k.io.data_offset))
+        // SAFETY: the destination is the I/O data area inside the kvm_run mapping, clamped above.
+        let p = UnsafeMutableRawPointer(shared) + Int(k.io.data_offset)
+        bytes.withUnsafeBytes { if let s = $0.baseAddress { p.copyMemory(from: s, byteCount: n) } }
+    }
+
+    /// Records the calling thread as the one that drives this vCPU, for `kick()`.
+    public func bindToCurrentThread() {
+        driver.store(UInt(pthread_self()), ordering: .releasing)
+    }
+
+    /// Makes the driving thread leave (or not enter) `KVM_RUN` soon: sets `immediate_exit`
+    /// and sends `signal` to it. Its next `run()` returns `.interrupted`.
+    /// The signal must have a handler installed without `SA_RESTART` (see `VCPU.installKickHandler`).
+    public func kick(signal: Int32 = VCPU.kickSignal) {
+        // SAFETY: a single-byte store into the shared kvm_run; KVM reads it on entry.
+        withUnsafeMutablePointer(to: &shared.pointee.immediate_exit) { p in
+            UnsafeMutableRawPointer(p).storeBytes(of: 1, as: UInt8.self)
+        }
+        let t = driver.load(ordering: .acquiring)
+        if t != 0 { pthread_kill(pthread_t(t), signal) }
+    }
+
+    /// The signal used to kick vCPU threads out of `KVM_RUN`.
+    public static let kickSignal: Int32 = SIGUSR1
+
+    /// Installs a do-nothing handler for `kickSignal` without `SA_RESTART`, so a blocked
+    /// `KVM_RUN` returns EINTR. Idempotent.
+    public static func installKickHandler() {
+        _ = kickHandlerInstalled
+    }
+
+    private static let kickHandlerInstalled: Bool = {
+        var action = sigaction()
+        action.__sigaction_handler.sa_handler = { _ in }
+        sigemptyset(&action.sa_mask)
+        action.sa_flags = 0
+        sigaction(kickSignal, &action, nil)
+        return true
+    }()
+
+    // MARK: State
+
+    /// The general-purpose registers, from the sync area after an exit when available.
+    /// Wraps `KVM_GET_REGS`.
+    public func registers() throws(KVMError) -> Registers {
+        if usesSyncRegisters { return Registers(shared.pointee.s.regs.regs) }
+        var r = kvm_regs()
+        _ = try checked(ckvm_get_regs(fd, &r), "KVM_GET_REGS")
+        return Registers(r)
+    }
+
+    /// Sets the general-purpose registers (through the sync area when available, applied
+    /// on the next `run()`). Wraps `KVM_SET_REGS`.
+    public func setRegisters(_ regs: Registers) throws(KVMError) {
+        var r = regs.kvm
+        _ = try checked(ckvm_set_regs(fd, &r), "KVM_SET_REGS")
+        if usesSyncRegisters {
+            // Keep the sync copy coherent: KVM copies it back on the next entry only when
+            // marked dirty, but readers before then must see the new values.
+            shared.pointee.s.regs.regs = r
+        }
+    }
+
+    /// The system registers. Wraps `KVM_GET_SREGS`.
+    public func specialRegisters() throws(KVMError) -> SpecialRegisters {
+        var s = kvm_sregs()
+        _ = try checked(ckvm_get_sregs(fd, &s), "KVM_GET_SREGS")
+        return SpecialRegisters(s)
+    }
+
+    /// Sets the system registers, keeping the pending-interrupt bitmap.
+    /// Wraps `KVM_GET_SREGS` + `KVM_SET_SREGS`.
+    public func setSpecialRegisters(_ sregs: SpecialRegisters) throws(KVMError) {
+        var s = kvm_sregs()
+        _ = try checked(ckvm_get_sregs(fd, &s), "KVM_GET_SREGS")
+        sregs.apply(to: &s)
+        _ = try checked(ckvm_set_sregs(fd, &s), "KVM_SET_SREGS")
+    }
+
+    /// x87 control word, MXCSR and xmm0-15. Wraps `KVM_GET_FPU`.
+    public func fpu() throws(KVMError) -> FPUState {
+        var f = kvm_fpu()
+        _ = try checked(ckvm_get_fpu(fd, &f), "KVM_GET_FPU")
+        var out = FPUState()
+        out.fcw = f.fcw
+        out.mxcsr = f.mxcsr
+        withUnsafeBytes(of: f.xmm) { raw in
+            for i in 0..<16 { out.xmm[i] = raw.loadUnaligned(fromByteOffset: i * 16, as: UInt128.self) }
+        }
+        return out
+    }
+
+    /// Sets x87 control word, MXCSR and xmm0-15. Wraps `KVM_GET_FPU` + `KVM_SET_FPU`.
+    public func setFPU(_ state: FPUState) throws(KVMError) {
+        var f = kvm_fpu()
+        _ = try checked(ckvm_get_fpu(fd, &f), "KVM_GET_FPU")
+        f.fcw = state.fcw
+        f.mxcsr = state.mxcsr
+        withUnsafeMutableBytes(of: &f.xmm) { raw in
+            for i in 0..<min(16, state.xmm.count) { raw.storeBytes(of: state.xmm[i], toByteOffset: i * 16, as: UInt128.self) }
+        }
+        _ = try checked(ckvm_set_fpu(fd, &f), "KVM_SET_FPU")
+    }
+
+    /// DR0-DR3, DR6, DR7 as the guest sees them. Wraps `KVM_GET_DEBUGREGS`.
+    public func debugRegisters() throws(KVMError) -> DebugRegisters {
+        var d = kvm_debugregs()
+        _ = try checked(ckvm_get_debugregs(fd, &d), "KVM_GET_DEBUGREGS")
+        var out = DebugRegisters()
+        out.db = [d.db.0, d.db.1, d.db.2, d.db.3]
+        out.dr6 = d.dr6
+        out.dr7 = d.dr7
+        return out
+    }
+
+    /// Sets the guest-visible debug registers. Wraps `KVM_SET_DEBUGREGS`.
+    public func setDebugRegisters(_ regs: DebugRegisters) throws(KVMError) {
+        var d = kvm_debugregs()
+        d.db = (regs.db[0], regs.db[1], regs.db[2], regs.db[3])
+        d.dr6 = regs.dr6
+        d.dr7 = regs.dr7
+        _ = try checked(ckvm_set_debugregs(fd, &d), "KVM_SET_DEBUGREGS")
+    }
+
+    /// Sets what debug events exit to us. Wraps `KVM_SET_GUEST_DEBUG`.
+    public func setGuestDebug(_ debug: GuestDebug) throws(KVMError) {
+        var g = kvm_guest_debug()
+        var control: UInt32 = 0
+        if debug.isEnabled { control |= ckvm_guestdbg_enable }
+        if debug.singleStep { control |= ckvm_guestdbg_singlestep }
+        if debug.softwareBreakpoints { control |= ckvm_guestdbg_use_sw_bp }
+        if debug.hardwareBreakpoints { control |= ckvm_guestdbg_use_hw_bp }
+        if debug.injectBreakpoint { control |= ckvm_guestdbg_inject_bp }
+        g.control = control
+        if debug.hardwareBreakpoints {
+            let a = debug.addresses
+            g.arch.debugreg = (a[0], a[1], a[2], a[3], 0, 0, 0, debug.dr7)
+        }
+        _ = try checked(ckvm_set_guest_debug(fd, &g), "KVM_SET_GUEST_DEBUG")
+    }
+
+    /// Gives the guest these CPUID leaves. Wraps `KVM_SET_CPUID2`.
+    public func setCPUID(_ table: CPUIDTable) throws(KVMError) {
+        _ = try checked(table.withUnsafeMutableHeader { ckvm_set_cpuid2(fd, $0) }, "KVM_SET_CPUID2")
+    }
+
+    /// Pending exception and interrupt-shadow state. Wraps `KVM_GET_VCPU_EVENTS`.
+    public func events() throws(KVMError) -> VCPUEvents {
+        var e = kvm_vcpu_events()
+        _ = try checked(ckvm_get_vcpu_events(fd, &e), "KVM_GET_VCPU_EVENTS")
+        var out = VCPUEvents()
+        out.exceptionInjected = e.exception.injected != 0
+        out.exceptionNumber = e.exception.nr
+        out.exceptionHasErrorCode = e.exception.has_error_code != 0
+        out.exceptionErrorCode = e.exception.error_code
+        out.interruptShadow = e.interrupt.shadow
+        out.nmiPending = e.nmi.pending != 0
+        return out
+    }
+
+    /// Sets pending exception and interrupt-shadow state, keeping the rest.
+    /// Wraps `KVM_GET_VCPU_EVENTS` + `KVM_SET_VCPU_EVENTS`.
+    public func setEvents(_ events: VCPUEvents) throws(KVMError) {
+        var e = kvm_vcpu_events()
+        _ = try checked(ckvm_get_vcpu_events(fd, &e), "KVM_GET_VCPU_EVENTS")
+        e.exception.injected = events.exceptionInjected ? 1 : 0
+        e.exception.nr = events.exceptionNumber
+        e.exception.has_error_code = events.exceptionHasErrorCode ? 1 : 0
+        e.exception.error_code = events.exceptionErrorCode
+        e.interrupt.shadow = events.interruptShadow
+        e.nmi.pending = events.nmiPending ? 1 : 0
+        e.flags = UInt32(KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW)
+        _ = try checked(ckvm_set_vcpu_events(fd, &e), "KVM_SET_VCPU_EVENTS")
+    }
+}

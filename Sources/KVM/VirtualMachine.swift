@@ -1,0 +1,45 @@
+import CKVM
+import Glibc
+import Synchronization
+
+/// A KVM virtual machine: guest RAM slots and vCPUs.
+public final class VirtualMachine: Sendable {
+    let fd: Int32
+    /// The host this VM was created on (kept alive as long as the VM).
+    public let host: KVMHost
+    private let slots = Mutex<[GuestMemory]>([])
+
+    init(host: KVMHost, fd: Int32) {
+        self.host = host
+        self.fd = fd
+    }
+
+    deinit { close(fd) }
+
+    /// Makes `memory` the guest's physical RAM at `guestPhysical` in slot `slot`.
+    /// Wraps `KVM_SET_USER_MEMORY_REGION`.
+    public func map(_ memory: GuestMemory, at guestPhysical: UInt64 = 0, slot: UInt32 = 0) throws(KVMError) {
+        var region = kvm_userspace_memory_region(
+            slot: slot, flags: 0, guest_phys_addr: guestPhysical,
+            memory_size: memory.size, userspace_addr: memory.hostAddress)
+        _ = try checked(ckvm_set_user_memory_region(fd, &region), "KVM_SET_USER_MEMORY_REGION")
+        // The VM must keep the mapping alive while the guest can touch it.
+        slots.withLock { $0.append(memory) }
+    }
+
+    /// Creates vCPU `id` and maps its `kvm_run` area. Wraps `KVM_CREATE_VCPU` and `mmap(2)`.
+    /// Registers are exchanged through `KVM_CAP_SYNC_REGS` when the host has it.
+    public func makeVCPU(id: Int) throws(KVMError) -> VCPU {
+        let vfd = try checked(ckvm_create_vcpu(fd, UInt(id)), "KVM_CREATE_VCPU")
+        let size = host.vcpuMapSize
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, vfd, 0)
+        guard let p, p != MAP_FAILED else {
+            let e = errno
+            close(vfd)
+            throw KVMError.system("mmap of vCPU \(id)'s kvm_run", errno: e)
+        }
+        let sync = host.capability(.syncRegs)
+        let useSync = UInt64(sync) & ckvm_sync_x86_regs != 0
+        return VCPU(vm: self, id: id, fd: vfd, run: p, mapSize: size, syncRegisters: useSync)
+    }
+}

@@ -1,0 +1,60 @@
+import ELF
+import Foundation
+import KVM
+
+/// Why a machine could not be built or run. Each case names the offending value.
+public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
+    case kvm(KVMError)
+    case image(ELFError)
+    case vcpuCount(Int, maximum: Int)
+    case memorySize(UInt64, reason: String)
+    case invalidMemorySize(String)
+    case segmentOutsideRAM(path: String, index: Int, start: UInt64, end: UInt64, usable: Range<UInt64>)
+    case memoryTooSmall(path: String, given: UInt64, needed: UInt64)
+    case alreadyRan
+
+    public var description: String {
+        switch self {
+        case let .kvm(e): return e.description
+        case let .image(e): return e.description
+        case let .vcpuCount(n, maximum):
+            return "--vcpus \(n): must be between 1 and \(maximum) (this host's KVM maximum)"
+        case let .memorySize(size, reason):
+            return "--memory \(formatSize(size)): \(reason)"
+        case let .invalidMemorySize(text):
+            return "--memory '\(text)': not a size; use bytes or a K/M/G suffix, e.g. 64M"
+        case let .segmentOutsideRAM(path, index, start, end, usable):
+            return "\(path): segment \(index) at \(hexString(start))-\(hexString(end)) is outside guest RAM usable for images (\(hexString(usable.lowerBound))-\(hexString(usable.upperBound)))"
+        case let .memoryTooSmall(path, given, needed):
+            return "--memory \(formatSize(given)) is too small for \(path): it needs at least \(formatSize(needed)); use --memory \(formatSize(needed)) or more"
+        case .alreadyRan:
+            return "this machine has already run; create a new Machine to run the guest again"
+        }
+    }
+}
+
+func hexString(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+
+/// `64M`, `2G`, `1536K`, or bytes when not a whole number of KiB.
+public func formatSize(_ bytes: UInt64) -> String {
+    if bytes >= 1 << 30, bytes % (1 << 30) == 0 { return "\(bytes >> 30)G" }
+    if bytes >= 1 << 20, bytes % (1 << 20) == 0 { return "\(bytes >> 20)M" }
+    if bytes >= 1 << 10, bytes % (1 << 10) == 0 { return "\(bytes >> 10)K" }
+    return "\(bytes)"
+}
+
+/// Parses `64M`, `64MiB`, `1G`, `4096`, `512K` (binary units) into bytes.
+public func parseMemorySize(_ text: String) throws(MachineError) -> UInt64 {
+    var s = Substring(text.trimmingCharacters(in: .whitespaces).uppercased())
+    if s.hasSuffix("IB") { s = s.dropLast(2) } else if s.hasSuffix("B") { s = s.dropLast() }
+    var shift: UInt64 = 0
+    switch s.last {
+    case "K": shift = 10; s = s.dropLast()
+    case "M": shift = 20; s = s.dropLast()
+    case "G": shift = 30; s = s.dropLast()
+    default: break
+    }
+    guard let n = UInt64(s), n > 0, n <= (UInt64.max >> shift) else { throw MachineError.invalidMemorySize(text) }
+    return n << shift
+}
+
