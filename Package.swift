@@ -32,11 +32,13 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "ELFTests", dependencies: ["ELF"]),
+        // Test helpers: builds the guests, runs the executable.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
-        .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM"]),
+        .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "TestSupport"]),
         .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace"]),
-        .testTarget(name: "CLITests", dependencies: ["ELF"]),
+        .testTarget(name: "CLITests", dependencies: ["ELF", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

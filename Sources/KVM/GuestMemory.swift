@@ -89,6 +89,7 @@ public final class GuestMemory: @unchecked Sendable {
         public var physical: UInt64
         /// The size of the page that maps it: 4 KiB, 2 MiB or 1 GiB.
         public var pageSize: UInt64
+        public init(physical: UInt64, pageSize: UInt64) { self.physical = physical; self.pageSize = pageSize }
     }
 
     private static let frameMask: UInt64 = 0x000F_FFFF_FFFF_F000
