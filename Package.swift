@@ -38,7 +38,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "TestSupport"]),
         .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace"]),
-        .testTarget(name: "CLITests", dependencies: ["ELF", "TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["KVM", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -94,8 +94,14 @@ public final class VCPU: @unchecked Sendable {
         bytes.withUnsafeBytes { if let s = $0.baseAddress { p.copyMemory(from: s, byteCount: n) } }
     }
 
-    /// Records the calling thread as the one that drives this vCPU, for `kick()`.
+    /// Records the calling thread as the one that drives this vCPU, for `kick()`, and
+    /// unblocks the kick signal on it: threads inherit their creator's mask, and dispatch
+    /// worker threads (where tests and async callers start machines) block every signal.
     public func bindToCurrentThread() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, Self.kickSignal)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         driver.store(UInt(pthread_self()), ordering: .releasing)
     }
 

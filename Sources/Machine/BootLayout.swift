@@ -41,14 +41,14 @@ public struct BootLayout: Sendable, Equatable {
 
     /// Validates the memory size against the layout's own needs.
     public init(memorySize: UInt64, vcpuCount: Int) throws(MachineError) {
+        guard memorySize >= Self.minimumMemory, memorySize >= Self.imageFloor + UInt64(vcpuCount) * Self.stackSize else {
+            throw MachineError.memorySize(memorySize, reason: "is too small: the loader needs at least 2M")
+        }
         guard memorySize % Self.minimumMemory == 0 else {
             throw MachineError.memorySize(memorySize, reason: "must be a multiple of 2M (RAM is mapped with 2 MiB pages)")
         }
         guard memorySize <= Self.maximumMemory else {
             throw MachineError.memorySize(memorySize, reason: "is above the 4G the loader's page tables map")
-        }
-        guard memorySize >= Self.minimumMemory, memorySize >= Self.imageFloor + UInt64(vcpuCount) * Self.stackSize else {
-            throw MachineError.memorySize(memorySize, reason: "is too small: the loader needs at least 2M")
         }
         self.memorySize = memorySize
         self.vcpuCount = vcpuCount

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 
 @main
 struct FlowTraceCommand: ParsableCommand {
@@ -28,3 +29,6 @@ func fail(_ message: String, status: Int32) -> ExitCode {
     printError("flowtrace: error: \(message)")
     return ExitCode(status)
 }
+
+/// The KVM device: `$FLOWTRACE_KVM_DEVICE`, else `/dev/kvm`.
+var kvmDevicePath: String { ProcessInfo.processInfo.environment["FLOWTRACE_KVM_DEVICE"] ?? "/dev/kvm" }

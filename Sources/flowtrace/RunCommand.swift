@@ -33,11 +33,15 @@ struct RunCommand: ParsableCommand {
         if let t = timeout, !(t > 0 && t.isFinite) {
             throw fail("--timeout \(t): must be a positive number of seconds", status: ExitStatus.usage)
         }
+        // The image is checked first so a bad file is reported as such even without KVM.
+        let image: ELFImage
+        do { image = try ELFImage(path: guest) } catch { throw fail(error.description, status: ExitStatus.usage) }
+        let host: KVMHost
+        do { host = try KVMHost(path: kvmDevicePath) } catch { throw fail(error.description, status: ExitStatus.unavailable) }
         let machine: Machine
         do {
-            machine = try Machine(path: guest, configuration: MachineConfiguration(vcpuCount: vcpus, memorySize: memorySize))
+            machine = try Machine(image: image, configuration: MachineConfiguration(vcpuCount: vcpus, memorySize: memorySize), host: host)
         } catch {
-            if case .kvm(.deviceUnavailable) = error { throw fail(error.description, status: ExitStatus.unavailable) }
             if case .kvm = error { throw fail(error.description, status: ExitStatus.unavailable) }
             throw fail(error.description, status: ExitStatus.usage)
         }

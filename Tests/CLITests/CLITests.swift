@@ -1,0 +1,121 @@
+import Foundation
+import KVM
+import Testing
+import TestSupport
+
+private let kvmUsable = KVMHost.isUsable()
+
+/// Runs the built `flowtrace` with `args`.
+func flowtrace(_ args: String..., environment: [String: String]? = nil) throws -> ProcessOutput {
+    try run(Guests.flowtrace, args, environment: environment)
+}
+
+/// Asserts a one-line error on stderr that contains every one of `parts`, empty stdout, and `status`.
+func expectOneLineError(_ r: ProcessOutput, status: Int32 = 64, _ parts: String..., sourceLocation: SourceLocation = #_sourceLocation) {
+    #expect(r.status == status, "exit status", sourceLocation: sourceLocation)
+    let lines = r.stderr.split(separator: "\n")
+    #expect(lines.count == 1, "stderr: \(r.stderr)", sourceLocation: sourceLocation)
+    #expect(r.stderr.hasPrefix("flowtrace: error: "), sourceLocation: sourceLocation)
+    for p in parts { #expect(r.stderr.contains(p), "missing '\(p)' in: \(r.stderr)", sourceLocation: sourceLocation) }
+    #expect(r.stdout.isEmpty, sourceLocation: sourceLocation)
+}
+
+@Suite("flowtrace run and inspect", .serialized, .timeLimit(.minutes(2)))
+struct CLITests {
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func runFibPrintsTheGuestOutputAndExitsZero() throws {
+        let r = try flowtrace("run", Guests.path("fib"))
+        #expect(r.status == 0)
+        #expect(r.stdout == "fib(15) = 610, calls = 1973\n")
+        #expect(r.stderr.hasPrefix("flowtrace: fib.elf: guest exited with status 0 after "))
+        #expect(r.stderr.split(separator: "\n").count == 1)
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func smpOnTwoVCPUs() throws {
+        let r = try flowtrace("run", Guests.path("smp"), "--vcpus", "2")
+        #expect(r.status == 0)
+        let lines = r.stdout.split(separator: "\n").map(String.init)
+        #expect(Set(lines) == ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"])
+        #expect(lines.last == "total: 300 units on 2 vcpus")
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func guestExitStatusIsPassedOn() throws {
+        let r = try flowtrace("run", Guests.path("status"))
+        #expect(r.status == 42)
+        #expect(r.stderr.contains("guest exited with status 42"))
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func faultExits70WithRipAndRegisters() throws {
+        let r = try flowtrace("run", Guests.path("fault"))
+        #expect(r.status == 70)
+        #expect(r.stdout == "fault: executing ud2\n")
+        #expect(r.stderr.contains("guest fault on vCPU 0"))
+        #expect(r.stderr.contains("(fault_here)"))
+        #expect(r.stderr.contains("rip    0x"))
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func timeoutExits124() throws {
+        let r = try flowtrace("run", Guests.path("spin"), "--timeout", "0.3")
+        #expect(r.status == 124)
+        #expect(r.stdout == "spin: looping forever\n")
+        #expect(r.stderr.contains("timed out"))
+    }
+
+    @Test func inspectListsEntrySegmentsAndSymbols() throws {
+        let r = try flowtrace("inspect", Guests.path("fib"))
+        #expect(r.status == 0)
+        #expect(r.stdout.contains("entry 0x100000 (_start)"))
+        #expect(r.stdout.contains(" function  fib\n"))
+        #expect(r.stdout.contains("r-x"))
+    }
+
+    // MARK: bad input: one line, names the value, exit 64, no crash
+
+    @Test func notAFile() throws {
+        expectOneLineError(try flowtrace("run", "/nonexistent/guest.elf"), "/nonexistent/guest.elf", "no such file")
+        expectOneLineError(try flowtrace("inspect", "/tmp"), "/tmp", "not a regular file")
+    }
+
+    @Test func notELF() throws {
+        let p = try temporaryFile(Array("hello\n".utf8), name: "hello.txt")
+        expectOneLineError(try flowtrace("run", p), p, "not an ELF file")
+    }
+
+    @Test func thirtyTwoBitELF() throws {
+        var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: Guests.path("fib"))))
+        b[4] = 1
+        let p = try temporaryFile(b, name: "fib32.elf")
+        expectOneLineError(try flowtrace("run", p), p, "32-bit")
+    }
+
+    @Test func truncatedELF() throws {
+        let b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: Guests.path("fib"))))
+        let p = try temporaryFile(Array(b[..<0x1010]), name: "fib-cut.elf")
+        expectOneLineError(try flowtrace("run", p), p, "truncated")
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func vcpusOutOfRange() throws {
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--vcpus", "0"), "--vcpus 0", "must be between 1 and")
+        let max = try KVMHost().maxVCPUs
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--vcpus", "\(max + 1)"), "--vcpus \(max + 1)")
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func memoryTooSmall() throws {
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--memory", "1M"), "--memory 1M", "too small")
+        let high = try Guests.path("fib-high")
+        expectOneLineError(try flowtrace("run", high, "--memory", "2M"), high, "use --memory 6M or more")
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--memory", "lots"), "--memory 'lots'")
+    }
+
+    @Test func kvmMissingSaysHowToFix() throws {
+        let env = ProcessInfo.processInfo.environment.merging(["FLOWTRACE_KVM_DEVICE": "/nonexistent/kvm"]) { $1 }
+        let r = try flowtrace("run", Guests.path("fib"), environment: env)
+        expectOneLineError(r, status: 69, "/nonexistent/kvm does not exist", "load kvm_intel")
+    }
+}
