@@ -1,0 +1,286 @@
+import Synchronization
+
+/// A probe placed at an address in a trace module.
+public struct ProbeLocation: Sendable {
+    /// Guest-virtual address of the instruction.
+    public let address: UInt64
+    public let probe: Probe
+    public let timing: ProbeTiming
+    let layout: ProbeLayout
+}
+
+/// Per-location figures of a module.
+public struct LocationCounters: Sendable, Equatable {
+    public var address: UInt64
+    public var timing: ProbeTiming
+    /// Hits delivered here that passed the state, vCPU and limit checks.
+    public var hits: UInt64
+    /// Records taken here (kept + evicted).
+    public var taken: UInt64
+    /// Records taken here and later evicted by `maxRecords`.
+    public var evicted: UInt64
+}
+
+/// A module's counters.
+public struct TraceCounters: Sendable, Equatable {
+    /// Every hit delivered to the module.
+    public var hitsSeen: UInt64
+    /// Records taken (kept + evicted).
+    public var recordsTaken: UInt64
+    /// Records currently kept.
+    public var recordsKept: Int
+    /// Records evicted because of `maxRecords`.
+    public var evicted: UInt64
+    /// Hits from a vCPU the module does not trace.
+    public var suppressedWrongVCPU: UInt64
+    /// Hits past the hit limit (delivered while the target was disarming the module).
+    public var suppressedOverLimit: UInt64
+    /// Hits delivered while the module was not enabled.
+    public var suppressedDisabled: UInt64
+    /// Per location, in the order they were added.
+    public var locations: [LocationCounters]
+
+    /// All suppressed hits.
+    public var suppressed: UInt64 { suppressedWrongVCPU + suppressedOverLimit + suppressedDisabled }
+}
+
+/// A set of probe locations traced on one vCPU or any vCPU, with an optional common probe
+/// collected at every location, recording each hit into a bounded store.
+///
+/// States: `created` (probes can be added) -> `enable` -> `enabled` -> `disable` or the hit
+/// limit -> `created` ... ; `targetGone` once the machine it traces no longer exists.
+public final class TraceModule: @unchecked Sendable {
+    // SAFETY: `plan` is the only member not protected by a lock or an atomic. It is
+    // replaced only under `control`, while the module is not enabled and after every hit in
+    // flight has drained (`inFlight` == 0); hits read it only after an acquiring load saw
+    // `enabled`, which was stored (releasing) after the last replacement.
+
+    public enum State: String, Sendable, CustomStringConvertible {
+        case created, enabled, targetGone
+        public var description: String { rawValue }
+    }
+
+    /// The vCPUs this module records.
+    public let vcpus: VCPUSelection
+    /// Collected at every location, after the location's own probe.
+    public let commonProbe: Probe?
+    let commonLayout: ProbeLayout
+
+    private final class Plan: Sendable {
+        let locations: [ProbeLocation]
+        let hits: [HitCounter]
+        let commonBase = RecordHeader.size
+        let probeBase: Int
+        let slotSize: Int
+
+        init(locations: [ProbeLocation], commonLayout: ProbeLayout, carrying old: Plan?) {
+            self.locations = locations
+            let kept = old?.hits ?? []
+            hits = locations.indices.map { $0 < kept.count ? kept[$0] : HitCounter() }
+            probeBase = RecordHeader.size + commonLayout.size
+            let widest = locations.map(\.layout.size).max() ?? 0
+            slotSize = (probeBase + widest + 7) & ~7
+        }
+    }
+
+    private struct Control {
+        weak var target: (any TraceTarget)?
+        var hitLimit: UInt64 = 0
+        var maxRecords = 0
+    }
+
+    private let control: Mutex<Control>
+    private var plan: Plan
+    private let stateValue = Atomic<UInt8>(0)         // 0 created, 1 enabled
+    private let limited = Atomic<Bool>(false)
+    private let hitsLeft = Atomic<UInt64>(0)
+    private let inFlight = Atomic<Int>(0)
+    private let hitsSeen = Atomic<UInt64>(0)
+    private let suppressedWrongVCPU = Atomic<UInt64>(0)
+    private let suppressedOverLimit = Atomic<UInt64>(0)
+    private let suppressedDisabled = Atomic<UInt64>(0)
+    private let store: RecordStore
+    let reasons = ReasonTable()
+
+    /// Creates a module tracing `vcpus` of `target`. Throws for a vCPU the target lacks;
+    /// nothing is retained then (the reference handed out a freed module: defect 11).
+    public init(target: any TraceTarget, vcpus: VCPUSelection = .any, commonProbe: Probe? = nil) throws(TraceError) {
+        if case let .only(k) = vcpus, k < 0 || k >= target.vcpuCount {
+            throw TraceError.vcpuOutOfRange(k, count: target.vcpuCount)
+        }
+        self.vcpus = vcpus
+        self.commonProbe = commonProbe
+        commonLayout = ProbeLayout(entries: commonProbe?.retain() ?? [])
+        control = Mutex(Control(target: target))
+        plan = Plan(locations: [], commonLayout: commonLayout, carrying: nil)
+        store = RecordStore(slotSize: plan.slotSize)
+    }
+
+    deinit {
+        for l in plan.locations { l.probe.release() }
+        commonProbe?.release()
+    }
+
+    /// The module's state.
+    public var state: State {
+        if control.withLock({ $0.target == nil }) { return .targetGone }
+        return stateValue.load(ordering: .acquiring) == 1 ? .enabled : .created
+    }
+
+    /// The probe locations, in the order they were added.
+    public var locations: [ProbeLocation] { control.withLock { _ in plan.locations } }
+
+    /// Places `probe` at `address`. Only while `created`; one probe per address.
+    public func addProbe(_ probe: Probe, at address: UInt64, timing: ProbeTiming = .before) throws(TraceError) {
+        try control.withLock { (c: inout Control) throws(TraceError) in
+            guard c.target != nil else { throw TraceError.targetGone }
+            guard stateValue.load(ordering: .acquiring) == 0 else {
+                throw TraceError.invalidState(operation: "add a probe to", state: .enabled)
+            }
+            guard !plan.locations.contains(where: { $0.address == address }) else { throw TraceError.duplicateLocation(address) }
+            let location = ProbeLocation(address: address, probe: probe, timing: timing, layout: ProbeLayout(entries: probe.retain()))
+            // Hits that saw `enabled` before a self-disable may still read the plan.
+            while inFlight.load(ordering: .acquiring) != 0 { sched_yield() }
+            plan = Plan(locations: plan.locations + [location], commonLayout: commonLayout, carrying: plan)
+            store.ensureLocations(plan.locations.count)
+        }
+    }
+
+    /// Arms every location on the target and starts recording.
+    /// - Parameters:
+    ///   - hitLimit: records to take before the module disables itself; 0 = no limit.
+    ///   - maxRecords: records to keep; beyond it the oldest is evicted; 0 = unbounded.
+    public func enable(hitLimit: UInt64 = 0, maxRecords: Int = 0) throws(TraceError) {
+        try control.withLock { (c: inout Control) throws(TraceError) in
+            guard let target = c.target else { throw TraceError.targetGone }
+            guard stateValue.load(ordering: .acquiring) == 0 else { throw TraceError.invalidState(operation: "enable", state: .enabled) }
+            guard !plan.locations.isEmpty else { throw TraceError.noProbes }
+            while inFlight.load(ordering: .acquiring) != 0 { sched_yield() }
+            store.reconfigure(slotSize: plan.slotSize, capacity: max(0, maxRecords))
+            c.hitLimit = hitLimit
+            c.maxRecords = maxRecords
+            // The reference never set its limit flag, so limits never worked (defect 1).
+            hitsLeft.store(hitLimit, ordering: .relaxed)
+            limited.store(hitLimit > 0, ordering: .relaxed)
+            stateValue.store(1, ordering: .releasing)
+            let armed = plan.locations.enumerated().map { ArmedLocation(index: $0.offset, address: $0.element.address, timing: $0.element.timing) }
+            do throws(TraceError) {
+                try target.arm(self, locations: armed, vcpus: vcpus)
+            } catch {
+                stateValue.store(0, ordering: .releasing)
+                throw error
+            }
+        }
+    }
+
+    /// Stops recording and disarms the target. Records stay until `clear()`.
+    /// Disabling a module that is not enabled (e.g. after it reached its hit limit) only
+    /// makes sure the target has disarmed it.
+    public func disable() throws(TraceError) {
+        try control.withLock { (c: inout Control) throws(TraceError) in
+            guard let target = c.target else { throw TraceError.targetGone }
+            stateValue.store(0, ordering: .releasing)
+            try target.disarm(self)
+        }
+    }
+
+    /// Drops every record kept so far.
+    public func clear() { store.removeAll() }
+
+    /// An immutable snapshot of the records kept, oldest first.
+    public func report() -> TraceReport {
+        control.withLock { _ in
+            TraceReport(buffer: store.snapshot(), locations: plan.locations, commonProbe: commonProbe,
+                        commonLayout: commonLayout, probeBase: plan.probeBase, reasons: reasons)
+        }
+    }
+
+    /// The module's counters.
+    public var counters: TraceCounters {
+        control.withLock { _ in
+            let t = store.totals
+            let p = plan
+            return TraceCounters(
+                hitsSeen: hitsSeen.load(ordering: .relaxed), recordsTaken: t.taken, recordsKept: t.kept, evicted: t.evicted,
+                suppressedWrongVCPU: suppressedWrongVCPU.load(ordering: .relaxed),
+                suppressedOverLimit: suppressedOverLimit.load(ordering: .relaxed),
+                suppressedDisabled: suppressedDisabled.load(ordering: .relaxed),
+                locations: p.locations.indices.map { i in
+                    LocationCounters(address: p.locations[i].address, timing: p.locations[i].timing,
+                                     hits: p.hits[i].value.load(ordering: .relaxed),
+                                     taken: i < t.takenAt.count ? t.takenAt[i] : 0,
+                                     evicted: i < t.evictedAt.count ? t.evictedAt[i] : 0)
+                })
+        }
+    }
+
+    // MARK: Hit path
+
+    /// Records a hit at armed location `location` (the `ArmedLocation.index` the target got).
+    /// Called by the target on the hitting vCPU's thread; returns whether to halt.
+    public func hit<C: HitContext>(location: Int, context: C) -> HitAction {
+        hitsSeen.add(1, ordering: .relaxed)
+        inFlight.add(1, ordering: .acquiring)
+        defer { inFlight.subtract(1, ordering: .releasing) }
+        guard stateValue.load(ordering: .acquiring) == 1 else {
+            suppressedDisabled.add(1, ordering: .relaxed)
+            return .continue
+        }
+        let vcpu = context.vcpu
+        guard vcpus.contains(vcpu) else {
+            suppressedWrongVCPU.add(1, ordering: .relaxed)
+            return .continue
+        }
+        // One compare-exchange loop takes a hit from the budget, so concurrent vCPUs can
+        // never take more than the limit (the reference decremented, checked, then
+        // compare-exchanged the state separately: defect 2).
+        var lastHit = false
+        if limited.load(ordering: .relaxed) {
+            var left = hitsLeft.load(ordering: .relaxed)
+            while true {
+                guard left > 0 else {
+                    suppressedOverLimit.add(1, ordering: .relaxed)
+                    return .continue
+                }
+                let (done, now) = hitsLeft.compareExchange(expected: left, desired: left - 1, ordering: .acquiringAndReleasing)
+                if done { break }
+                left = now
+            }
+            lastHit = left == 1
+        }
+        let p = plan
+        guard location >= 0, location < p.locations.count else {
+            suppressedDisabled.add(1, ordering: .relaxed)
+            return .continue
+        }
+        let loc = p.locations[location]
+        p.hits[location].value.add(1, ordering: .relaxed)
+        let info = ProbeHit(vcpu: vcpu, address: loc.address, timing: loc.timing)
+        let halt = withUnsafeTemporaryAllocation(byteCount: p.slotSize, alignment: 8) { raw -> Bool in
+            let slot = raw.baseAddress!
+            // The common probe's halt answer is OR-ed with the probe's; the reference let it
+            // overwrite the probe's (defect 6).
+            var halt = commonLayout.collect(into: slot, base: p.commonBase, context: context,
+                                            hit: ProbeHit(vcpu: vcpu, address: nil, timing: loc.timing), reasons: reasons)
+            halt = loc.layout.collect(into: slot, base: p.probeBase, context: context, hit: info, reasons: reasons) || halt
+            _ = store.append(slot, location: location, vcpu: vcpu)
+            return halt
+        }
+        if lastHit {
+            let target = control.withLock { $0.target }
+            if stateValue.compareExchange(expected: 1, desired: 0, ordering: .acquiringAndReleasing).exchanged {
+                target?.moduleReachedHitLimit(self)
+            }
+        }
+        return halt ? .halt : .continue
+    }
+}
+
+/// One location's hit count (atomics cannot live in arrays directly).
+private final class HitCounter: Sendable {
+    let value = Atomic<UInt64>(0)
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
