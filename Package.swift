@@ -24,6 +24,8 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CKVM"]),
         .target(name: "ELF", dependencies: ["CLibElf"]),
         .target(name: "FlowTrace"),
+        // A TraceTarget without a machine: for tests and the core benchmark.
+        .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace"]),
         .target(name: "Machine", dependencies: ["KVM", "ELF"]),
         .executableTarget(
             name: "flowtrace",
@@ -37,7 +39,7 @@ let package = Package(
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "TestSupport"]),
-        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace"]),
+        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation"]),
         .testTarget(name: "CLITests", dependencies: ["KVM", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]

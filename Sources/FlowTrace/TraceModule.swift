@@ -19,6 +19,10 @@ public struct LocationCounters: Sendable, Equatable {
     public var taken: UInt64
     /// Records taken here and later evicted by `maxRecords`.
     public var evicted: UInt64
+
+    public init(address: UInt64, timing: ProbeTiming, hits: UInt64, taken: UInt64, evicted: UInt64) {
+        self.address = address; self.timing = timing; self.hits = hits; self.taken = taken; self.evicted = evicted
+    }
 }
 
 /// A module's counters.
