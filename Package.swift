@@ -21,25 +21,29 @@ let package = Package(
             pkgConfig: "libelf",
             providers: [.apt(["libelf-dev"])]
         ),
-        .target(name: "KVM", dependencies: ["CKVM"]),
+        // Locks ThreadSanitizer can see (see Locked.swift), and the record store's spin lock.
+        .target(name: "Locking"),
+        .target(name: "KVM", dependencies: ["CKVM", "Locking"]),
         .target(name: "ELF", dependencies: ["CLibElf"]),
-        .target(name: "FlowTrace"),
+        .target(name: "FlowTrace", dependencies: ["Locking"]),
         // A TraceTarget without a machine: for tests and the core benchmark.
-        .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace"]),
-        .target(name: "Machine", dependencies: ["KVM", "ELF"]),
+        .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
+        .target(name: "Machine", dependencies: ["KVM", "ELF", "Locking"]),
         .executableTarget(
             name: "flowtrace",
             dependencies: [
-                "Machine", "ELF", "KVM", "FlowTrace",
+                "Machine", "ELF", "KVM", "FlowTrace", "Locking",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // Benchmarks (tools/bench), built in release mode.
+        .executableTarget(name: "flowtrace-bench", dependencies: ["FlowTrace", "FlowTraceSimulation"]),
         // Test helpers: builds the guests, runs the executable.
-        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .target(name: "TestSupport", dependencies: ["Locking"], path: "Tests/TestSupport"),
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "TestSupport"]),
-        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation"]),
+        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "Locking"]),
         .testTarget(name: "CLITests", dependencies: ["KVM", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -37,6 +37,10 @@ int ckvm_set_cpuid2(int vcpu_fd, const struct kvm_cpuid2 *cpuid) { return result
 int ckvm_get_vcpu_events(int vcpu_fd, struct kvm_vcpu_events *events) { return result(ioctl(vcpu_fd, KVM_GET_VCPU_EVENTS, events)); }
 int ckvm_set_vcpu_events(int vcpu_fd, const struct kvm_vcpu_events *events) { return result(ioctl(vcpu_fd, KVM_SET_VCPU_EVENTS, events)); }
 
+void ckvm_store_immediate_exit(struct kvm_run *run, uint8_t value) {
+    __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST);
+}
+
 const uint64_t ckvm_sync_x86_regs = KVM_SYNC_X86_REGS;
 const uint64_t ckvm_sync_x86_sregs = KVM_SYNC_X86_SREGS;
 const uint64_t ckvm_sync_x86_events = KVM_SYNC_X86_EVENTS;

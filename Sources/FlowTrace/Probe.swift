@@ -1,4 +1,5 @@
-import Synchronization
+import Locking
+
 
 /// A guest-virtual memory operand `base + index*scale + displacement`, with registers
 /// resolved at hit time.
@@ -112,11 +113,11 @@ public enum ProbeEntry: Sendable, CustomStringConvertible {
 public final class Probe: Sendable, CustomStringConvertible {
     /// What the probe is for (free text).
     public let description: String
-    private let state: Mutex<(entries: [ProbeEntry], users: Int)>
+    private let state: Locked<(entries: [ProbeEntry], users: Int)>
 
     public init(_ description: String, entries: [ProbeEntry] = []) {
         self.description = description
-        state = Mutex((entries, 0))
+        state = Locked((entries, 0))
     }
 
     /// The entries, in the order they are collected.

@@ -1,4 +1,5 @@
-import Synchronization
+import Locking
+
 
 /// Where each entry of one probe puts its value inside a record slot.
 ///
@@ -42,7 +43,7 @@ enum RecordHeader {
 /// The reasons values could not be read, shared by a module's records. A record names a
 /// reason by a one-byte index; the table is append-only.
 final class ReasonTable: Sendable {
-    private let table = Mutex<(reasons: [String], index: [String: UInt8])>(([], [:]))
+    private let table = Locked<(reasons: [String], index: [String: UInt8])>(([], [:]))
     static let overflowIndex: UInt8 = 255
     static let overflowReason = "unreadable (more distinct read errors than one trace can name)"
 

@@ -1,3 +1,4 @@
+import Locking
 import Synchronization
 
 /// A probe placed at an address in a trace module.
@@ -93,7 +94,7 @@ public final class TraceModule: @unchecked Sendable {
         var maxRecords = 0
     }
 
-    private let control: Mutex<Control>
+    private let control: Locked<Control>
     private var plan: Plan
     private let stateValue = Atomic<UInt8>(0)         // 0 created, 1 enabled
     private let limited = Atomic<Bool>(false)
@@ -115,7 +116,7 @@ public final class TraceModule: @unchecked Sendable {
         self.vcpus = vcpus
         self.commonProbe = commonProbe
         commonLayout = ProbeLayout(entries: commonProbe?.retain() ?? [])
-        control = Mutex(Control(target: target))
+        control = Locked(Control(target: target))
         plan = Plan(locations: [], commonLayout: commonLayout, carrying: nil)
         store = RecordStore(slotSize: plan.slotSize)
     }

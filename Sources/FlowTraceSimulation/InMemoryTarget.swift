@@ -1,11 +1,12 @@
 import FlowTrace
+import Locking
 import Synchronization
 
 /// A `TraceTarget` with no machine behind it: registers and memory are plain values, and
 /// `fire` plays the part of a breakpoint exit. For unit tests and the core benchmark.
 public final class InMemoryTarget: TraceTarget {
     public let vcpuCount: Int
-    private let armed = Mutex<[UInt64: [(module: TraceModule, index: Int, vcpus: VCPUSelection)]]>([:])
+    private let armed = Locked<[UInt64: [(module: TraceModule, index: Int, vcpus: VCPUSelection)]]>([:])
     private let limitReports = Atomic<Int>(0)
     /// Registers, by storage, as 128 bits; absent storage reads as unreadable.
     public let registers: [X86Register.Storage: UInt128]

@@ -48,7 +48,7 @@ public final class VCPU: @unchecked Sendable {
         }
         let r = ckvm_run(fd)
         if r == -EINTR || r == -EAGAIN {
-            shared.pointee.immediate_exit = 0
+            ckvm_store_immediate_exit(shared, 0)
             return .interrupted
         }
         _ = try checked(r, "KVM_RUN")
@@ -109,10 +109,8 @@ public final class VCPU: @unchecked Sendable {
     /// and sends `signal` to it. Its next `run()` returns `.interrupted`.
     /// The signal must have a handler installed without `SA_RESTART` (see `VCPU.installKickHandler`).
     public func kick(signal: Int32 = VCPU.kickSignal) {
-        // SAFETY: a single-byte store into the shared kvm_run; KVM reads it on entry.
-        withUnsafeMutablePointer(to: &shared.pointee.immediate_exit) { p in
-            UnsafeMutableRawPointer(p).storeBytes(of: 1, as: UInt8.self)
-        }
+        // SAFETY: an atomic single-byte store into the shared kvm_run; KVM reads it on entry.
+        ckvm_store_immediate_exit(shared, 1)
         let t = driver.load(ordering: .acquiring)
         if t != 0 { pthread_kill(pthread_t(t), signal) }
     }

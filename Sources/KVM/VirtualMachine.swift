@@ -1,13 +1,14 @@
 import CKVM
 import Glibc
-import Synchronization
+import Locking
+
 
 /// A KVM virtual machine: guest RAM slots and vCPUs.
 public final class VirtualMachine: Sendable {
     let fd: Int32
     /// The host this VM was created on (kept alive as long as the VM).
     public let host: KVMHost
-    private let slots = Mutex<[GuestMemory]>([])
+    private let slots = Locked<[GuestMemory]>([])
 
     init(host: KVMHost, fd: Int32) {
         self.host = host

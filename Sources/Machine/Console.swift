@@ -1,4 +1,5 @@
-import Synchronization
+import Locking
+
 
 /// One line a vCPU wrote to the console port (0xE9), without its newline.
 public struct ConsoleLine: Sendable, Equatable {
@@ -10,12 +11,12 @@ public struct ConsoleLine: Sendable, Equatable {
 /// Assembles console bytes into whole lines per vCPU, so lines from different vCPUs never
 /// interleave mid-line, and keeps every line of the run.
 final class Console: Sendable {
-    private let pending: Mutex<[[UInt8]]>
-    private let lines = Mutex<[ConsoleLine]>([])
+    private let pending: Locked<[[UInt8]]>
+    private let lines = Locked<[ConsoleLine]>([])
     private let sink: @Sendable (ConsoleLine) -> Void
 
     init(vcpuCount: Int, sink: @escaping @Sendable (ConsoleLine) -> Void) {
-        pending = Mutex(Array(repeating: [], count: vcpuCount))
+        pending = Locked(Array(repeating: [], count: vcpuCount))
         self.sink = sink
     }
 

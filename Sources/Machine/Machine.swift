@@ -1,6 +1,7 @@
 import ELF
 import Foundation
 import KVM
+import Locking
 import Synchronization
 
 /// How to build a machine.
@@ -66,7 +67,7 @@ public final class Machine: Sendable {
     public static let consolePort: UInt16 = 0xE9
     public static let exitPort: UInt16 = 0xF4
 
-    private let state = Mutex(RunState())
+    private let state = Locked(RunState())
     private let stopRequested = Atomic<Bool>(false)
     private let started = Atomic<Bool>(false)
 

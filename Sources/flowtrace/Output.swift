@@ -1,7 +1,8 @@
 import Foundation
-import Synchronization
+import Locking
 
-private let outputLock = Mutex(())
+
+private let outputLock = Locked(())
 
 /// Writes `text` and a newline to stderr.
 func printError(_ text: String) {

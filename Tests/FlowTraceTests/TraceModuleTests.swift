@@ -230,7 +230,7 @@ struct TraceModuleTests {
     @Test func callbacksRunWithTheHitContext() throws {
         let t = makeTarget()
         let m = try TraceModule(target: t)
-        let seen = Mutex<[String]>([])
+        let seen = Locked<[String]>([])
         let cb = ProbeEntry.callback { hit, context in
             let rsi: String
             do { rsi = try context.read(X86Register.resolve("rsi")).description } catch { rsi = "\(error)" }
@@ -253,4 +253,5 @@ struct TraceModuleTests {
     }
 }
 
+import Locking
 import Synchronization

@@ -1,5 +1,5 @@
 import Foundation
-import Synchronization
+import Locking
 
 /// The project's test guests, built from source by `make -C guests` on first use.
 public enum Guests {
@@ -7,7 +7,7 @@ public enum Guests {
     public static let root: URL = URL(fileURLWithPath: #filePath)
         .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
-    private static let built = Mutex<Bool>(false)
+    private static let built = Locked<Bool>(false)
 
     /// Path of `guests/build/NAME.elf`, building every guest first if needed.
     /// Fails the calling test (by throwing) when the build fails.
@@ -56,7 +56,7 @@ public func run(_ executable: String, _ arguments: [String], environment: [Strin
     p.standardInput = FileHandle.nullDevice
     try p.run()
     // Read both pipes before waiting so a chatty child cannot block on a full pipe.
-    let errData = Mutex<Data>(Data())
+    let errData = Locked<Data>(Data())
     let errDone = DispatchSemaphore(value: 0)
     DispatchQueue.global().async {
         let d = err.fileHandleForReading.readDataToEndOfFile()

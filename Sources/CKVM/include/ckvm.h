@@ -36,6 +36,10 @@ int ckvm_set_cpuid2(int vcpu_fd, const struct kvm_cpuid2 *cpuid);
 int ckvm_get_vcpu_events(int vcpu_fd, struct kvm_vcpu_events *events);
 int ckvm_set_vcpu_events(int vcpu_fd, const struct kvm_vcpu_events *events);
 
+/* kvm_run.immediate_exit is written by a kicking thread and cleared by the vCPU thread:
+ * an atomic store, which Swift cannot do on a field of a C struct. */
+void ckvm_store_immediate_exit(struct kvm_run *run, uint8_t value);
+
 /* Macro values Swift cannot import (function-like or shifted), as constants. */
 extern const uint64_t ckvm_sync_x86_regs;
 extern const uint64_t ckvm_sync_x86_sregs;

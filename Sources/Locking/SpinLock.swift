@@ -7,13 +7,13 @@ import Glibc
 /// record store's append), where a futex-based mutex costs more than the work it guards.
 /// After a bounded number of spins it yields the CPU, so a preempted holder cannot stall
 /// waiters for a whole time slice of busy spinning.
-struct SpinLock: ~Copyable, Sendable {
+public struct SpinLock: ~Copyable, Sendable {
     private let locked = Atomic<Bool>(false)
 
-    init() {}
+    public init() {}
 
     @inline(__always)
-    func lock() {
+    public func lock() {
         while true {
             if !locked.exchange(true, ordering: .acquiring) { return }
             var spins = 0
@@ -25,10 +25,10 @@ struct SpinLock: ~Copyable, Sendable {
     }
 
     @inline(__always)
-    func unlock() { locked.store(false, ordering: .releasing) }
+    public func unlock() { locked.store(false, ordering: .releasing) }
 
     @inline(__always)
-    func withLock<R>(_ body: () throws -> R) rethrows -> R {
+    public func withLock<R>(_ body: () throws -> R) rethrows -> R {
         lock()
         defer { unlock() }
         return try body()

@@ -1,0 +1,129 @@
+// flowtrace-bench: figures for tools/bench. Prints a table, then one JSON line per figure.
+// Parts: `core` (the flow-trace hit path, reports and memory, on an in-memory target).
+import FlowTrace
+import FlowTraceSimulation
+import Foundation
+
+struct Figure {
+    var label: String
+    var value: String
+    var json: String
+}
+
+/// Registers in an array and memory in a buffer: the cheapest context a target can offer,
+/// so the figures measure the module, not the target.
+struct ArrayContext: HitContext {
+    let vcpu: Int
+    let registers: [UInt64]
+    let memory: UnsafeRawBufferPointer
+    let memoryBase: UInt64
+
+    func read(_ register: X86Register) throws(TraceError) -> RegisterValue {
+        guard case let .general(i) = register.storage else { throw .registerUnreadable(register.name, reason: "not simulated") }
+        return RegisterValue(width: register.width, raw: UInt128(registers[i]), shift: register.shift)
+    }
+
+    func readMemory(at address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(TraceError) {
+        guard address >= memoryBase, Int(address - memoryBase) + buffer.count <= memory.count else {
+            throw .memoryUnreadable(address: address, size: buffer.count, reason: "not mapped")
+        }
+        buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[Int(address - memoryBase)...].prefix(buffer.count)))
+    }
+}
+
+func probeOf4RegistersAnd16Bytes() throws -> Probe {
+    Probe("bench", entries: try ["rdi", "rsi", "rax", "rbx"].map { try ProbeEntry.register(named: $0) } + [try .memory(at: 0x1000, size: 16)])
+}
+
+func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
+
+func residentBytes() -> Int {
+    guard let s = try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8),
+          let pages = s.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return 0 }
+    return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
+}
+
+func hitBench(threads: Int, hitsPerThread: Int) throws -> Double {
+    let target = InMemoryTarget(vcpuCount: threads)
+    let module = try TraceModule(target: target)
+    try module.addProbe(probeOf4RegistersAnd16Bytes(), at: 0x100)
+    try module.enable(maxRecords: 100_000)
+    let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+    defer { memory.deallocate() }
+    memory.initializeMemory(as: UInt8.self, repeating: 0x5A)
+    let ro = UnsafeRawBufferPointer(memory)
+    nonisolated(unsafe) let mem = ro
+    let group = DispatchGroup()
+    let start = ContinuousClock.now
+    for k in 0..<threads {
+        group.enter()
+        Thread {
+            let ctx = ArrayContext(vcpu: k, registers: (0..<16).map { UInt64($0) * 0x1111 }, memory: mem, memoryBase: 0x1000)
+            for _ in 0..<hitsPerThread { _ = module.hit(location: 0, context: ctx) }
+            group.leave()
+        }.start()
+    }
+    group.wait()
+    let elapsed = seconds(ContinuousClock.now - start)
+    precondition(module.counters.recordsTaken == UInt64(threads * hitsPerThread))
+    // Wall time per hit per thread: what one vCPU pays.
+    return elapsed * 1e9 / Double(hitsPerThread)
+}
+
+func reportBench(records: Int) throws -> (reportMs: Double, filterMs: Double, kept: Int, bytesPerRecord: Double, slotPayload: Int) {
+    let target = InMemoryTarget()
+    let module = try TraceModule(target: target)
+    try module.addProbe(probeOf4RegistersAnd16Bytes(), at: 0x100)
+    try module.addProbe(probeOf4RegistersAnd16Bytes(), at: 0x200)
+    try module.enable()
+    let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
+    defer { memory.deallocate() }
+    memory.initializeMemory(as: UInt8.self, repeating: 0x5A)
+    var ctx = ArrayContext(vcpu: 0, registers: (0..<16).map { UInt64($0) }, memory: UnsafeRawBufferPointer(memory), memoryBase: 0x1000)
+    let before = residentBytes()
+    for i in 0..<records {
+        if i % 1024 == 0 { ctx = ArrayContext(vcpu: i % 2, registers: (0..<16).map { UInt64($0 + i) }, memory: ctx.memory, memoryBase: 0x1000) }
+        _ = module.hit(location: i & 1, context: ctx)
+    }
+    let after = residentBytes()
+    let t0 = ContinuousClock.now
+    let report = module.report()
+    let t1 = ContinuousClock.now
+    let filtered = report.filtered(by: [.address(0x200...0x200), .vcpu(1...1)], combining: .all)
+    let t2 = ContinuousClock.now
+    precondition(report.count == records && filtered.count > 0)
+    return (seconds(t1 - t0) * 1e3, seconds(t2 - t1) * 1e3, filtered.count, Double(after - before) / Double(records), 0)
+}
+
+func core() throws -> [Figure] {
+    var figures: [Figure] = []
+    for threads in [1, 2] {
+        let ns = try hitBench(threads: threads, hitsPerThread: 2_000_000)
+        figures.append(Figure(label: "core hit, \(threads) thread\(threads == 1 ? "" : "s") (ns/hit)", value: String(format: "%.1f", ns),
+                              json: #"{"bench":"core.hit","threads":\#(threads),"ns_per_hit":\#(String(format: "%.1f", ns))}"#))
+    }
+    let n = 1_000_000
+    let r = try reportBench(records: n)
+    let total = r.reportMs + r.filterMs
+    figures.append(Figure(label: "report + filter of 1M records (ms)", value: String(format: "%.1f (%.1f + %.1f)", total, r.reportMs, r.filterMs),
+                          json: #"{"bench":"core.report_filter","records":\#(n),"ms":\#(String(format: "%.1f", total)),"report_ms":\#(String(format: "%.1f", r.reportMs)),"filter_ms":\#(String(format: "%.1f", r.filterMs))}"#))
+    // Payload: 4 registers x 8 bytes + 16 bytes of memory.
+    let payload = 4 * 8 + 16
+    figures.append(Figure(label: "bytes per kept record (payload \(payload))", value: String(format: "%.1f", r.bytesPerRecord),
+                          json: #"{"bench":"core.memory","bytes_per_record":\#(String(format: "%.1f", r.bytesPerRecord)),"payload_bytes":\#(payload)}"#))
+    return figures
+}
+
+let parts = CommandLine.arguments.dropFirst()
+var figures: [Figure] = []
+for part in parts.isEmpty ? ["core"] : Array(parts) {
+    switch part {
+    case "core": figures += try core()
+    default:
+        FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core\n".utf8))
+        exit(64)
+    }
+}
+let width = figures.map(\.label.count).max() ?? 0
+for f in figures { print(f.label.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + f.value) }
+for f in figures { print(f.json) }
