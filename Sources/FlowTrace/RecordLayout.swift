@@ -6,28 +6,48 @@ import Locking
 /// A record slot is `[header][common probe values][probe values]`; each probe part is
 /// the entries' value bytes followed by one status byte per entry (0 = collected, else an
 /// index into the module's reason table).
-struct ProbeLayout: Sendable {
+final class ProbeLayout: Sendable {
     let entries: [ProbeEntry]
+    /// The entries as plain values for the hit path (no reference counting per entry).
+    private let ops: [Op]
+    private let callbacks: [ProbeCallback]
     /// Offset of each entry's value within this part.
     let offsets: [Int]
     /// Offset of the status bytes within this part.
     let statusOffset: Int
     /// Bytes this part takes.
     let size: Int
-    let hasCallbacks: Bool
+
+    private enum Op {
+        case register(X86Register)
+        case constantMemory(address: UInt64, size: Int)
+        case indirectMemory(MemoryOperand, size: Int)
+        case callback(Int)
+        case halt
+    }
 
     init(entries: [ProbeEntry]) {
         self.entries = entries
-        var offsets: [Int] = []
+        var offsets: [Int] = [], ops: [Op] = [], callbacks: [ProbeCallback] = []
         var at = 0
         for e in entries {
             offsets.append(at)
             at += e.valueSize
+            switch e {
+            case let .register(r): ops.append(.register(r))
+            case let .constantMemory(a, n): ops.append(.constantMemory(address: a, size: n))
+            case let .indirectMemory(op, n): ops.append(.indirectMemory(op, size: n))
+            case let .callback(f):
+                ops.append(.callback(callbacks.count))
+                callbacks.append(f)
+            case .halt: ops.append(.halt)
+            }
         }
+        self.ops = ops
+        self.callbacks = callbacks
         self.offsets = offsets
         statusOffset = at
         size = at + entries.count
-        hasCallbacks = entries.contains { if case .callback = $0 { true } else { false } }
     }
 }
 
@@ -74,10 +94,10 @@ extension ProbeLayout {
                                 reasons: ReasonTable) -> Bool {
         var halt = false
         let status = slot + base + statusOffset
-        for i in entries.indices {
+        for i in ops.indices {
             let at = slot + base + offsets[i]
             var failure: TraceError?
-            switch entries[i] {
+            switch ops[i] {
             case let .register(r):
                 do throws(TraceError) { store(try context.read(r), width: r.width, at: at) } catch { failure = error }
             case let .constantMemory(address, size):
@@ -90,8 +110,8 @@ extension ProbeLayout {
                     at.storeBytes(of: address, as: UInt64.self)
                     try context.readMemory(at: address, into: UnsafeMutableRawBufferPointer(start: at + 8, count: size))
                 } catch { failure = error }
-            case let .callback(f):
-                f(hit, context)
+            case let .callback(k):
+                callbacks[k](hit, context)
             case .halt:
                 halt = true
             }

@@ -9,21 +9,23 @@ import Glibc
 /// Slots live in chunks of `chunkSlots` so growth never copies records. Bounded stores are
 /// rings: once `capacity` records are kept, each new record overwrites the oldest.
 final class RecordStore: @unchecked Sendable {
-    // SAFETY: every mutable member is read and written only while `lock` is held.
+    // SAFETY: every mutable member is read and written only while `lock` is held. That lock
+    // is what keeps accesses exclusive, so the per-access dynamic exclusivity checks (which
+    // cost more than the rest of an append) are switched off with @exclusivity(unchecked).
     private let lock = SpinLock()
-    private var chunks: [UnsafeMutableRawPointer] = []
-    private(set) var slotSize: Int
+    @exclusivity(unchecked) private var chunks: [UnsafeMutableRawPointer] = []
+    @exclusivity(unchecked) private(set) var slotSize: Int
     /// 0 = unbounded.
-    private var capacity: Int = 0
+    @exclusivity(unchecked) private var capacity: Int = 0
     /// Physical index of the oldest record (non-zero only once a bounded ring has wrapped).
-    private var head = 0
-    private var count = 0
-    private var nextSequence: UInt64 = 0
-    private var takenTotal: UInt64 = 0
-    private var evictedTotal: UInt64 = 0
+    @exclusivity(unchecked) private var head = 0
+    @exclusivity(unchecked) private var count = 0
+    @exclusivity(unchecked) private var nextSequence: UInt64 = 0
+    @exclusivity(unchecked) private var takenTotal: UInt64 = 0
+    @exclusivity(unchecked) private var evictedTotal: UInt64 = 0
     /// Per location: records taken and evicted.
-    private var takenAt: [UInt64] = []
-    private var evictedAt: [UInt64] = []
+    @exclusivity(unchecked) private var takenAt: [UInt64] = []
+    @exclusivity(unchecked) private var evictedAt: [UInt64] = []
 
     static let chunkShift = 12
     static let chunkSlots = 1 << chunkShift

@@ -73,6 +73,10 @@ public final class TraceModule: @unchecked Sendable {
 
     private final class Plan: Sendable {
         let locations: [ProbeLocation]
+        // The hit path's view of `locations`, one plain array per field.
+        let layouts: [ProbeLayout]
+        let addresses: [UInt64]
+        let timings: [ProbeTiming]
         let hits: [HitCounter]
         let commonBase = RecordHeader.size
         let probeBase: Int
@@ -80,6 +84,9 @@ public final class TraceModule: @unchecked Sendable {
 
         init(locations: [ProbeLocation], commonLayout: ProbeLayout, carrying old: Plan?) {
             self.locations = locations
+            layouts = locations.map(\.layout)
+            addresses = locations.map(\.address)
+            timings = locations.map(\.timing)
             let kept = old?.hits ?? []
             hits = locations.indices.map { $0 < kept.count ? kept[$0] : HitCounter() }
             probeBase = RecordHeader.size + commonLayout.size
@@ -95,7 +102,7 @@ public final class TraceModule: @unchecked Sendable {
     }
 
     private let control: Locked<Control>
-    private var plan: Plan
+    @exclusivity(unchecked) private var plan: Plan
     private let stateValue = Atomic<UInt8>(0)         // 0 created, 1 enabled
     private let limited = Atomic<Bool>(false)
     private let hitsLeft = Atomic<UInt64>(0)
@@ -258,16 +265,17 @@ public final class TraceModule: @unchecked Sendable {
             suppressedDisabled.add(1, ordering: .relaxed)
             return .continue
         }
-        let loc = p.locations[location]
+        let layout = p.layouts[location]
+        let timing = p.timings[location]
         p.hits[location].value.add(1, ordering: .relaxed)
-        let info = ProbeHit(vcpu: vcpu, address: loc.address, timing: loc.timing)
+        let info = ProbeHit(vcpu: vcpu, address: p.addresses[location], timing: timing)
         let halt = withUnsafeTemporaryAllocation(byteCount: p.slotSize, alignment: 8) { raw -> Bool in
             let slot = raw.baseAddress!
             // The common probe's halt answer is OR-ed with the probe's; the reference let it
             // overwrite the probe's (defect 6).
             var halt = commonLayout.collect(into: slot, base: p.commonBase, context: context,
-                                            hit: ProbeHit(vcpu: vcpu, address: nil, timing: loc.timing), reasons: reasons)
-            halt = loc.layout.collect(into: slot, base: p.probeBase, context: context, hit: info, reasons: reasons) || halt
+                                            hit: ProbeHit(vcpu: vcpu, address: nil, timing: timing), reasons: reasons)
+            halt = layout.collect(into: slot, base: p.probeBase, context: context, hit: info, reasons: reasons) || halt
             _ = store.append(slot, location: location, vcpu: vcpu)
             return halt
         }

@@ -41,12 +41,15 @@ public struct X86Register: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// The canonical lower-case name (`rdi`, `eax`, `ah`, `xmm3`, `gdtr`).
-    public let name: String
+    // Plain values only (no String), so copying a register on the hit path costs no
+    // reference counting; the name comes from a table.
     public let storage: Storage
     public let width: Width
     /// Right shift applied to the storage before truncating to `width` (8 for ah/bh/ch/dh).
     public let shift: Int
+
+    /// The canonical lower-case name (`rdi`, `eax`, `ah`, `xmm3`, `gdtr`).
+    public var name: String { Self.names[self] ?? "?" }
 
     public var description: String { name }
 
@@ -64,7 +67,7 @@ public struct X86Register: Hashable, Sendable, CustomStringConvertible {
 
     private static let catalog: [String: X86Register] = {
         var c: [String: X86Register] = [:]
-        func add(_ n: String, _ s: Storage, _ w: Width, shift: Int = 0) { c[n] = X86Register(name: n, storage: s, width: w, shift: shift) }
+        func add(_ n: String, _ s: Storage, _ w: Width, shift: Int = 0) { c[n] = X86Register(storage: s, width: w, shift: shift) }
         let legacy = ["ax", "cx", "dx", "bx", "sp", "bp", "si", "di"]
         for (i, b) in legacy.enumerated() {
             add("r" + b, .general(i), .u64)
@@ -92,6 +95,8 @@ public struct X86Register: Hashable, Sendable, CustomStringConvertible {
         for i in 0...15 { add("xmm\(i)", .xmm(i), .u128) }
         return c
     }()
+
+    private static let names: [X86Register: String] = Dictionary(uniqueKeysWithValues: catalog.map { ($0.value, $0.key) })
 
     private static func suggestions(for name: String) -> [String] {
         let scored = catalog.keys.map { ($0, editDistance($0, name)) }.filter { $0.1 <= max(1, name.count / 2) }
