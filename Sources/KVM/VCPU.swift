@@ -20,7 +20,6 @@ public final class VCPU: @unchecked Sendable {
     /// Whether registers travel in `kvm_run` (`KVM_CAP_SYNC_REGS`) instead of ioctls.
     public let usesSyncRegisters: Bool
     private let driver = Atomic<UInt>(0)
-    private var syncDirty = false
 
     init(vm: VirtualMachine, id: Int, fd: Int32, run: UnsafeMutableRawPointer, mapSize: Int, syncRegisters: Bool) {
         self.vm = vm
@@ -42,10 +41,6 @@ public final class VCPU: @unchecked Sendable {
     /// Enters the guest until the next exit. EINTR/EAGAIN come back as `.interrupted`.
     /// Wraps `KVM_RUN`.
     public func run() throws(KVMError) -> VMExit {
-        if syncDirty {
-            shared.pointee.kvm_dirty_regs = ckvm_sync_x86_regs
-            syncDirty = false
-        }
         let r = ckvm_run(fd)
         if r == -EINTR || r == -EAGAIN {
             ckvm_store_immediate_exit(shared, 0)
@@ -144,16 +139,17 @@ public final class VCPU: @unchecked Sendable {
         return Registers(r)
     }
 
-    /// Sets the general-purpose registers (through the sync area when available, applied
-    /// on the next `run()`). Wraps `KVM_SET_REGS`.
+    /// Sets the general-purpose registers. With `KVM_CAP_SYNC_REGS` they go into the shared
+    /// area, marked dirty, and KVM loads them on the next `run()` (no ioctl); otherwise
+    /// wraps `KVM_SET_REGS`.
     public func setRegisters(_ regs: Registers) throws(KVMError) {
         var r = regs.kvm
-        _ = try checked(ckvm_set_regs(fd, &r), "KVM_SET_REGS")
         if usesSyncRegisters {
-            // Keep the sync copy coherent: KVM copies it back on the next entry only when
-            // marked dirty, but readers before then must see the new values.
             shared.pointee.s.regs.regs = r
+            shared.pointee.kvm_dirty_regs |= ckvm_sync_x86_regs
+            return
         }
+        _ = try checked(ckvm_set_regs(fd, &r), "KVM_SET_REGS")
     }
 
     /// The system registers. Wraps `KVM_GET_SREGS`.
