@@ -28,7 +28,7 @@ let package = Package(
         .target(name: "FlowTrace", dependencies: ["Locking"]),
         // A TraceTarget without a machine: for tests and the core benchmark.
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
-        .target(name: "Machine", dependencies: ["KVM", "ELF", "Locking"]),
+        .target(name: "Machine", dependencies: ["KVM", "ELF", "FlowTrace", "Locking"]),
         .executableTarget(
             name: "flowtrace",
             dependencies: [

@@ -24,9 +24,27 @@ public struct Registers: Sendable, Equatable {
                  rip: rip, rflags: rflags)
     }
 
-    /// The 16 general-purpose registers in encoding order (rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8..r15).
-    public var generalPurpose: [UInt64] {
-        [rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15]
+    /// General-purpose register `index` in encoding order (0 rax, 1 rcx, 2 rdx, 3 rbx,
+    /// 4 rsp, 5 rbp, 6 rsi, 7 rdi, 8-15 r8-r15).
+    public func general(_ index: Int) -> UInt64 {
+        switch index {
+        case 0: rax
+        case 1: rcx
+        case 2: rdx
+        case 3: rbx
+        case 4: rsp
+        case 5: rbp
+        case 6: rsi
+        case 7: rdi
+        case 8: r8
+        case 9: r9
+        case 10: r10
+        case 11: r11
+        case 12: r12
+        case 13: r13
+        case 14: r14
+        default: r15
+        }
     }
 }
 

@@ -1,4 +1,5 @@
 import ELF
+import FlowTrace
 import Foundation
 import KVM
 import Locking
@@ -10,13 +11,28 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var vcpuCount: Int
     /// Guest RAM in bytes (a multiple of 2 MiB).
     public var memorySize: UInt64
+    /// The breakpoint engine probes use.
+    public var engine: EngineRequest
 
     public static let defaultMemorySize: UInt64 = 64 << 20
 
-    public init(vcpuCount: Int = 1, memorySize: UInt64 = MachineConfiguration.defaultMemorySize) {
+    public init(vcpuCount: Int = 1, memorySize: UInt64 = MachineConfiguration.defaultMemorySize, engine: EngineRequest = .auto) {
         self.vcpuCount = vcpuCount
         self.memorySize = memorySize
+        self.engine = engine
     }
+}
+
+/// Where a machine stopped for a halt entry.
+public struct HaltStop: Sendable, Equatable {
+    public var vcpu: Int
+    /// The probe location's address.
+    public var address: UInt64
+    public var timing: ProbeTiming
+    /// `rip` when stopped: `address` before execution, the next instruction after.
+    public var rip: UInt64
+    /// `rip` as `symbol+0xoff`.
+    public var location: String
 }
 
 /// How a run ended.
@@ -29,6 +45,8 @@ public enum RunEnding: Sendable, Equatable, CustomStringConvertible {
     case timedOut(Duration)
     /// `Machine.stop()` ended the run (e.g. on SIGINT).
     case stopped
+    /// A probe's halt entry stopped every vCPU; inspect, then `Machine.resume()`.
+    case halted(HaltStop)
 
     public var description: String {
         switch self {
@@ -36,6 +54,7 @@ public enum RunEnding: Sendable, Equatable, CustomStringConvertible {
         case let .fault(f): f.description
         case let .timedOut(d): "timed out after \(d.formatted(.units(allowed: [.seconds, .milliseconds])))"
         case .stopped: "stopped"
+        case let .halted(h): "halted on vCPU \(h.vcpu) at \(h.location) (\(h.timing) execution)"
         }
     }
 }
@@ -43,19 +62,20 @@ public enum RunEnding: Sendable, Equatable, CustomStringConvertible {
 /// The outcome of `Machine.run`.
 public struct RunResult: Sendable {
     public var ending: RunEnding
-    /// Every console line, in the order they completed.
+    /// Every console line so far, in the order they completed.
     public var console: [ConsoleLine]
-    /// Wall time from starting the first vCPU to the last one stopping.
+    /// Wall time from starting the first vCPU until this result.
     public var elapsed: Duration
 }
 
-/// A runnable guest: a VM with its RAM, a loaded ELF image and its vCPUs.
+/// A runnable guest: a VM with its RAM, a loaded ELF image and its vCPUs; the target trace
+/// modules arm their probes on.
 ///
 /// Each vCPU runs its `KVM_RUN` loop on its own OS thread. Ports: bytes written to 0xE9 are
 /// console output; a 32-bit write to 0xF4 ends the guest with that status; `hlt` ends the
 /// vCPU that executes it, and the guest ends with status 0 when all have. No in-kernel
 /// irqchip is created, so guests run with interrupts off and `hlt` always exits to us.
-public final class Machine: Sendable {
+public final class Machine: TraceTarget {
     public let image: ELFImage
     public let configuration: MachineConfiguration
     public let layout: BootLayout
@@ -63,16 +83,32 @@ public final class Machine: Sendable {
     public let vm: VirtualMachine
     public let memory: GuestMemory
     public let vcpus: [VCPU]
+    /// Which engines work on this host (the per-process self-test).
+    public let engineSupport: EngineSupport
 
     public static let consolePort: UInt16 = 0xE9
     public static let exitPort: UInt16 = 0xF4
 
-    private let state = Locked(RunState())
+    private let events = ConditionLock(Events())
     private let stopRequested = Atomic<Bool>(false)
     private let started = Atomic<Bool>(false)
+    private let breakpoints = Locked(Breakpoints())
+    private let pendingDisarms = Locked<[TraceModule]>([])
+    private let hasPendingDisarms = Atomic<Bool>(false)
+    /// Per vCPU: the step engine was just armed; check the current rip for a before-hit.
+    private let ripChecks: Locked<[Bool]>
+    private let rendezvous: Rendezvous
+    private let snapshots: [VCPUSnapshot]
+    private let consoleBox = Locked<Console?>(nil)
+    private let clock = ContinuousClock()
+    private let startTime = Locked<ContinuousClock.Instant?>(nil)
 
-    private struct RunState {
+    private struct Events {
         var ending: RunEnding?
+        var halt: HaltStop?
+        /// vCPU threads still in their loop.
+        var running = 0
+        /// vCPUs that ended with the guest's own hlt.
         var halted = 0
     }
 
@@ -87,6 +123,10 @@ public final class Machine: Sendable {
         guard n >= 1, n <= host.maxVCPUs else { throw MachineError.vcpuCount(n, maximum: host.maxVCPUs) }
         let layout = try BootLayout(memorySize: configuration.memorySize, vcpuCount: n)
         try layout.check(image)
+        let support = EngineSelfTest.support(host: host)
+        if case let .engine(e) = configuration.engine, case let .unavailable(why) = support.status(e) {
+            throw MachineError.engineUnavailable(e, reason: why, working: BreakpointEngine.allCases.filter { support.works($0) }.map(\.rawValue))
+        }
         do throws(KVMError) {
             let vm = try host.makeVirtualMachine()
             let memory = try GuestMemory(size: configuration.memorySize)
@@ -120,6 +160,11 @@ public final class Machine: Sendable {
             self.vm = vm
             self.memory = memory
             self.vcpus = vcpus
+            self.engineSupport = support
+            snapshots = vcpus.map { VCPUSnapshot(vcpu: $0, memory: memory) }
+            ripChecks = Locked(Array(repeating: false, count: n))
+            let kickable = vcpus
+            rendezvous = Rendezvous(vcpus: n) { kickable[$0].kick() }
         } catch {
             throw .kvm(error)
         }
@@ -137,67 +182,137 @@ public final class Machine: Sendable {
         try memory.read(virtual: address, count: count, cr3: layout.cr3)
     }
 
+    /// The engine armed probes use and why it was chosen (nil while none is armed).
+    public var engine: (engine: BreakpointEngine, reason: String)? {
+        breakpoints.withLock { b in b.engine.map { ($0, b.engineReason) } }
+    }
+
     // MARK: Running
 
-    /// Runs every vCPU from the entry until the guest ends, faults, `timeout` passes or
-    /// `stop()` is called. `console` gets each whole line as it completes, on the writing
-    /// vCPU's thread. A machine runs once.
+    /// Runs every vCPU from the entry until the guest ends, faults, halts at a probe,
+    /// `timeout` passes or `stop()` is called. `console` gets each whole line as it
+    /// completes, on the writing vCPU's thread. A machine runs once; after a `.halted`
+    /// ending, `resume` goes on.
     public func run(timeout: Duration? = nil,
                     console sink: @escaping @Sendable (ConsoleLine) -> Void = { _ in }) throws(MachineError) -> RunResult {
         guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw MachineError.alreadyRan }
         VCPU.installKickHandler()
         let console = Console(vcpuCount: vcpus.count, sink: sink)
-        let done = DispatchSemaphore(value: 0)
-        let clock = ContinuousClock()
-        let start = clock.now
+        consoleBox.withLock { $0 = console }
+        startTime.withLock { $0 = clock.now }
+        events.withLock { e, _ in e.running = vcpus.count }
         for vcpu in vcpus {
             let thread = Thread { [self] in
                 vcpu.bindToCurrentThread()
                 runLoop(vcpu, console: console)
-                done.signal()
+                events.withLock { e, w in
+                    e.running -= 1
+                    w.broadcast()
+                }
             }
             thread.name = "vcpu-\(vcpu.id)"
             thread.start()
         }
-        let deadline: DispatchTime = timeout.map { .now() + .nanoseconds(nanoseconds($0)) } ?? .distantFuture
-        var remaining = vcpus.count
-        while remaining > 0 {
-            if done.wait(timeout: deadline) == .timedOut {
-                finish(.timedOut(timeout ?? .zero))
-                // Kicked threads leave KVM_RUN at once; wait for all of them.
-                while remaining > 0 { done.wait(); remaining -= 1 }
-                break
-            }
-            remaining -= 1
+        return waitForEnding(timeout: timeout)
+    }
+
+    /// Goes on after a `.halted` ending: releases every vCPU and waits for the next ending.
+    public func resume(timeout: Duration? = nil) throws(MachineError) -> RunResult {
+        let halted = events.withLock { e, _ -> Bool in
+            guard e.halt != nil, rendezvous.isHeldByController else { return false }
+            e.halt = nil
+            return true
         }
-        console.flush()
-        let ending = state.withLock { $0.ending } ?? .stopped
-        return RunResult(ending: ending, console: console.allLines, elapsed: clock.now - start)
+        guard halted else { throw MachineError.notRunning }
+        rendezvous.release()
+        return waitForEnding(timeout: timeout)
+    }
+
+    private func waitForEnding(timeout: Duration?) -> RunResult {
+        let deadline = timeout.map { realtimeDeadline(after: $0) }
+        var timedOut = false
+        let stop = events.withLock { e, w -> HaltStop? in
+            while e.running > 0 && e.halt == nil {
+                if let deadline {
+                    if !w.wait(until: deadline) && (e.running > 0 && e.halt == nil) { timedOut = true; break }
+                } else {
+                    w.wait()
+                }
+            }
+            return e.halt
+        }
+        if timedOut {
+            finish(.timedOut(timeout ?? .zero))
+            events.withLock { e, w in while e.running > 0 { w.wait() } }
+        }
+        let console = consoleBox.withLock { $0 }
+        let elapsed = clock.now - (startTime.withLock { $0 } ?? clock.now)
+        if let stop, !timedOut {
+            return RunResult(ending: .halted(stop), console: console?.allLines ?? [], elapsed: elapsed)
+        }
+        console?.flush()
+        let ending = events.withLock { e, _ in e.ending } ?? .stopped
+        return RunResult(ending: ending, console: console?.allLines ?? [], elapsed: elapsed)
     }
 
     /// Ends a run from any thread: every vCPU leaves `KVM_RUN` and the run returns `.stopped`.
     public func stop() { finish(.stopped) }
 
-    /// Records the first ending and kicks every vCPU out of the guest.
+    /// Records the first ending and gets every vCPU out of the guest.
     private func finish(_ ending: RunEnding) {
-        state.withLock { if $0.ending == nil { $0.ending = ending } }
+        events.withLock { e, w in
+            if e.ending == nil { e.ending = ending }
+            w.broadcast()
+        }
         stopRequested.store(true, ordering: .releasing)
         for v in vcpus { v.kick() }
+        // A machine stopped at a halt has every vCPU parked: let them see the stop.
+        if rendezvous.isHeldByController { rendezvous.release() }
+    }
+
+    // MARK: The vCPU loop
+
+    /// What a vCPU is doing about a probe besides running.
+    private enum Stepping {
+        /// Single-stepping the instruction at `address` (the original byte is back for the
+        /// patching engines, the DRs are off for hw); `held`: this vCPU holds the rendezvous.
+        case over(address: UInt64, held: Bool)
     }
 
     private func runLoop(_ vcpu: VCPU, console: Console) {
+        let id = vcpu.id
+        rendezvous.gate(id, starting: true)
+        defer { rendezvous.finished(id) }
+        var stepping: Stepping?
+        var previousRip: UInt64?   // step engine: the instruction just executed
+        var reinjected = false
+        defer {
+            if case let .over(address, held)? = stepping { endStepOver(vcpu, address: address, held: held) }
+        }
         while !stopRequested.load(ordering: .acquiring) {
+            if stepping == nil, hasPendingDisarms.load(ordering: .acquiring) { processPendingDisarms(from: id) }
+            rendezvous.gate(id)
+            if stopRequested.load(ordering: .acquiring) { break }
+            if stepping == nil, ripChecks.withLock({ c in defer { c[id] = false }; return c[id] }) {
+                if let regs = registers(vcpu), case .halt = probeHits(vcpu, at: nil, .before, regs: regs) {
+                    haltHere(vcpu, address: regs.rip, .before, rip: regs.rip)
+                }
+            }
             let exit: VMExit
             do { exit = try vcpu.run() } catch {
-                fault(vcpu, .other(reason: UInt32(truncatingIfNeeded: -1)), note: error.description)
+                fault(vcpu, .other(reason: UInt32.max))
                 return
+            }
+            if reinjected {
+                reinjected = false
+                applyBaseDebug(vcpu)
             }
             switch exit {
             case .interrupted:
                 continue
             case let .ioOut(port, size, data):
                 if port == Self.consolePort {
-                    console.write(data, from: vcpu.id)
+                    console.write(data, from: id)
                 } else if port == Self.exitPort, size == 4, data.count >= 4 {
                     let status = UInt32(data[0]) | UInt32(data[1]) << 8 | UInt32(data[2]) << 16 | UInt32(data[3]) << 24
                     finish(.exited(status: status))
@@ -208,28 +323,300 @@ public final class Machine: Sendable {
                 // No devices: reads float high, as on an empty bus.
                 vcpu.completeIOIn(Array(repeating: 0xFF, count: size * count))
             case .hlt:
-                let all = state.withLock { s -> Bool in
-                    s.halted += 1
-                    return s.halted == vcpus.count
+                guard let regs = registers(vcpu) else { return }
+                let address = regs.rip &- 1
+                let ours = stepping == nil && breakpoints.withLock { $0.engine == .hlt && $0.patches.owns(trapAt: address) }
+                if ours {
+                    // Our trap: back to the probed instruction, hit, then step over it.
+                    var r = regs
+                    r.rip = address
+                    setRegisters(vcpu, r)
+                    if case .halt = probeHits(vcpu, at: address, .before, regs: r) { haltHere(vcpu, address: address, .before, rip: address) }
+                    stepping = beginStepOver(vcpu, address: address)
+                    continue
                 }
-                if all { finish(.exited(status: 0)) }
+                // The guest's own hlt ends this vCPU (after finishing a step-over of it).
+                if case let .over(a, held)? = stepping {
+                    stepping = nil
+                    endStepOver(vcpu, address: a, held: held)
+                }
+                vcpuHalted()
+                return
+            case let .debug(exception, pc, dr6, _):
+                guard let regs = registers(vcpu) else { return }
+                if exception == 1, case let .over(address, held)? = stepping {
+                    // The single step over a probed instruction is done: after-exec hits.
+                    stepping = nil
+                    let action = probeHits(vcpu, at: address, .after)
+                    endStepOver(vcpu, address: address, held: held)
+                    if case .halt = action { haltHere(vcpu, address: address, .after, rip: nil) }
+                    continue
+                }
+                let engine = breakpoints.withLock { $0.engine }
+                if exception == 3 {
+                    let ours = engine == .int3 && breakpoints.withLock { $0.patches.owns(trapAt: pc) }
+                    if ours, stepping == nil {
+                        var r = regs
+                        r.rip = pc
+                        setRegisters(vcpu, r)
+                        if case .halt = probeHits(vcpu, at: pc, .before, regs: r) { haltHere(vcpu, address: pc, .before, rip: pc) }
+                        stepping = beginStepOver(vcpu, address: pc)
+                    } else {
+                        // Not ours: deliver it to the guest as if we were not there.
+                        var d = breakpoints.withLock { $0.baseDebug(for: id) }
+                        d.injectBreakpoint = true
+                        do { try vcpu.setGuestDebug(d) } catch { fault(vcpu, exit); return }
+                        reinjected = true
+                    }
+                    continue
+                }
+                if exception == 1, engine == .hw, dr6 & 0xF != 0, stepping == nil {
+                    if case .halt = probeHits(vcpu, at: pc, .before, regs: regs) { haltHere(vcpu, address: pc, .before, rip: pc) }
+                    stepping = beginStepOver(vcpu, address: pc)
+                    continue
+                }
+                if exception == 1, engine == .step {
+                    // rip is the next instruction; previousRip the one just executed.
+                    if let p = previousRip, case .halt = probeHits(vcpu, at: p, .after, regs: regs) { haltHere(vcpu, address: p, .after, rip: regs.rip) }
+                    if case .halt = probeHits(vcpu, at: regs.rip, .before, regs: regs) { haltHere(vcpu, address: regs.rip, .before, rip: regs.rip) }
+                    previousRip = regs.rip
+                    continue
+                }
+                fault(vcpu, exit)
                 return
             default:
-                fault(vcpu, exit, note: nil)
+                fault(vcpu, exit)
                 return
             }
         }
     }
 
-    private func fault(_ vcpu: VCPU, _ exit: VMExit, note: String?) {
-        let regs = try? vcpu.registers()
+    private func registers(_ vcpu: VCPU) -> Registers? {
+        do { return try vcpu.registers() } catch {
+            fault(vcpu, .other(reason: UInt32.max))
+            return nil
+        }
+    }
+
+    private func setRegisters(_ vcpu: VCPU, _ regs: Registers) {
+        do { try vcpu.setRegisters(regs) } catch { fault(vcpu, .other(reason: UInt32.max)) }
+    }
+
+    /// Delivers a hit at `address` (nil: the current rip) to every owner with `timing`,
+    /// with `regs` (nil: fetched now) as the registers of this exit.
+    private func probeHits(_ vcpu: VCPU, at address: UInt64?, _ timing: ProbeTiming, regs: Registers? = nil) -> HitAction {
+        let snapshot = snapshots[vcpu.id]
+        let current: Registers
+        if let regs { current = regs } else {
+            do { current = try vcpu.registers() } catch { return .continue }
+        }
+        let at = address ?? current.rip
+        let owners = breakpoints.withLock { $0.owners(at: at, timing) }
+        guard !owners.isEmpty else { return .continue }
+        snapshot.reset(current)
+        var action = HitAction.continue
+        let context = MachineHitContext(snapshot: snapshot)
+        for o in owners where o.module.hit(location: o.index, context: context) == .halt { action = .halt }
+        return action
+    }
+
+    /// Starts single-stepping the probed instruction at `address`.
+    private func beginStepOver(_ vcpu: VCPU, address: UInt64) -> Stepping? {
+        let engine = breakpoints.withLock { $0.engine }
+        // With the trap byte gone, another vCPU could run through the location unseen:
+        // hold them all out of the guest for the one step.
+        let held = engine == .int3 || engine == .hlt
+        if held { rendezvous.acquire(.vcpu(vcpu.id)) }
+        // The physical address was checked when the location was armed.
+        let debug = breakpoints.withLock { b -> GuestDebug in
+            if let p = b.patches.patches[address] { restore(p.original, at: p.physical) }
+            return b.stepOverDebug(for: vcpu.id)
+        }
+        do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max)) }
+        return .over(address: address, held: held)
+    }
+
+    /// Puts the trap back (if the location is still armed) and the vCPU's usual debug state.
+    private func endStepOver(_ vcpu: VCPU, address: UInt64, held: Bool) {
+        let debug = breakpoints.withLock { b -> GuestDebug in
+            if let p = b.patches.patches[address] { restore(b.patches.trap, at: p.physical) }
+            return b.baseDebug(for: vcpu.id)
+        }
+        do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max)) }
+        if held { rendezvous.release() }
+    }
+
+    /// Writes one byte of a patch. The address was translated and read when the location
+    /// was armed and RAM never shrinks, so this cannot fail; a failure is a bug.
+    private func restore(_ byte: UInt8, at physical: UInt64) {
+        do { try memory.write(physical: physical, bytes: [byte]) } catch {
+            preconditionFailure("patch at guest-physical 0x\(String(physical, radix: 16)) became unwritable: \(error)")
+        }
+    }
+
+    private func applyBaseDebug(_ vcpu: VCPU) {
+        let d = breakpoints.withLock { $0.baseDebug(for: vcpu.id) }
+        do { try vcpu.setGuestDebug(d) } catch { fault(vcpu, .other(reason: UInt32.max)) }
+    }
+
+    /// Stops the machine at a halt entry's hit and hands it to the caller of run/resume.
+    private func haltHere(_ vcpu: VCPU, address: UInt64, _ timing: ProbeTiming, rip known: UInt64?) {
+        rendezvous.acquire(.vcpu(vcpu.id))
+        let rip = known ?? registers(vcpu)?.rip ?? address
+        let stop = HaltStop(vcpu: vcpu.id, address: address, timing: timing, rip: rip, location: symbolizer.describe(rip))
+        rendezvous.handOver(from: vcpu.id)
+        events.withLock { e, w in
+            e.halt = stop
+            w.broadcast()
+        }
+        // Wait here (parked) until resume() or stop() releases the rendezvous.
+        rendezvous.gate(vcpu.id, starting: true)
+    }
+
+    private func vcpuHalted() {
+        let all = events.withLock { e, _ -> Bool in
+            e.halted += 1
+            return e.halted == vcpus.count
+        }
+        if all { finish(.exited(status: 0)) }
+    }
+
+    private func fault(_ vcpu: VCPU, _ exit: VMExit) {
+        let regs: Registers?
+        do { regs = try vcpu.registers() } catch { regs = nil }
         let rip = regs?.rip ?? 0
         let f = GuestFault(vcpu: vcpu.id, exit: exit, rip: rip, location: symbolizer.describe(rip), registers: regs)
         finish(.fault(f))
     }
+
+    // MARK: TraceTarget
+
+    public var vcpuCount: Int { vcpus.count }
+
+    /// Arms `locations` for `module` with the machine's engine, all vCPUs parked meanwhile.
+    /// A location whose address is not mapped is an error naming it.
+    public func arm(_ module: TraceModule, locations: [ArmedLocation], vcpus selection: VCPUSelection) throws(TraceError) {
+        try withControl(from: nil) { () throws(TraceError) in try armParked(module, locations, selection) }
+    }
+
+    /// Disarms `module`'s locations, all vCPUs parked meanwhile.
+    public func disarm(_ module: TraceModule) throws(TraceError) {
+        withControl(from: nil) { disarmParked(module) }
+    }
+
+    /// Called on a vCPU thread: the module is disarmed by that thread before it runs again.
+    public func moduleReachedHitLimit(_ module: TraceModule) {
+        pendingDisarms.withLock { $0.append(module) }
+        hasPendingDisarms.store(true, ordering: .releasing)
+    }
+
+    private func processPendingDisarms(from id: Int) {
+        let modules = pendingDisarms.withLock { p -> [TraceModule] in
+            defer { p.removeAll() }
+            return p
+        }
+        hasPendingDisarms.store(false, ordering: .releasing)
+        guard !modules.isEmpty else { return }
+        withControl(from: id) { for m in modules { disarmParked(m) } }
+    }
+
+    /// Runs `body` with every vCPU out of the guest (unless the caller already holds them:
+    /// a machine stopped at a halt).
+    private func withControl<R, E: Error>(from vcpu: Int?, _ body: () throws(E) -> R) throws(E) -> R {
+        let alreadyHeld = vcpu == nil && rendezvous.isHeldByController
+        if !alreadyHeld { rendezvous.acquire(vcpu.map { .vcpu($0) } ?? .controller) }
+        defer { if !alreadyHeld { rendezvous.release() } }
+        return try body()
+    }
+
+    private func armParked(_ module: TraceModule, _ locations: [ArmedLocation], _ selection: VCPUSelection) throws(TraceError) {
+        let cr3: UInt64
+        do { cr3 = try vcpus[0].specialRegisters().cr3 } catch { throw TraceError.target(error.description) }
+        var physical: [UInt64: UInt64] = [:]
+        for l in locations {
+            do throws(KVMError) {
+                physical[l.address] = try memory.translate(virtual: l.address, cr3: cr3).physical
+                _ = try memory.read(physical: physical[l.address]!, count: 1)
+            } catch {
+                throw TraceError.target("probe at 0x\(String(l.address, radix: 16)) (\(symbolizer.describe(l.address))): \(error.description)")
+            }
+        }
+        let debugs = try breakpoints.withLock { (b: inout Breakpoints) throws(TraceError) -> [GuestDebug] in
+            let addresses = Set(b.owners.keys).union(locations.map(\.address))
+            if b.engine == nil {
+                do throws(MachineError) {
+                    let (e, why) = try configuration.engine.resolve(locations: addresses.count, support: engineSupport)
+                    b.engine = e
+                    b.engineReason = why
+                    b.patches = PatchTable(trap: e.trapByte ?? 0xF4)
+                } catch {
+                    throw TraceError.target(error.description)
+                }
+            } else if let e = b.engine, let cap = e.capacity, addresses.count > cap {
+                throw TraceError.target(MachineError.tooManyLocations(e, count: addresses.count, capacity: cap).description)
+            }
+            for l in locations {
+                b.owners[l.address, default: []].append(.init(module: module, index: l.index, timing: l.timing, vcpus: selection))
+            }
+            // USE_SW_BP goes on every vCPU before the first byte is written.
+            let debugs = (0..<vcpus.count).map { b.baseDebug(for: $0) }
+            return debugs
+        }
+        for (v, d) in zip(vcpus, debugs) {
+            do { try v.setGuestDebug(d) } catch { throw TraceError.target(error.description) }
+        }
+        let engine = breakpoints.withLock { $0.engine }
+        if engine?.trapByte != nil {
+            try breakpoints.withLock { (b: inout Breakpoints) throws(TraceError) in
+                for l in locations {
+                    let p = physical[l.address]!
+                    do throws(KVMError) {
+                        let current = try memory.read(physical: p, count: 1)[0]
+                        if let trap = b.patches.insert(l.address, physical: p, current: current) {
+                            try memory.write(physical: p, bytes: [trap])
+                        }
+                    } catch {
+                        throw TraceError.target(error.description)
+                    }
+                }
+            }
+        }
+        if engine == .step {
+            ripChecks.withLock { c in for i in c.indices where selection.contains(i) { c[i] = true } }
+        }
+    }
+
+    private func disarmParked(_ module: TraceModule) {
+        let debugs = breakpoints.withLock { b -> [GuestDebug] in
+            for (address, list) in b.owners {
+                let kept = list.filter { $0.module !== module }
+                if kept.isEmpty {
+                    b.owners[address] = nil
+                    if let p = b.patches.patches[address] {
+                        let current: UInt8
+                        do { current = try memory.read(physical: p.physical, count: 1)[0] } catch { current = 0 }
+                        if let original = b.patches.remove(address, current: current) { restore(original, at: p.physical) }
+                    }
+                } else {
+                    b.owners[address] = kept
+                }
+            }
+            if b.owners.isEmpty { b.engine = nil }
+            return (0..<vcpus.count).map { b.baseDebug(for: $0) }
+        }
+        for (v, d) in zip(vcpus, debugs) {
+            do { try v.setGuestDebug(d) } catch {}
+        }
+    }
 }
 
-private func nanoseconds(_ d: Duration) -> Int {
+/// CLOCK_REALTIME now + `d`, for pthread_cond_timedwait.
+private func realtimeDeadline(after d: Duration) -> timespec {
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
     let (s, atto) = d.components
-    return Int(clamping: s) &* 1_000_000_000 &+ Int(atto / 1_000_000_000)
+    var sec = now.tv_sec + Int(s)
+    var nsec = now.tv_nsec + Int(atto / 1_000_000_000)
+    if nsec >= 1_000_000_000 { sec += 1; nsec -= 1_000_000_000 }
+    return timespec(tv_sec: sec, tv_nsec: nsec)
 }

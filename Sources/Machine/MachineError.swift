@@ -12,6 +12,9 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
     case segmentOutsideRAM(path: String, index: Int, start: UInt64, end: UInt64, usable: Range<UInt64>)
     case memoryTooSmall(path: String, given: UInt64, needed: UInt64)
     case alreadyRan
+    case engineUnavailable(BreakpointEngine, reason: String, working: [String])
+    case tooManyLocations(BreakpointEngine, count: Int, capacity: Int)
+    case notRunning
 
     public var description: String {
         switch self {
@@ -29,6 +32,13 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
             return "--memory \(formatSize(given)) is too small for \(path): it needs at least \(formatSize(needed)); use --memory \(formatSize(needed)) or more"
         case .alreadyRan:
             return "this machine has already run; create a new Machine to run the guest again"
+        case let .engineUnavailable(e, reason, working):
+            let alt = working.isEmpty ? "no engine works on this host" : "engines that work here: \(working.joined(separator: ", "))"
+            return "--engine \(e): does not work on this host (\(reason)); \(alt)"
+        case let .tooManyLocations(e, count, capacity):
+            return "--engine \(e) arms at most \(capacity) locations, \(count) asked for; use --engine auto, hlt, int3 or step"
+        case .notRunning:
+            return "the machine is not stopped at a halt: nothing to resume"
         }
     }
 }

@@ -53,10 +53,15 @@ struct RunCommand: ParsableCommand {
         interrupt.resume()
         defer { interrupt.cancel() }
 
-        let result: RunResult
+        var result: RunResult
         do {
             result = try machine.run(timeout: timeout.map { .milliseconds(Int64($0 * 1000)) }) { line in
                 printOut(line.text)
+            }
+            // No debugger to hand a halt to: report it and go on.
+            while case let .halted(stop) = result.ending {
+                printError("flowtrace: halt on vCPU \(stop.vcpu) at \(stop.location); resuming")
+                result = try machine.resume()
             }
         } catch {
             throw fail(error.description, status: ExitStatus.usage)
@@ -75,6 +80,8 @@ struct RunCommand: ParsableCommand {
         case .timedOut:
             printError("flowtrace: \(name): timed out after \(seconds) (--timeout \(timeout ?? 0)); every vCPU was stopped")
             throw ExitCode(ExitStatus.timeout)
+        case .halted:
+            break
         case .stopped:
             printError("flowtrace: \(name): interrupted after \(seconds); every vCPU was stopped")
             throw ExitCode(ExitStatus.interrupted)

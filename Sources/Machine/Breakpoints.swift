@@ -1,0 +1,62 @@
+import FlowTrace
+import KVM
+
+/// The machine's armed probe locations: who owns which address, with which engine.
+/// Changed only while every vCPU is parked (the rendezvous), read by vCPU threads at exits.
+struct Breakpoints {
+    struct Owner {
+        let module: TraceModule
+        let index: Int
+        let timing: ProbeTiming
+        let vcpus: VCPUSelection
+    }
+
+    /// The engine in use while any location is armed.
+    var engine: BreakpointEngine?
+    var engineReason = ""
+    var owners: [UInt64: [Owner]] = [:]
+    /// Patched bytes (int3 and hlt engines).
+    var patches = PatchTable(trap: 0xF4)
+
+    var isEmpty: Bool { owners.isEmpty }
+
+    /// Whether any owner traces `vcpu`.
+    func traces(_ vcpu: Int) -> Bool {
+        owners.values.contains { $0.contains { $0.vcpus.contains(vcpu) } }
+    }
+
+    /// What `KVM_SET_GUEST_DEBUG` should say for `vcpu` when it is not stepping over a probe.
+    func baseDebug(for vcpu: Int) -> GuestDebug {
+        var d = GuestDebug()
+        switch engine {
+        case .int3?:
+            d.softwareBreakpoints = true
+        case .hw? where traces(vcpu):
+            let addresses = owners.keys.sorted()
+            d.hardwareBreakpoints = true
+            for (slot, a) in addresses.prefix(4).enumerated() {
+                d.addresses[slot] = a
+                d.dr7 |= 1 << (2 * UInt64(slot))  // L0..L3; R/W = 00 (execute), LEN = 00
+            }
+        case .step? where traces(vcpu):
+            d.singleStep = true
+        default:
+            break
+        }
+        return d
+    }
+
+    /// The debug setting while `vcpu` single-steps over the instruction at a probe.
+    func stepOverDebug(for vcpu: Int) -> GuestDebug {
+        var d = GuestDebug()
+        d.singleStep = true
+        // int3 keeps USE_SW_BP so the guest's own int3s still come to us.
+        d.softwareBreakpoints = engine == .int3
+        return d
+    }
+
+    /// Owners at `address` with `timing`.
+    func owners(at address: UInt64, _ timing: ProbeTiming) -> [Owner] {
+        owners[address]?.filter { $0.timing == timing } ?? []
+    }
+}

@@ -1,0 +1,95 @@
+import Locking
+import Synchronization
+
+/// Brings every vCPU out of `KVM_RUN` and keeps it out while one party works alone: a
+/// control thread changing breakpoints, a vCPU stepping over a patched byte, or a caller
+/// inspecting a machine stopped at a halt.
+///
+/// Each vCPU thread calls `gate` before every `KVM_RUN`; it blocks there while someone
+/// else holds the rendezvous. `acquire` kicks the other vCPUs and returns once each is
+/// parked (waiting in `gate` or `acquire`), not started, or finished.
+final class Rendezvous: Sendable {
+    enum Holder: Equatable, Sendable {
+        case vcpu(Int)
+        case controller
+    }
+
+    private struct State {
+        var holder: Holder?
+        /// Per vCPU: outside KVM_RUN and not going back in (waiting, not started or done).
+        var parked: [Bool]
+    }
+
+    private let state: ConditionLock<State>
+    /// Fast path for `gate`: false while nobody holds the rendezvous.
+    private let held = Atomic<Bool>(false)
+    private let kick: @Sendable (Int) -> Void
+    private let count: Int
+
+    /// `kick(i)` must make vCPU i leave or skip `KVM_RUN` soon.
+    init(vcpus: Int, kick: @escaping @Sendable (Int) -> Void) {
+        count = vcpus
+        state = ConditionLock(State(holder: nil, parked: Array(repeating: true, count: vcpus)))
+        self.kick = kick
+    }
+
+    /// Called by vCPU `id` before each `KVM_RUN` (and once when its thread starts).
+    @inline(__always)
+    func gate(_ id: Int, starting: Bool = false) {
+        guard starting || held.load(ordering: .acquiring) else { return }
+        state.withLock { s, w in
+            while let h = s.holder, h != .vcpu(id) {
+                if !s.parked[id] { s.parked[id] = true; w.broadcast() }
+                w.wait()
+            }
+            s.parked[id] = false
+        }
+    }
+
+    /// vCPU `id` is leaving its run loop for good.
+    func finished(_ id: Int) {
+        state.withLock { s, w in
+            s.parked[id] = true
+            w.broadcast()
+        }
+    }
+
+    /// Takes the rendezvous for `who`; returns when every other vCPU is parked.
+    func acquire(_ who: Holder) {
+        state.withLock { s, w in
+            while s.holder != nil {
+                if case let .vcpu(i) = who, !s.parked[i] { s.parked[i] = true; w.broadcast() }
+                w.wait()
+            }
+            s.holder = who
+            if case let .vcpu(i) = who { s.parked[i] = false }
+            held.store(true, ordering: .releasing)
+        }
+        for i in 0..<count where who != .vcpu(i) { kick(i) }
+        state.withLock { s, w in
+            while !(0..<count).allSatisfy({ s.parked[$0] || who == .vcpu($0) }) { w.wait() }
+        }
+    }
+
+    /// Hands a held rendezvous from vCPU `id` to the controller (a halt): `id` counts as
+    /// parked from now on and waits in its next `gate`.
+    func handOver(from id: Int) {
+        state.withLock { s, w in
+            s.holder = .controller
+            s.parked[id] = true
+            w.broadcast()
+        }
+    }
+
+    /// Releases the rendezvous; parked vCPUs resume.
+    func release() {
+        state.withLock { s, w in
+            s.holder = nil
+            held.store(false, ordering: .releasing)
+            w.broadcast()
+        }
+    }
+
+    /// Whether the controller holds the rendezvous (the machine is stopped at a halt).
+    var isHeldByController: Bool { state.withLock { s, _ in s.holder == .controller } }
+}
