@@ -33,6 +33,10 @@ public struct HaltStop: Sendable, Equatable {
     public var rip: UInt64
     /// `rip` as `symbol+0xoff`.
     public var location: String
+
+    public init(vcpu: Int, address: UInt64, timing: ProbeTiming, rip: UInt64, location: String) {
+        self.vcpu = vcpu; self.address = address; self.timing = timing; self.rip = rip; self.location = location
+    }
 }
 
 /// How a run ended.
@@ -203,6 +207,8 @@ public final class Machine: TraceTarget {
         events.withLock { e, _ in e.running = vcpus.count }
         for vcpu in vcpus {
             let thread = Thread { [self] in
+                // Named from inside: a name set before start() is not applied on Linux.
+                Thread.current.name = "vcpu-\(vcpu.id)"
                 vcpu.bindToCurrentThread()
                 runLoop(vcpu, console: console)
                 events.withLock { e, w in
@@ -210,7 +216,6 @@ public final class Machine: TraceTarget {
                     w.broadcast()
                 }
             }
-            thread.name = "vcpu-\(vcpu.id)"
             thread.start()
         }
         return waitForEnding(timeout: timeout)
@@ -345,11 +350,16 @@ public final class Machine: TraceTarget {
             case let .debug(exception, pc, dr6, _):
                 guard let regs = registers(vcpu) else { return }
                 if exception == 1, case let .over(address, held)? = stepping {
+                    // An instruction that did not retire (a locked one the emulator
+                    // restarted, a rep iteration) leaves rip in place: step again.
+                    if regs.rip == address { continue }
                     // The single step over a probed instruction is done: after-exec hits.
                     stepping = nil
-                    let action = probeHits(vcpu, at: address, .after)
+                    let action = probeHits(vcpu, at: address, .after, regs: regs)
+                    let halted = executedHalt(vcpu, at: address, rip: regs.rip)
                     endStepOver(vcpu, address: address, held: held)
-                    if case .halt = action { haltHere(vcpu, address: address, .after, rip: nil) }
+                    if case .halt = action { haltHere(vcpu, address: address, .after, rip: regs.rip) }
+                    if halted { vcpuHalted(); return }
                     continue
                 }
                 let engine = breakpoints.withLock { $0.engine }
@@ -376,8 +386,11 @@ public final class Machine: TraceTarget {
                     continue
                 }
                 if exception == 1, engine == .step {
-                    // rip is the next instruction; previousRip the one just executed.
+                    // rip is the next instruction; previousRip the one just executed (if it
+                    // retired: a restarted instruction leaves rip in place).
+                    if regs.rip == previousRip { continue }
                     if let p = previousRip, case .halt = probeHits(vcpu, at: p, .after, regs: regs) { haltHere(vcpu, address: p, .after, rip: regs.rip) }
+                    if let p = previousRip, executedHalt(vcpu, at: p, rip: regs.rip) { vcpuHalted(); return }
                     if case .halt = probeHits(vcpu, at: regs.rip, .before, regs: regs) { haltHere(vcpu, address: regs.rip, .before, rip: regs.rip) }
                     previousRip = regs.rip
                     continue
@@ -388,6 +401,20 @@ public final class Machine: TraceTarget {
                 fault(vcpu, exit)
                 return
             }
+        }
+    }
+
+    /// Whether the instruction at `address` that just retired (rip now `rip`) was the
+    /// guest's own `hlt`. Under single-step KVM reports a hlt as a debug exit and the vCPU
+    /// does not stop, so the loop must end the vCPU itself.
+    private func executedHalt(_ vcpu: VCPU, at address: UInt64, rip: UInt64) -> Bool {
+        guard rip == address &+ 1 else { return false }
+        if let original = breakpoints.withLock({ $0.patches.original(at: address) }) { return original == 0xF4 }
+        do {
+            let cr3 = try vcpu.specialRegisters().cr3
+            return try memory.read(virtual: address, count: 1, cr3: cr3) == [0xF4]
+        } catch {
+            return false
         }
     }
 

@@ -18,7 +18,7 @@ private func nmSymbols(_ path: String) throws -> [String: UInt64] {
 
 @Suite("ELF images of the built guests")
 struct GuestImageTests {
-    static let guests = ["counter", "fib", "smp", "fault", "spin", "status"]
+    static let guests = ["counter", "fib", "smp", "fault", "spin", "status", "array"]
 
     @Test("entry, segments and symbols agree with nm and readelf", arguments: guests)
     func parsesGuest(_ name: String) throws {

@@ -135,11 +135,7 @@ struct BootTests {
 private func instructionAddresses(_ path: String, from start: UInt64) throws -> [UInt64] {
     let r = try run("/usr/bin/env", ["objdump", "-d", "--start-address=0x\(String(start, radix: 16))",
                                      "--stop-address=0x\(String(start + 32, radix: 16))", path])
-    return r.stdout.split(separator: "\n").compactMap { line in
-        let t = line.drop { $0 == " " }
-        guard let colon = t.firstIndex(of: ":"), line.contains("\t") else { return nil }
-        return UInt64(t[..<colon], radix: 16)
-    }
+    return objdumpInstructions(r.stdout)
 }
 
 @Suite("bad machine configurations", .enabled(if: kvmUsable, "needs a usable /dev/kvm"))
