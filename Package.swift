@@ -37,7 +37,7 @@ let package = Package(
             ]
         ),
         // Benchmarks (tools/bench), built in release mode.
-        .executableTarget(name: "flowtrace-bench", dependencies: ["FlowTrace", "FlowTraceSimulation"]),
+        .executableTarget(name: "flowtrace-bench", dependencies: ["FlowTrace", "FlowTraceSimulation", "Machine", "KVM"]),
         // Test helpers: builds the guests, runs the executable.
         .target(name: "TestSupport", dependencies: ["Locking"], path: "Tests/TestSupport"),
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),

@@ -4,16 +4,21 @@ import Glibc
 
 /// A value guarded by a mutex with a condition variable, for rendezvous between threads
 /// (pthread-based, so ThreadSanitizer sees it; see `Locked`).
+///
+/// Waiting is only offered as `wait(until:)`, whose predicate gets the value afresh after
+/// every wake-up. (Waiting inside an `inout` access would let the optimizer keep the value
+/// in registers across the wait and never see another thread's change: seen in release.)
 public final class ConditionLock<Value>: @unchecked Sendable {
-    // SAFETY: `value` is only touched between lock and unlock of `mutex` (inside `withLock`,
-    // whose body may `wait`, which re-acquires before returning). Both pthread objects are
-    // heap-allocated once, so their addresses never change, and destroyed in deinit.
+    // SAFETY: `storage` is only touched between lock and unlock of `mutex`; `wait` releases
+    // and re-acquires it inside pthread_cond_wait. The three allocations never move and are
+    // freed in deinit.
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private let cond: UnsafeMutablePointer<pthread_cond_t>
-    private var value: Value
+    private let storage: UnsafeMutablePointer<Value>
 
     public init(_ value: Value) {
-        self.value = value
+        storage = .allocate(capacity: 1)
+        storage.initialize(to: value)
         mutex = .allocate(capacity: 1)
         mutex.initialize(to: pthread_mutex_t())
         pthread_mutex_init(mutex, nil)
@@ -27,34 +32,41 @@ public final class ConditionLock<Value>: @unchecked Sendable {
         cond.deallocate()
         pthread_mutex_destroy(mutex)
         mutex.deallocate()
+        storage.deinitialize(count: 1)
+        storage.deallocate()
     }
 
-    /// Access to the value while holding the lock. Inside `body`, `Waiter.wait()` releases
-    /// the lock until `broadcast()` and takes it back; re-check your condition after it.
-    public func withLock<R>(_ body: (inout Value, Waiter) throws -> R) rethrows -> R {
+    /// Runs `body` with exclusive access to the value, then wakes every waiter.
+    @discardableResult
+    public func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
         pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body(&value, Waiter(mutex: mutex, cond: cond))
-    }
-
-    /// Wakes every thread waiting in `withLock`.
-    public func broadcast() { pthread_cond_broadcast(cond) }
-
-    /// Lets a `withLock` body wait for a broadcast.
-    public struct Waiter {
-        fileprivate let mutex: UnsafeMutablePointer<pthread_mutex_t>
-        fileprivate let cond: UnsafeMutablePointer<pthread_cond_t>
-
-        /// Releases the lock until a broadcast, then re-acquires it.
-        public func wait() { pthread_cond_wait(cond, mutex) }
-
-        /// Like `wait()`, but gives up at `deadline` (CLOCK_REALTIME); returns false then.
-        public func wait(until deadline: timespec) -> Bool {
-            var d = deadline
-            return pthread_cond_timedwait(cond, mutex, &d) != ETIMEDOUT
+        defer {
+            pthread_cond_broadcast(cond)
+            pthread_mutex_unlock(mutex)
         }
-
-        /// Wakes every waiter (callable with the lock held).
-        public func broadcast() { pthread_cond_broadcast(cond) }
+        return try body(&storage.pointee)
     }
+
+    /// Blocks until `predicate` returns true (it runs with the lock held, first at once and
+    /// again after each wake-up, and may change the value), or until `deadline`
+    /// (CLOCK_REALTIME). Returns whether the predicate was met. Wakes every waiter after.
+    @discardableResult
+    public func wait(until predicate: (inout Value) -> Bool, deadline: timespec? = nil) -> Bool {
+        pthread_mutex_lock(mutex)
+        defer {
+            pthread_cond_broadcast(cond)
+            pthread_mutex_unlock(mutex)
+        }
+        while !predicate(&storage.pointee) {
+            if var d = deadline {
+                if pthread_cond_timedwait(cond, mutex, &d) == ETIMEDOUT { return predicate(&storage.pointee) }
+            } else {
+                pthread_cond_wait(cond, mutex)
+            }
+        }
+        return true
+    }
+
+    /// Wakes every thread waiting in `wait(until:)` (callable from inside a predicate).
+    public func broadcast() { pthread_cond_broadcast(cond) }
 }

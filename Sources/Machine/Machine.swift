@@ -204,17 +204,14 @@ public final class Machine: TraceTarget {
         let console = Console(vcpuCount: vcpus.count, sink: sink)
         consoleBox.withLock { $0 = console }
         startTime.withLock { $0 = clock.now }
-        events.withLock { e, _ in e.running = vcpus.count }
+        events.withLock { $0.running = vcpus.count }
         for vcpu in vcpus {
             let thread = Thread { [self] in
                 // Named from inside: a name set before start() is not applied on Linux.
                 Thread.current.name = "vcpu-\(vcpu.id)"
                 vcpu.bindToCurrentThread()
                 runLoop(vcpu, console: console)
-                events.withLock { e, w in
-                    e.running -= 1
-                    w.broadcast()
-                }
+                events.withLock { $0.running -= 1 }
             }
             thread.start()
         }
@@ -223,7 +220,7 @@ public final class Machine: TraceTarget {
 
     /// Goes on after a `.halted` ending: releases every vCPU and waits for the next ending.
     public func resume(timeout: Duration? = nil) throws(MachineError) -> RunResult {
-        let halted = events.withLock { e, _ -> Bool in
+        let halted = events.withLock { e -> Bool in
             guard e.halt != nil, rendezvous.isHeldByController else { return false }
             e.halt = nil
             return true
@@ -235,20 +232,12 @@ public final class Machine: TraceTarget {
 
     private func waitForEnding(timeout: Duration?) -> RunResult {
         let deadline = timeout.map { realtimeDeadline(after: $0) }
-        var timedOut = false
-        let stop = events.withLock { e, w -> HaltStop? in
-            while e.running > 0 && e.halt == nil {
-                if let deadline {
-                    if !w.wait(until: deadline) && (e.running > 0 && e.halt == nil) { timedOut = true; break }
-                } else {
-                    w.wait()
-                }
-            }
-            return e.halt
-        }
+        let timedOut: Bool
+        timedOut = !events.wait(until: { $0.running == 0 || $0.halt != nil }, deadline: deadline)
+        let stop = events.withLock { $0.halt }
         if timedOut {
             finish(.timedOut(timeout ?? .zero))
-            events.withLock { e, w in while e.running > 0 { w.wait() } }
+            events.wait(until: { $0.running == 0 })
         }
         let console = consoleBox.withLock { $0 }
         let elapsed = clock.now - (startTime.withLock { $0 } ?? clock.now)
@@ -256,7 +245,7 @@ public final class Machine: TraceTarget {
             return RunResult(ending: .halted(stop), console: console?.allLines ?? [], elapsed: elapsed)
         }
         console?.flush()
-        let ending = events.withLock { e, _ in e.ending } ?? .stopped
+        let ending = events.withLock { $0.ending } ?? .stopped
         return RunResult(ending: ending, console: console?.allLines ?? [], elapsed: elapsed)
     }
 
@@ -265,9 +254,8 @@ public final class Machine: TraceTarget {
 
     /// Records the first ending and gets every vCPU out of the guest.
     private func finish(_ ending: RunEnding) {
-        events.withLock { e, w in
+        events.withLock { e in
             if e.ending == nil { e.ending = ending }
-            w.broadcast()
         }
         stopRequested.store(true, ordering: .releasing)
         for v in vcpus { v.kick() }
@@ -492,16 +480,13 @@ public final class Machine: TraceTarget {
         let rip = known ?? registers(vcpu)?.rip ?? address
         let stop = HaltStop(vcpu: vcpu.id, address: address, timing: timing, rip: rip, location: symbolizer.describe(rip))
         rendezvous.handOver(from: vcpu.id)
-        events.withLock { e, w in
-            e.halt = stop
-            w.broadcast()
-        }
+        events.withLock { $0.halt = stop }
         // Wait here (parked) until resume() or stop() releases the rendezvous.
         rendezvous.gate(vcpu.id, starting: true)
     }
 
     private func vcpuHalted() {
-        let all = events.withLock { e, _ -> Bool in
+        let all = events.withLock { e -> Bool in
             e.halted += 1
             return e.halted == vcpus.count
         }

@@ -37,59 +37,55 @@ final class Rendezvous: Sendable {
     @inline(__always)
     func gate(_ id: Int, starting: Bool = false) {
         guard starting || held.load(ordering: .acquiring) else { return }
-        state.withLock { s, w in
-            while let h = s.holder, h != .vcpu(id) {
-                if !s.parked[id] { s.parked[id] = true; w.broadcast() }
-                w.wait()
+        state.wait(until: { s in
+            if let h = s.holder, h != .vcpu(id) {
+                s.parked[id] = true   // seen by the holder's wait after our broadcast
+                return false
             }
             s.parked[id] = false
-        }
+            return true
+        })
     }
 
     /// vCPU `id` is leaving its run loop for good.
     func finished(_ id: Int) {
-        state.withLock { s, w in
-            s.parked[id] = true
-            w.broadcast()
-        }
+        state.withLock { $0.parked[id] = true }
     }
 
     /// Takes the rendezvous for `who`; returns when every other vCPU is parked.
     func acquire(_ who: Holder) {
-        state.withLock { s, w in
-            while s.holder != nil {
-                if case let .vcpu(i) = who, !s.parked[i] { s.parked[i] = true; w.broadcast() }
-                w.wait()
+        state.wait(until: { s in
+            if s.holder != nil {
+                if case let .vcpu(i) = who { s.parked[i] = true }
+                return false
             }
             s.holder = who
             if case let .vcpu(i) = who { s.parked[i] = false }
-            held.store(true, ordering: .releasing)
-        }
+            return true
+        })
+        held.store(true, ordering: .releasing)
         for i in 0..<count where who != .vcpu(i) { kick(i) }
-        state.withLock { s, w in
-            while !(0..<count).allSatisfy({ s.parked[$0] || who == .vcpu($0) }) { w.wait() }
-        }
+        let count = self.count
+        state.wait(until: { s in (0..<count).allSatisfy { s.parked[$0] || who == .vcpu($0) } })
     }
 
     /// Hands a held rendezvous from vCPU `id` to the controller (a halt): `id` counts as
     /// parked from now on and waits in its next `gate`.
     func handOver(from id: Int) {
-        state.withLock { s, w in
+        state.withLock { s in
             s.holder = .controller
             s.parked[id] = true
-            w.broadcast()
         }
     }
 
     /// Releases the rendezvous; parked vCPUs resume.
     func release() {
-        state.withLock { s, w in
+        state.withLock { s in
             s.holder = nil
             held.store(false, ordering: .releasing)
-            w.broadcast()
         }
     }
 
     /// Whether the controller holds the rendezvous (the machine is stopped at a halt).
-    var isHeldByController: Bool { state.withLock { s, _ in s.holder == .controller } }
+    var isHeldByController: Bool { state.withLock { $0.holder == .controller } }
 }

@@ -1,5 +1,6 @@
 // flowtrace-bench: figures for tools/bench. Prints a table, then one JSON line per figure.
-// Parts: `core` (the flow-trace hit path, reports and memory, on an in-memory target).
+// Parts: `core` (the flow-trace hit path, reports and memory, on an in-memory target),
+// `engines` (per-hit cost of each breakpoint engine on the counter guest; needs /dev/kvm).
 import FlowTrace
 import FlowTraceSimulation
 import Foundation
@@ -134,11 +135,12 @@ func core() throws -> [Figure] {
 
 let parts = CommandLine.arguments.dropFirst()
 var figures: [Figure] = []
-for part in parts.isEmpty ? ["core"] : Array(parts) {
+for part in parts.isEmpty ? ["core", "engines"] : Array(parts) {
     switch part {
     case "core": figures += try core()
+    case "engines": figures += try engines(guests: ProcessInfo.processInfo.environment["GUESTS"] ?? "guests/build")
     default:
-        FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core\n".utf8))
+        FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core, engines\n".utf8))
         exit(64)
     }
 }
