@@ -37,9 +37,11 @@ final class Rendezvous: Sendable {
     @inline(__always)
     func gate(_ id: Int, starting: Bool = false) {
         guard starting || held.load(ordering: .acquiring) else { return }
+        let state = self.state
         state.wait(until: { s in
             if let h = s.holder, h != .vcpu(id) {
-                s.parked[id] = true   // seen by the holder's wait after our broadcast
+                // Tell the holder, who waits for every vCPU to park.
+                if !s.parked[id] { s.parked[id] = true; state.broadcast() }
                 return false
             }
             s.parked[id] = false
@@ -54,9 +56,11 @@ final class Rendezvous: Sendable {
 
     /// Takes the rendezvous for `who`; returns when every other vCPU is parked.
     func acquire(_ who: Holder) {
+        let state = self.state
         state.wait(until: { s in
             if s.holder != nil {
-                if case let .vcpu(i) = who { s.parked[i] = true }
+                // Waiting here counts as parked for the current holder.
+                if case let .vcpu(i) = who, !s.parked[i] { s.parked[i] = true; state.broadcast() }
                 return false
             }
             s.holder = who
