@@ -24,8 +24,10 @@ let package = Package(
         // Locks ThreadSanitizer can see (see Locked.swift), and the record store's spin lock.
         .target(name: "Locking"),
         .target(name: "KVM", dependencies: ["CKVM", "Locking"]),
-        .target(name: "ELF", dependencies: ["CLibElf"]),
-        .target(name: "FlowTrace", dependencies: ["Locking"]),
+        // "Did you mean" for symbol and register names.
+        .target(name: "NameSuggestions"),
+        .target(name: "ELF", dependencies: ["CLibElf", "NameSuggestions"]),
+        .target(name: "FlowTrace", dependencies: ["Locking", "NameSuggestions"]),
         // A TraceTarget without a machine: for tests and the core benchmark.
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
         .target(name: "Machine", dependencies: ["KVM", "ELF", "FlowTrace", "Locking"]),

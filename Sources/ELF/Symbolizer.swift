@@ -1,3 +1,5 @@
+import NameSuggestions
+
 /// Name <-> address lookups over an image's symbols.
 public struct Symbolizer: Sendable {
     private let byAddress: [Symbol]
@@ -47,23 +49,6 @@ public struct Symbolizer: Sendable {
 
     /// Up to `limit` symbol names closest to `name` (edit distance), for "did you mean".
     public func suggestions(for name: String, limit: Int = 3) -> [String] {
-        let scored = byName.keys.map { ($0, editDistance($0, name)) }
-        let cutoff = max(2, name.count / 2)
-        return scored.filter { $0.1 <= cutoff }.sorted { ($0.1, $0.0) < ($1.1, $1.0) }.prefix(limit).map(\.0)
+        closestNames(to: name, among: byName.keys, maxDistance: max(2, name.count / 2), limit: limit)
     }
-}
-
-private func editDistance(_ a: String, _ b: String) -> Int {
-    let a = Array(a.utf8), b = Array(b.utf8)
-    if a.isEmpty { return b.count }
-    if b.isEmpty { return a.count }
-    var prev = Array(0...b.count), cur = [Int](repeating: 0, count: b.count + 1)
-    for i in 1...a.count {
-        cur[0] = i
-        for j in 1...b.count {
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
-        }
-        swap(&prev, &cur)
-    }
-    return prev[b.count]
 }

@@ -1,3 +1,5 @@
+import NameSuggestions
+
 /// An x86-64 register a probe can collect, by name: its storage and how to view it.
 ///
 /// The catalog is static, so an unknown name is rejected when the probe entry is made,
@@ -99,21 +101,6 @@ public struct X86Register: Hashable, Sendable, CustomStringConvertible {
     private static let names: [X86Register: String] = Dictionary(uniqueKeysWithValues: catalog.map { ($0.value, $0.key) })
 
     private static func suggestions(for name: String) -> [String] {
-        let scored = catalog.keys.map { ($0, editDistance($0, name)) }.filter { $0.1 <= max(1, name.count / 2) }
-        return scored.sorted { ($0.1, $0.0) < ($1.1, $1.0) }.prefix(3).map(\.0)
+        closestNames(to: name, among: catalog.keys, maxDistance: max(1, name.count / 2))
     }
-}
-
-func editDistance(_ a: String, _ b: String) -> Int {
-    let a = Array(a.utf8), b = Array(b.utf8)
-    if a.isEmpty || b.isEmpty { return max(a.count, b.count) }
-    var prev = Array(0...b.count), cur = [Int](repeating: 0, count: b.count + 1)
-    for i in 1...a.count {
-        cur[0] = i
-        for j in 1...b.count {
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
-        }
-        swap(&prev, &cur)
-    }
-    return prev[b.count]
 }

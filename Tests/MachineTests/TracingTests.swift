@@ -289,6 +289,19 @@ struct TracingTests {
 
 @Suite("the int3 engine end to end", .serialized, .enabled(if: works(.int3), int3Unavailable), .timeLimit(.minutes(5)))
 struct Int3Tests {
+    @Test("auto picks int3 where it works, and the self-test says what works")
+    func autoPicksInt3() throws {
+        let support = try #require(hostSupport)
+        for e in BreakpointEngine.allCases { print("engine self-test: \(e): \(support.status(e))") }
+        let m = try Machine(path: Guests.path("counter"))
+        let module = try TraceModule(target: m)
+        try module.addProbe(Probe("p"), at: try #require(m.symbolizer.address(of: "tick")))
+        try module.enable()
+        #expect(m.engine?.engine == .int3)
+        #expect(try m.run(timeout: .seconds(60)).ending == .exited(status: 0))
+        #expect(module.report().count == 1000)
+    }
+
     @Test func counterAndFibUnderInt3() throws {
         let t = try trace("counter", engine: .int3, [.at("tick", .before, [try reg("rdi")])])
         #expect(t.report.map { u64($0.values[0]) } == (0..<1000).map { UInt64($0) })
