@@ -13,9 +13,16 @@ public struct GuestFault: Error, Sendable, Equatable, CustomStringConvertible {
     public var location: String
     /// All general-purpose registers at the exit (nil if they could not be read).
     public var registers: Registers?
+    /// What failed when the stop was not an exit of the guest's own (a KVM ioctl error).
+    public var detail: String?
+
+    public init(vcpu: Int, exit: VMExit, rip: UInt64, location: String, registers: Registers?, detail: String? = nil) {
+        self.vcpu = vcpu; self.exit = exit; self.rip = rip; self.location = location
+        self.registers = registers; self.detail = detail
+    }
 
     public var description: String {
-        var s = "guest fault on vCPU \(vcpu): \(exit.name) at rip 0x\(String(rip, radix: 16))"
+        var s = "guest fault on vCPU \(vcpu): \(detail ?? exit.name) at rip 0x\(String(rip, radix: 16))"
         if !location.hasPrefix("0x") { s += " (\(location))" }
         return s
     }

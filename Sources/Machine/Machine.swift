@@ -287,13 +287,15 @@ public final class Machine: TraceTarget {
             rendezvous.gate(id)
             if stopRequested.load(ordering: .acquiring) { break }
             if stepping == nil, ripChecks.withLock({ c in defer { c[id] = false }; return c[id] }) {
+                // The step engine was just armed: the instruction at rip runs next.
+                previousRip = nil
                 if let regs = registers(vcpu), case .halt = probeHits(vcpu, at: nil, .before, regs: regs) {
                     haltHere(vcpu, address: regs.rip, .before, rip: regs.rip)
                 }
             }
             let exit: VMExit
             do { exit = try vcpu.run() } catch {
-                fault(vcpu, .other(reason: UInt32.max))
+                fault(vcpu, .other(reason: UInt32.max), detail: error.description)
                 return
             }
             if reinjected {
@@ -363,7 +365,7 @@ public final class Machine: TraceTarget {
                         // Not ours: deliver it to the guest as if we were not there.
                         var d = breakpoints.withLock { $0.baseDebug(for: id) }
                         d.injectBreakpoint = true
-                        do { try vcpu.setGuestDebug(d) } catch { fault(vcpu, exit); return }
+                        do { try vcpu.setGuestDebug(d) } catch { fault(vcpu, exit, detail: error.description); return }
                         reinjected = true
                     }
                     continue
@@ -408,13 +410,13 @@ public final class Machine: TraceTarget {
 
     private func registers(_ vcpu: VCPU) -> Registers? {
         do { return try vcpu.registers() } catch {
-            fault(vcpu, .other(reason: UInt32.max))
+            fault(vcpu, .other(reason: UInt32.max), detail: error.description)
             return nil
         }
     }
 
     private func setRegisters(_ vcpu: VCPU, _ regs: Registers) {
-        do { try vcpu.setRegisters(regs) } catch { fault(vcpu, .other(reason: UInt32.max)) }
+        do { try vcpu.setRegisters(regs) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
     }
 
     /// Delivers a hit at `address` (nil: the current rip) to every owner with `timing`,
@@ -447,7 +449,7 @@ public final class Machine: TraceTarget {
             if let p = b.patches.patches[address] { restore(p.original, at: p.physical) }
             return b.stepOverDebug(for: vcpu.id)
         }
-        do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max)) }
+        do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
         return .over(address: address, held: held)
     }
 
@@ -457,7 +459,7 @@ public final class Machine: TraceTarget {
             if let p = b.patches.patches[address] { restore(b.patches.trap, at: p.physical) }
             return b.baseDebug(for: vcpu.id)
         }
-        do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max)) }
+        do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
         if held { rendezvous.release() }
     }
 
@@ -471,7 +473,7 @@ public final class Machine: TraceTarget {
 
     private func applyBaseDebug(_ vcpu: VCPU) {
         let d = breakpoints.withLock { $0.baseDebug(for: vcpu.id) }
-        do { try vcpu.setGuestDebug(d) } catch { fault(vcpu, .other(reason: UInt32.max)) }
+        do { try vcpu.setGuestDebug(d) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
     }
 
     /// Stops the machine at a halt entry's hit and hands it to the caller of run/resume.
@@ -493,11 +495,11 @@ public final class Machine: TraceTarget {
         if all { finish(.exited(status: 0)) }
     }
 
-    private func fault(_ vcpu: VCPU, _ exit: VMExit) {
+    private func fault(_ vcpu: VCPU, _ exit: VMExit, detail: String? = nil) {
         let regs: Registers?
         do { regs = try vcpu.registers() } catch { regs = nil }
         let rip = regs?.rip ?? 0
-        let f = GuestFault(vcpu: vcpu.id, exit: exit, rip: rip, location: symbolizer.describe(rip), registers: regs)
+        let f = GuestFault(vcpu: vcpu.id, exit: exit, rip: rip, location: symbolizer.describe(rip), registers: regs, detail: detail)
         finish(.fault(f))
     }
 
