@@ -100,6 +100,12 @@ public final class VCPU: @unchecked Sendable {
         driver.store(UInt(pthread_self()), ordering: .releasing)
     }
 
+    /// The OS thread that drives this vCPU (the last one bound), nil before any was bound.
+    public var drivingThread: pthread_t? {
+        let t = driver.load(ordering: .acquiring)
+        return t == 0 ? nil : pthread_t(t)
+    }
+
     /// Makes the driving thread leave (or not enter) `KVM_RUN` soon: sets `immediate_exit`
     /// and sends `signal` to it. Its next `run()` returns `.interrupted`.
     /// The signal must have a handler installed without `SA_RESTART` (see `VCPU.installKickHandler`).

@@ -8,10 +8,11 @@ import Testing
 import TestSupport
 
 /// What the self-test found on this host (nil without /dev/kvm).
-let hostSupport: EngineSupport? = {
-    guard kvmUsable else { return nil }
+let hostSupport: EngineSupport? = kvmUsable ? selfTestOfThisHost() : nil
+
+private func selfTestOfThisHost() -> EngineSupport? {
     do { return EngineSelfTest.support(host: try KVMHost()) } catch { return nil }
-}()
+}
 
 func works(_ e: BreakpointEngine) -> Bool { hostSupport?.works(e) ?? false }
 
@@ -246,14 +247,19 @@ struct TracingTests {
     func callbacks() throws {
         let engine = try #require(workingEngines.first)
         let seen = Locked<[String]>([])
+        let threads = Locked<Set<UInt>>([])
         let cb = ProbeEntry.callback { hit, context in
             let rdi: String
             do { rdi = try context.read(X86Register.resolve("rdi")).description } catch { rdi = "\(error)" }
-            seen.withLock { $0.append("\(Thread.current.name ?? "?") vcpu \(hit.vcpu) rdi \(rdi)") }
+            seen.withLock { $0.append("vcpu \(hit.vcpu) rdi \(rdi)") }
+            threads.withLock { _ = $0.insert(UInt(pthread_self())) }
         }
         let t = try trace("counter", engine: engine, hitLimit: 3, [.at("tick", .before, [cb])])
         #expect(t.result.ending == .exited(status: 0))
-        #expect(seen.withLock { $0 } == ["vcpu-0 vcpu 0 rdi 0x0", "vcpu-0 vcpu 0 rdi 0x1", "vcpu-0 vcpu 0 rdi 0x2"])
+        #expect(seen.withLock { $0 } == ["vcpu 0 rdi 0x0", "vcpu 0 rdi 0x1", "vcpu 0 rdi 0x2"])
+        let vcpuThread = try #require(t.machine.vcpus[0].drivingThread)
+        #expect(threads.withLock { $0 } == [UInt(vcpuThread)])
+        #expect(UInt(vcpuThread) != UInt(pthread_self()))
     }
 
     @Test func autoPicksTheBestWorkingEngineAndSaysWhy() throws {
