@@ -107,7 +107,6 @@ public final class TraceModule: @unchecked Sendable {
     private let limited = Atomic<Bool>(false)
     private let hitsLeft = Atomic<UInt64>(0)
     private let inFlight = Atomic<Int>(0)
-    private let hitsSeen = Atomic<UInt64>(0)
     private let suppressedWrongVCPU = Atomic<UInt64>(0)
     private let suppressedOverLimit = Atomic<UInt64>(0)
     private let suppressedDisabled = Atomic<UInt64>(0)
@@ -212,17 +211,22 @@ public final class TraceModule: @unchecked Sendable {
         control.withLock { _ in
             let t = store.totals
             let p = plan
+            let locations = p.locations.indices.map { i in
+                LocationCounters(address: p.locations[i].address, timing: p.locations[i].timing,
+                                 hits: p.hits[i].value.load(ordering: .relaxed),
+                                 taken: i < t.takenAt.count ? t.takenAt[i] : 0,
+                                 evicted: i < t.evictedAt.count ? t.evictedAt[i] : 0)
+            }
+            let wrongVCPU = suppressedWrongVCPU.load(ordering: .relaxed)
+            let overLimit = suppressedOverLimit.load(ordering: .relaxed)
+            let disabled = suppressedDisabled.load(ordering: .relaxed)
+            // Every delivered hit ends in exactly one of these counters, so the total needs
+            // no counter of its own on the hit path.
             return TraceCounters(
-                hitsSeen: hitsSeen.load(ordering: .relaxed), recordsTaken: t.taken, recordsKept: t.kept, evicted: t.evicted,
-                suppressedWrongVCPU: suppressedWrongVCPU.load(ordering: .relaxed),
-                suppressedOverLimit: suppressedOverLimit.load(ordering: .relaxed),
-                suppressedDisabled: suppressedDisabled.load(ordering: .relaxed),
-                locations: p.locations.indices.map { i in
-                    LocationCounters(address: p.locations[i].address, timing: p.locations[i].timing,
-                                     hits: p.hits[i].value.load(ordering: .relaxed),
-                                     taken: i < t.takenAt.count ? t.takenAt[i] : 0,
-                                     evicted: i < t.evictedAt.count ? t.evictedAt[i] : 0)
-                })
+                hitsSeen: locations.reduce(0) { $0 + $1.hits } + wrongVCPU + overLimit + disabled,
+                recordsTaken: t.taken, recordsKept: t.kept, evicted: t.evicted,
+                suppressedWrongVCPU: wrongVCPU, suppressedOverLimit: overLimit, suppressedDisabled: disabled,
+                locations: locations)
         }
     }
 
@@ -231,7 +235,6 @@ public final class TraceModule: @unchecked Sendable {
     /// Records a hit at armed location `location` (the `ArmedLocation.index` the target got).
     /// Called by the target on the hitting vCPU's thread; returns whether to halt.
     public func hit<C: HitContext>(location: Int, context: C) -> HitAction {
-        hitsSeen.add(1, ordering: .relaxed)
         inFlight.add(1, ordering: .acquiring)
         defer { inFlight.subtract(1, ordering: .releasing) }
         guard stateValue.load(ordering: .acquiring) == 1 else {

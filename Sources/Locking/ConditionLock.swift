@@ -10,18 +10,15 @@ import Glibc
 /// in registers across the wait and never see another thread's change: seen in release.)
 public final class ConditionLock<Value>: @unchecked Sendable {
     // SAFETY: `storage` is only touched between lock and unlock of `mutex`; `wait` releases
-    // and re-acquires it inside pthread_cond_wait. The three allocations never move and are
+    // and re-acquires it inside pthread_cond_wait. `cond` and `storage` never move and are
     // freed in deinit.
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let mutex = PthreadMutex()
     private let cond: UnsafeMutablePointer<pthread_cond_t>
     private let storage: UnsafeMutablePointer<Value>
 
     public init(_ value: Value) {
         storage = .allocate(capacity: 1)
         storage.initialize(to: value)
-        mutex = .allocate(capacity: 1)
-        mutex.initialize(to: pthread_mutex_t())
-        pthread_mutex_init(mutex, nil)
         cond = .allocate(capacity: 1)
         cond.initialize(to: pthread_cond_t())
         pthread_cond_init(cond, nil)
@@ -30,8 +27,6 @@ public final class ConditionLock<Value>: @unchecked Sendable {
     deinit {
         pthread_cond_destroy(cond)
         cond.deallocate()
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
         storage.deinitialize(count: 1)
         storage.deallocate()
     }
@@ -39,10 +34,10 @@ public final class ConditionLock<Value>: @unchecked Sendable {
     /// Runs `body` with exclusive access to the value, then wakes every waiter.
     @discardableResult
     public func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
-        pthread_mutex_lock(mutex)
+        mutex.lock()
         defer {
             pthread_cond_broadcast(cond)
-            pthread_mutex_unlock(mutex)
+            mutex.unlock()
         }
         return try body(&storage.pointee)
     }
@@ -52,16 +47,16 @@ public final class ConditionLock<Value>: @unchecked Sendable {
     /// (CLOCK_REALTIME). Returns whether the predicate was met. Wakes every waiter after.
     @discardableResult
     public func wait(until predicate: (inout Value) -> Bool, deadline: timespec? = nil) -> Bool {
-        pthread_mutex_lock(mutex)
+        mutex.lock()
         defer {
             pthread_cond_broadcast(cond)
-            pthread_mutex_unlock(mutex)
+            mutex.unlock()
         }
         while !predicate(&storage.pointee) {
             if var d = deadline {
-                if pthread_cond_timedwait(cond, mutex, &d) == ETIMEDOUT { return predicate(&storage.pointee) }
+                if pthread_cond_timedwait(cond, mutex.raw, &d) == ETIMEDOUT { return predicate(&storage.pointee) }
             } else {
-                pthread_cond_wait(cond, mutex)
+                pthread_cond_wait(cond, mutex.raw)
             }
         }
         return true

@@ -54,9 +54,4 @@ struct Breakpoints {
         d.softwareBreakpoints = engine == .int3
         return d
     }
-
-    /// Owners at `address` with `timing`.
-    func owners(at address: UInt64, _ timing: ProbeTiming) -> [Owner] {
-        owners[address]?.filter { $0.timing == timing } ?? []
-    }
 }

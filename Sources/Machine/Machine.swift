@@ -419,21 +419,18 @@ public final class Machine: TraceTarget {
         do { try vcpu.setRegisters(regs) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
     }
 
-    /// Delivers a hit at `address` (nil: the current rip) to every owner with `timing`,
-    /// with `regs` (nil: fetched now) as the registers of this exit.
-    private func probeHits(_ vcpu: VCPU, at address: UInt64?, _ timing: ProbeTiming, regs: Registers? = nil) -> HitAction {
+    /// Delivers a hit at `address` (nil: `regs.rip`) to every owner with `timing`, with
+    /// `regs` as the registers of this exit.
+    private func probeHits(_ vcpu: VCPU, at address: UInt64?, _ timing: ProbeTiming, regs: Registers) -> HitAction {
+        // The owners array is shared, not filtered into a new one: no allocation per hit.
+        guard let owners = breakpoints.withLock({ $0.owners[address ?? regs.rip] }) else { return .continue }
         let snapshot = snapshots[vcpu.id]
-        let current: Registers
-        if let regs { current = regs } else {
-            do { current = try vcpu.registers() } catch { return .continue }
-        }
-        let at = address ?? current.rip
-        let owners = breakpoints.withLock { $0.owners(at: at, timing) }
-        guard !owners.isEmpty else { return .continue }
-        snapshot.reset(current)
+        snapshot.reset(regs)
         var action = HitAction.continue
         let context = MachineHitContext(snapshot: snapshot)
-        for o in owners where o.module.hit(location: o.index, context: context) == .halt { action = .halt }
+        for o in owners where o.timing == timing && o.module.hit(location: o.index, context: context) == .halt {
+            action = .halt
+        }
         return action
     }
 
