@@ -31,10 +31,12 @@ let package = Package(
         // A TraceTarget without a machine: for tests and the core benchmark.
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
         .target(name: "Machine", dependencies: ["KVM", "ELF", "FlowTrace", "Locking"]),
+        // The command line's languages: probe specs, filters, report formats.
+        .target(name: "TraceSpec", dependencies: ["FlowTrace", "ELF", "NameSuggestions"]),
         .executableTarget(
             name: "flowtrace",
             dependencies: [
-                "Machine", "ELF", "KVM", "FlowTrace", "Locking",
+                "Machine", "ELF", "KVM", "FlowTrace", "Locking", "TraceSpec",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -46,7 +48,8 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "TestSupport"]),
         .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "Locking"]),
-        .testTarget(name: "CLITests", dependencies: ["KVM", "TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["KVM", "Machine", "TestSupport"]),
+        .testTarget(name: "TraceSpecTests", dependencies: ["TraceSpec", "FlowTrace", "FlowTraceSimulation", "ELF"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,14 +1,17 @@
-/* spin: vCPU 0 never ends (a pause loop), for timeouts and stop requests. Other vCPUs halt. */
+/* spin: vCPU 0 never ends: it calls spin_step(0), spin_step(1), ... forever, for timeouts,
+ * stop requests and Ctrl-C while tracing. Other vCPUs halt. */
 #include "runtime.h"
 
 volatile u64 spins;
+
+__attribute__((noipa)) void spin_step(u64 i) {
+    spins = i + 1;
+    __asm__ volatile("pause");
+}
 
 int guest_main(int cpu, int ncpus) {
     (void)ncpus;
     if (cpu != 0) return 0;
     console_puts("spin: looping forever\n");
-    for (;;) {
-        spins++;
-        __asm__ volatile("pause");
-    }
+    for (u64 i = 0;; i++) spin_step(i);
 }

@@ -14,7 +14,8 @@ public struct ProbeLocation: Sendable {
 public struct LocationCounters: Sendable, Equatable {
     public var address: UInt64
     public var timing: ProbeTiming
-    /// Hits delivered here that passed the state, vCPU and limit checks.
+    /// Hits delivered here while the module was enabled, whether taken or suppressed (by
+    /// the vCPU selection or the hit limit).
     public var hits: UInt64
     /// Records taken here (kept + evicted).
     public var taken: UInt64
@@ -24,6 +25,11 @@ public struct LocationCounters: Sendable, Equatable {
     public init(address: UInt64, timing: ProbeTiming, hits: UInt64, taken: UInt64, evicted: UInt64) {
         self.address = address; self.timing = timing; self.hits = hits; self.taken = taken; self.evicted = evicted
     }
+
+    /// Records kept here now.
+    public var kept: UInt64 { taken - evicted }
+    /// Hits here that took no record (another vCPU than the module's, or over the limit).
+    public var suppressed: UInt64 { hits &- taken }
 }
 
 /// A module's counters.
@@ -223,7 +229,7 @@ public final class TraceModule: @unchecked Sendable {
             // Every delivered hit ends in exactly one of these counters, so the total needs
             // no counter of its own on the hit path.
             return TraceCounters(
-                hitsSeen: locations.reduce(0) { $0 + $1.hits } + wrongVCPU + overLimit + disabled,
+                hitsSeen: locations.reduce(0) { $0 + $1.hits } + disabled,
                 recordsTaken: t.taken, recordsKept: t.kept, evicted: t.evicted,
                 suppressedWrongVCPU: wrongVCPU, suppressedOverLimit: overLimit, suppressedDisabled: disabled,
                 locations: locations)
@@ -241,6 +247,14 @@ public final class TraceModule: @unchecked Sendable {
             suppressedDisabled.add(1, ordering: .relaxed)
             return .continue
         }
+        let p = plan
+        guard location >= 0, location < p.locations.count else {
+            suppressedDisabled.add(1, ordering: .relaxed)
+            return .continue
+        }
+        // Every hit delivered while enabled counts at its location, taken or not, so the
+        // summary can show per location what the vCPU selection and the budget held back.
+        p.hits[location].value.add(1, ordering: .relaxed)
         let vcpu = context.vcpu
         guard vcpus.contains(vcpu) else {
             suppressedWrongVCPU.add(1, ordering: .relaxed)
@@ -263,14 +277,8 @@ public final class TraceModule: @unchecked Sendable {
             }
             lastHit = left == 1
         }
-        let p = plan
-        guard location >= 0, location < p.locations.count else {
-            suppressedDisabled.add(1, ordering: .relaxed)
-            return .continue
-        }
         let layout = p.layouts[location]
         let timing = p.timings[location]
-        p.hits[location].value.add(1, ordering: .relaxed)
         let info = ProbeHit(vcpu: vcpu, address: p.addresses[location], timing: timing)
         let halt = withUnsafeTemporaryAllocation(byteCount: p.slotSize, alignment: 8) { raw -> Bool in
             let slot = raw.baseAddress!

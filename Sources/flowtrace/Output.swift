@@ -1,3 +1,4 @@
+import FlowTrace
 import Foundation
 import Locking
 
@@ -26,4 +27,54 @@ func table(_ rows: [[String]], indent: String = "  ") -> String {
             i == r.count - 1 ? c : c + String(repeating: " ", count: widths[i] - c.count)
         }.joined(separator: "  ")
     }.joined(separator: "\n")
+}
+
+/// The live progress line on a terminal's stderr: elapsed time, hits, hits/s, records.
+/// Console lines are printed above it. Nothing of it when stderr is not a terminal.
+final class ProgressLine: @unchecked Sendable {  // the timer is only resumed and cancelled
+    private let module: TraceModule
+    private let timer: DispatchSourceTimer
+    private let start = monotonicNow()
+    private let shown = Locked(false)
+
+    init?(module: TraceModule) {
+        guard isatty(STDERR_FILENO) == 1 else { return nil }
+        self.module = module
+        timer = DispatchSource.makeTimerSource(queue: .global())
+        timer.schedule(deadline: .now() + .milliseconds(200), repeating: .milliseconds(250))
+        timer.setEventHandler { [weak self] in self?.draw() }
+        timer.resume()
+    }
+
+    private var text: String {
+        let c = module.counters
+        let s = Double(monotonicNow() - start) / 1e9
+        return String(format: "  %.1f s  %llu hits  %@ hits/s  %d records", s, c.hitsSeen, formatRate(s > 0 ? Double(c.hitsSeen) / s : 0), c.recordsKept)
+    }
+
+    private func draw() {
+        let line = text
+        outputLock.withLock { _ in
+            FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
+            shown.withLock { $0 = true }
+        }
+    }
+
+    /// Prints a whole line (to stdout or stderr) above the progress line.
+    func printAbove(_ line: String, toStdout: Bool) {
+        outputLock.withLock { _ in
+            if shown.withLock({ $0 }) { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+            (toStdout ? FileHandle.standardOutput : FileHandle.standardError).write(Data((line + "\n").utf8))
+            shown.withLock { $0 = false }
+        }
+    }
+
+    /// Stops updating and clears the line.
+    func finish() {
+        timer.cancel()
+        outputLock.withLock { _ in
+            if shown.withLock({ $0 }) { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+            shown.withLock { $0 = false }
+        }
+    }
 }

@@ -157,7 +157,8 @@ struct TraceModuleTests {
         #expect(m.report().map(\.vcpu) == [1, 1])
         let c = m.counters
         #expect(c.hitsSeen == 5 && c.suppressedWrongVCPU == 3 && c.recordsTaken == 2)
-        #expect(c.locations == [LocationCounters(address: 0x100, timing: .before, hits: 2, taken: 2, evicted: 0)])
+        #expect(c.locations == [LocationCounters(address: 0x100, timing: .before, hits: 5, taken: 2, evicted: 0)])
+        #expect(c.locations[0].suppressed == 3 && c.locations[0].kept == 2)
     }
 
     /// Defect 1: hit limits work; at the limit the module disables itself.

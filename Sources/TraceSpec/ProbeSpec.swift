@@ -1,0 +1,360 @@
+import Foundation
+import ELF
+import FlowTrace
+import NameSuggestions
+
+/// A probe spec or item list that could not be parsed; `message` names the offending
+/// token. The CLI prefixes the option and the whole spec.
+public struct SpecError: Error, Equatable, Sendable, CustomStringConvertible {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// One item a probe collects, with the text the user wrote for it (whitespace removed):
+/// the key of its value in every output format.
+public struct ItemSpec: Sendable {
+    public let key: String
+    public let entry: ProbeEntry
+}
+
+/// A parsed `--probe` spec: `LOCATION[@before|@after][:ITEM[,ITEM...]]`.
+///
+/// - LOCATION: `symbol`, `symbol+0xOFF`, `symbol+DEC`, or an address (`0x...` or decimal).
+/// - ITEM: a register name, or memory `[EXPR]` / `[EXPR]:SIZE` (SIZE 1-4096 bytes, default 8)
+///   where EXPR is a sum of terms: one base (a register, a constant or a symbol's address),
+///   at most one index `REG*SCALE` (SCALE 1, 2, 4 or 8; a second plain register is an index
+///   with scale 1), and constants added or subtracted as the displacement. An EXPR without
+///   registers is constant memory.
+public struct ProbeSpec: Sendable {
+    /// The spec as given.
+    public let text: String
+    /// The resolved probe address.
+    public let address: UInt64
+    /// How the location was written, normalised: `fib`, `fib+0x1a`, `0x100000`.
+    public let location: String
+    public let timing: ProbeTiming
+    public let items: [ItemSpec]
+
+    /// Parses `text`, resolving symbols with `symbols`.
+    public static func parse(_ text: String, symbols: Symbolizer) throws(SpecError) -> ProbeSpec {
+        var p = SpecParser(text, symbols: symbols)
+        return try p.probeSpec()
+    }
+}
+
+/// Parses a comma-separated item list (`--common`, and the items of a probe spec).
+public func parseItems(_ text: String, symbols: Symbolizer) throws(SpecError) -> [ItemSpec] {
+    var p = SpecParser(text, symbols: symbols)
+    let items = try p.items()
+    try p.expectEnd()
+    return items
+}
+
+/// Parses one item (`rdi`, `[rsp+8]:4`), as probe-data filters name them.
+public func parseItem(_ text: String, symbols: Symbolizer) throws(SpecError) -> ItemSpec {
+    var p = SpecParser(text, symbols: symbols)
+    let item = try p.item()
+    try p.expectEnd()
+    return item
+}
+
+/// Parses a number: `0x` hex or decimal, `_` allowed between digits.
+public func parseNumber(_ text: some StringProtocol) -> UInt64? {
+    let t = text.replacingOccurrences(of: "_", with: "")
+    if t.hasPrefix("0x") || t.hasPrefix("0X") { return t.count > 2 ? UInt64(t.dropFirst(2), radix: 16) : nil }
+    return UInt64(t, radix: 10)
+}
+
+/// A hand-written recursive-descent parser over the spec's bytes. Every error quotes the
+/// token it stopped at.
+struct SpecParser {
+    let text: String
+    let bytes: [UInt8]
+    let symbols: Symbolizer
+    var i = 0
+
+    init(_ text: String, symbols: Symbolizer) {
+        self.text = text
+        self.bytes = Array(text.utf8)
+        self.symbols = symbols
+    }
+
+    // MARK: Lexing
+
+    mutating func skipSpace() {
+        while i < bytes.count, bytes[i] == 0x20 || bytes[i] == 0x09 || bytes[i] == 0x0A || bytes[i] == 0x0D { i += 1 }
+    }
+
+    mutating func peek() -> UInt8? {
+        skipSpace()
+        return i < bytes.count ? bytes[i] : nil
+    }
+
+    mutating func accept(_ c: Character) -> Bool {
+        if peek() == c.asciiValue { i += 1; return true }
+        return false
+    }
+
+    static func isWordByte(_ b: UInt8) -> Bool {
+        (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5A) || (b >= 0x61 && b <= 0x7A) || b == 0x5F || b == 0x2E || b == 0x24
+    }
+
+    /// A run of word bytes (letters, digits, `_`, `.`, `$`).
+    mutating func word() -> String? {
+        skipSpace()
+        let start = i
+        while i < bytes.count, Self.isWordByte(bytes[i]) { i += 1 }
+        return i > start ? String(decoding: bytes[start..<i], as: UTF8.self) : nil
+    }
+
+    /// What is at the cursor, for error messages: the next token or "the end".
+    mutating func here() -> String {
+        skipSpace()
+        guard i < bytes.count else { return "the end" }
+        if Self.isWordByte(bytes[i]) {
+            var j = i
+            while j < bytes.count, Self.isWordByte(bytes[j]) { j += 1 }
+            return "'\(String(decoding: bytes[i..<j], as: UTF8.self))'"
+        }
+        // One character (a whole UTF-8 sequence).
+        var j = i + 1
+        while j < bytes.count, bytes[j] & 0xC0 == 0x80 { j += 1 }
+        return "'\(String(decoding: bytes[i..<j], as: UTF8.self))'"
+    }
+
+    mutating func number(_ what: String) throws(SpecError) -> UInt64 {
+        let at = here()
+        guard let w = word(), let first = w.utf8.first, first >= 0x30, first <= 0x39 else {
+            throw SpecError("expected \(what) at \(at)")
+        }
+        guard let n = parseNumber(w) else {
+            let tooLong = w.allSatisfy { $0.isHexDigit || $0 == "x" || $0 == "X" || $0 == "_" }
+            throw SpecError(tooLong ? "number '\(w)' does not fit in 64 bits" : "'\(w)' is not a number (use decimal or 0x hex)")
+        }
+        return n
+    }
+
+    mutating func expectEnd() throws(SpecError) {
+        guard peek() == nil else {
+            if peek() == UInt8(ascii: "]") { throw SpecError("unbalanced brackets: ']' without '['") }
+            throw SpecError("unexpected \(here())")
+        }
+    }
+
+    // MARK: Grammar
+
+    mutating func probeSpec() throws(SpecError) -> ProbeSpec {
+        guard peek() != nil else { throw SpecError("empty probe spec: use LOCATION[@before|@after][:ITEM,...], e.g. fib:rdi") }
+        let (address, location) = try self.location()
+        var timing = ProbeTiming.before
+        if accept("@") {
+            let at = here()
+            guard let w = word(), let t = ProbeTiming(rawValue: w.lowercased()) else {
+                throw SpecError("expected 'before' or 'after' after '@', found \(at)")
+            }
+            timing = t
+        }
+        var items: [ItemSpec] = []
+        if accept(":") { items = try self.items() }
+        try expectEnd()
+        return ProbeSpec(text: text, address: address, location: location, timing: timing, items: items)
+    }
+
+    mutating func location() throws(SpecError) -> (UInt64, String) {
+        let at = here()
+        guard let first = peek(), Self.isWordByte(first) else { throw SpecError("expected a symbol or an address at \(at)") }
+        if first >= 0x30 && first <= 0x39 {
+            let a = try number("an address")
+            return (a, "0x" + String(a, radix: 16))
+        }
+        guard let name = word() else { throw SpecError("expected a symbol or an address at \(at)") }
+        guard let symbol = symbols.symbol(named: name) else {
+            let hint = symbols.suggestions(for: name)
+            throw SpecError("unknown symbol '\(name)'" + (hint.isEmpty ? "" : " (did you mean \(hint.map { "'\($0)'" }.joined(separator: ", "))?)"))
+        }
+        var offset: UInt64 = 0
+        if accept("+") {
+            offset = try number("an offset after '+'")
+        } else if peek() == UInt8(ascii: "-") {
+            throw SpecError("'\(name)-...': offsets go forward from a symbol; write \(name)+OFFSET or an address")
+        }
+        if symbol.size > 0, offset >= symbol.size {
+            throw SpecError("\(name)+0x\(String(offset, radix: 16)) is past the end of \(name) (\(symbol.size) bytes)")
+        }
+        let (address, overflow) = symbol.address.addingReportingOverflow(offset)
+        guard !overflow else { throw SpecError("\(name)+0x\(String(offset, radix: 16)) is beyond the 64-bit address space") }
+        return (address, offset == 0 ? name : "\(name)+0x\(String(offset, radix: 16))")
+    }
+
+    mutating func items() throws(SpecError) -> [ItemSpec] {
+        var list = [try item()]
+        while accept(",") {
+            let next = try item()
+            if let same = list.first(where: { $0.entry.description == next.entry.description }) {
+                throw SpecError("'\(next.key)' collects the same as '\(same.key)': list each item once")
+            }
+            list.append(next)
+        }
+        return list
+    }
+
+    mutating func item() throws(SpecError) -> ItemSpec {
+        skipSpace()
+        let start = i
+        let entry: ProbeEntry
+        if accept("[") {
+            entry = try memoryItem()
+        } else if let first = peek(), Self.isWordByte(first) {
+            let name = word()!
+            do { entry = try .register(named: name) } catch { throw SpecError(error.description) }
+        } else if peek() == UInt8(ascii: "]") {
+            throw SpecError("unbalanced brackets: ']' without '['")
+        } else {
+            throw SpecError("expected a register or [memory] at \(here())")
+        }
+        let key = String(decoding: bytes[start..<i].filter { $0 != 0x20 && $0 != 0x09 && $0 != 0x0A && $0 != 0x0D }, as: UTF8.self)
+        return ItemSpec(key: key, entry: entry)
+    }
+
+    /// After `[`: `EXPR]` and an optional `:SIZE`.
+    mutating func memoryItem() throws(SpecError) -> ProbeEntry {
+        var base: MemoryOperand.Base?
+        var index: (X86Register, Int)?
+        var displacement: Int64 = 0
+        var negative = false
+        var first = true
+        while true {
+            if !first {
+                if accept("+") { negative = false } else if accept("-") { negative = true } else { break }
+            } else if accept("-") {
+                negative = true
+            }
+            first = false
+            let at = here()
+            guard let c = peek() else { throw SpecError("unbalanced brackets: '[' without ']'") }
+            guard Self.isWordByte(c) else {
+                if c == UInt8(ascii: "]") { throw SpecError("expected a register or a number before ']'") }
+                throw SpecError("expected a register, symbol or number at \(at)")
+            }
+            if c >= 0x30 && c <= 0x39 {
+                let n = try number("a number")
+                if accept("*") {
+                    // SCALE*REG
+                    let regAt = here()
+                    guard let name = word(), let r = X86Register.named(name) else { throw SpecError("expected an index register after '*', found \(regAt)") }
+                    try addIndex(r, scale: n, negative: negative, &index)
+                    continue
+                }
+                if base == nil && !negative && index == nil {
+                    base = .constant(n)
+                } else {
+                    try addDisplacement(n, negative: negative, &displacement)
+                }
+                continue
+            }
+            let name = word()!
+            if let r = X86Register.named(name) {
+                try checkAddressRegister(r, name)
+                if accept("*") {
+                    let scaleAt = here()
+                    guard let s = peek(), s >= 0x30, s <= 0x39 else { throw SpecError("expected a scale (1, 2, 4 or 8) after '\(name)*', found \(scaleAt)") }
+                    let scale = try number("a scale")
+                    try addIndex(r, scale: scale, negative: negative, &index)
+                } else if negative {
+                    throw SpecError("'-\(name)': registers can only be added")
+                } else if case .register = base {
+                    guard index == nil else { throw SpecError("'\(name)': at most a base and an index register") }
+                    index = (r, 1)
+                } else if case let .constant(c) = base {
+                    // A constant came first: it is the displacement, the register the base.
+                    base = .register(r)
+                    try addDisplacement(c, negative: false, &displacement)
+                } else {
+                    base = .register(r)
+                }
+                continue
+            }
+            guard let symbol = symbols.symbol(named: name) else {
+                let hint = closestNames(to: name.lowercased(), among: X86Register.allNames, maxDistance: 1, limit: 2)
+                    + symbols.suggestions(for: name, limit: 2)
+                throw SpecError("unknown register or symbol '\(name)'" + (hint.isEmpty ? "" : " (did you mean \(hint.map { "'\($0)'" }.joined(separator: ", "))?)"))
+            }
+            if base == nil && !negative && index == nil {
+                base = .constant(symbol.address)
+            } else {
+                try addDisplacement(symbol.address, negative: negative, &displacement)
+            }
+        }
+        guard accept("]") else {
+            if peek() == nil { throw SpecError("unbalanced brackets: '[' without ']'") }
+            throw SpecError("unexpected \(here()) in a memory operand")
+        }
+        var size = 8
+        if accept(":") {
+            let n = try number("a size in bytes after ':'")
+            guard n >= 1, n <= UInt64(ProbeEntry.maximumMemorySize) else {
+                throw SpecError(TraceError.invalidMemorySize(n > UInt64(Int.max) ? Int.max : Int(n)).description)
+            }
+            size = Int(n)
+        }
+        do {
+            switch (base, index) {
+            case (nil, nil):
+                // Only a displacement: [0] or [-8].
+                guard displacement >= 0 else { throw SpecError("address \(displacement) is negative") }
+                return try .memory(at: UInt64(displacement), size: size)
+            case let (.constant(c)?, nil):
+                let (a, o) = displacement >= 0 ? c.addingReportingOverflow(UInt64(displacement))
+                                               : c.subtractingReportingOverflow(displacement.magnitude)
+                guard !o else { throw SpecError("address 0x\(String(c, radix: 16))\(displacement >= 0 ? "+" : "-")\(displacement.magnitude) is outside the 64-bit address space") }
+                return try .memory(at: a, size: size)
+            case let (b, idx):
+                let operand = try MemoryOperand(base: b ?? .constant(0), index: idx?.0, scale: idx?.1 ?? 1, displacement: displacement)
+                return try .memory(operand, size: size)
+            }
+        } catch let e as SpecError {
+            throw e
+        } catch let e as TraceError {
+            throw SpecError(e.description)
+        } catch {
+            throw SpecError("\(error)")
+        }
+    }
+
+    func checkAddressRegister(_ r: X86Register, _ name: String) throws(SpecError) {
+        switch r.width {
+        case .u8, .u128, .descriptorTable:
+            throw SpecError("'\(name)' cannot form an address: use a 16-, 32- or 64-bit general-purpose register")
+        default: break
+        }
+        switch r.storage {
+        case .general, .rip: break
+        default: throw SpecError("'\(name)' cannot form an address: use a general-purpose register")
+        }
+    }
+
+    func addIndex(_ r: X86Register, scale: UInt64, negative: Bool, _ index: inout (X86Register, Int)?) throws(SpecError) {
+        try checkAddressRegister(r, r.name)
+        guard !negative else { throw SpecError("'-\(r.name)*\(scale)': the index can only be added") }
+        guard [1, 2, 4, 8].contains(scale) else { throw SpecError(TraceError.invalidScale(scale > 1000 ? 1000 : Int(scale)).description) }
+        guard index == nil else { throw SpecError("'\(r.name)*\(scale)': a memory operand has at most one index register") }
+        index = (r, Int(scale))
+    }
+
+    func addDisplacement(_ n: UInt64, negative: Bool, _ displacement: inout Int64) throws(SpecError) {
+        let magnitude = Int64(exactly: n)
+        let (v, o): (Int64, Bool)
+        if let magnitude {
+            (v, o) = negative ? displacement.subtractingReportingOverflow(magnitude) : displacement.addingReportingOverflow(magnitude)
+        } else if negative, n == UInt64(Int64.max) + 1 {
+            let (a, o1) = displacement.subtractingReportingOverflow(Int64.max)
+            let (b, o2) = a.subtractingReportingOverflow(1)
+            (v, o) = (b, o1 || o2)
+        } else {
+            (v, o) = (0, true)
+        }
+        guard !o else { throw SpecError("displacement \(negative ? "-" : "+")0x\(String(n, radix: 16)) does not fit in 64 signed bits") }
+        displacement = v
+    }
+}

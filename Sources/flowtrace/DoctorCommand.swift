@@ -1,0 +1,100 @@
+import ArgumentParser
+import Foundation
+import KVM
+import Machine
+
+struct DoctorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "doctor",
+        abstract: "Check this host's KVM: API version, capabilities, and which breakpoint engines work.",
+        discussion: """
+        Runs the engine self-test (a four-instruction guest per engine) and shows what each \
+        engine did, and which engine 'auto' picks for 1, 4 and 5 probe locations. \
+        Exit status 0 when at least one engine works, 69 when KVM is unavailable or none does.
+        """
+    )
+
+    func run() throws {
+        let host: KVMHost
+        do { host = try KVMHost(path: kvmDevicePath) } catch {
+            printOut("KVM device: \(kvmDevicePath): unavailable")
+            throw fail(error.description, status: ExitStatus.unavailable)
+        }
+        printOut("KVM device: \(host.path), API version \(host.apiVersion)")
+        var uname = utsname()
+        uname_wrapper(&uname)
+        printOut("host kernel: \(field(uname.release)) \(field(uname.machine))")
+        if let module = loadedKVMModule() { printOut("KVM module: \(module)") }
+
+        printOut("capabilities:")
+        let caps: [(Capability, String)] = [
+            (.setGuestDebug, "needed by the int3, hw and step engines"),
+            (.setGuestDebug2, "guest-debug flags the host supports (bitmask)"),
+            (.syncRegs, "registers without an ioctl per exit"),
+            (.immediateExit, "stopping vCPUs for arming and Ctrl-C"),
+            (.debugRegs, "reading dr0-dr7 in probes"),
+            (.vcpuEvents, "re-injecting a guest's own #BP"),
+            (.x86RobustSinglestep, "single-step over instructions that exit"),
+            (.nrVCPUs, "recommended vCPUs"),
+            (.maxVCPUs, "maximum vCPUs"),
+        ]
+        var rows: [[String]] = []
+        for (cap, why) in caps {
+            let v = host.capability(cap)
+            let shown = cap == .setGuestDebug2 ? (v == 0 ? "0" : hex(UInt64(v))) : "\(v)"
+            rows.append([cap.description, shown, why])
+        }
+        printOut(table(rows))
+
+        printOut("breakpoint engines (self-test):")
+        let support = EngineSelfTest.support(host: host)
+        rows = []
+        for e in BreakpointEngine.allCases {
+            switch support.status(e) {
+            case .works: rows.append([e.rawValue, "works", engineNote(e)])
+            case let .unavailable(why): rows.append([e.rawValue, "does not work", why])
+            }
+        }
+        printOut(table(rows))
+
+        printOut("auto chooses:")
+        rows = []
+        for n in [1, 4, 5] {
+            do {
+                let (e, why) = try EngineRequest.auto.resolve(locations: n, support: support)
+                rows.append(["\(n) location\(n == 1 ? "" : "s")", e.rawValue, why])
+            } catch {
+                rows.append(["\(n) location\(n == 1 ? "" : "s")", "none", error.description])
+            }
+        }
+        printOut(table(rows))
+        if !BreakpointEngine.allCases.contains(where: support.works) {
+            throw fail("no breakpoint engine works on this host", status: ExitStatus.unavailable)
+        }
+    }
+
+    private func engineNote(_ e: BreakpointEngine) -> String {
+        switch e {
+        case .int3: "patches 0xCC; any number of locations"
+        case .hlt: "patches 0xF4 (CPL0 guest code); any number of locations"
+        case .hw: "DR0-DR3; at most 4 locations"
+        case .step: "single-steps every instruction; slowest"
+        }
+    }
+
+    /// The kvm_* modules that are loaded (`kvm_intel`, `kvm_amd`, `kvm_pvm`), from /proc/modules.
+    private func loadedKVMModule() -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/modules", encoding: .utf8) else { return nil }
+        let names = text.split(separator: "\n").compactMap { $0.split(separator: " ").first.map(String.init) }
+            .filter { $0.hasPrefix("kvm") }
+        return names.isEmpty ? nil : names.joined(separator: ", ")
+    }
+
+    private func field<T>(_ tuple: T) -> String {
+        withUnsafeBytes(of: tuple) { raw in
+            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+        }
+    }
+}
+
+private func uname_wrapper(_ u: inout utsname) { _ = uname(&u) }

@@ -1,0 +1,325 @@
+import Foundation
+import KVM
+import Machine
+import Testing
+import TestSupport
+
+private let kvmUsable = KVMHost.isUsable()
+/// Whether the int3 engine works here (it does not on PVM hosts).
+private let int3Works: Bool = {
+    guard kvmUsable else { return false }
+    do { return EngineSelfTest.support(host: try KVMHost()).works(.int3) } catch { return false }
+}()
+
+/// Every `fib(n)` argument in call order for the guest's fib(15).
+func fibCalls(_ n: UInt64, into calls: inout [UInt64]) {
+    calls.append(n)
+    if n >= 2 { fibCalls(n - 1, into: &calls); fibCalls(n - 2, into: &calls) }
+}
+
+let fibArguments: [UInt64] = { var c: [UInt64] = []; fibCalls(15, into: &c); return c }()
+
+/// Parses JSON Lines with Foundation's JSON parser; every line must be an object.
+func parseJSONLines(_ text: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> [[String: Any]] {
+    try text.split(separator: "\n").map { line in
+        let o = try JSONSerialization.jsonObject(with: Data(line.utf8))
+        guard let d = o as? [String: Any] else { throw ParseFailure("not an object: \(line)") }
+        return d
+    }
+}
+
+struct ParseFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+/// A strict RFC 4180 parser: quoted fields, doubled quotes, CRLF or LF; every row must
+/// have as many fields as the header.
+func parseCSV(_ text: String) throws -> [[String]] {
+    var rows: [[String]] = [], row: [String] = [], field = ""
+    var inQuotes = false, wasQuoted = false
+    var it = Array(text).makeIterator()
+    var pending: Character? = nil
+    func next() -> Character? { if let p = pending { pending = nil; return p }; return it.next() }
+    while let c = next() {
+        if inQuotes {
+            if c == "\"" {
+                if let d = next() {
+                    if d == "\"" { field.append("\"") } else { inQuotes = false; pending = d }
+                } else { inQuotes = false }
+            } else { field.append(c) }
+            continue
+        }
+        switch c {
+        case "\"":
+            guard field.isEmpty, !wasQuoted else { throw ParseFailure("quote inside an unquoted field") }
+            inQuotes = true; wasQuoted = true
+        case ",": row.append(field); field = ""; wasQuoted = false
+        case "\n", "\r\n": row.append(field); rows.append(row); row = []; field = ""; wasQuoted = false
+        default:
+            guard !wasQuoted else { throw ParseFailure("text after a closing quote") }
+            field.append(c)
+        }
+    }
+    guard !inQuotes else { throw ParseFailure("unterminated quote") }
+    if !field.isEmpty || !row.isEmpty { row.append(field); rows.append(row) }
+    guard let width = rows.first?.count else { throw ParseFailure("no header") }
+    for (i, r) in rows.enumerated() where r.count != width { throw ParseFailure("row \(i) has \(r.count) fields, header \(width)") }
+    return rows
+}
+
+func hexValue(_ v: Any?) -> UInt64? {
+    guard let s = v as? String, s.hasPrefix("0x") else { return nil }
+    return UInt64(s.dropFirst(2), radix: 16)
+}
+
+/// Little-endian u64 from lower-case hex bytes.
+func littleEndian(_ hex: String) -> UInt64? {
+    guard hex.count == 16 else { return nil }
+    var v: UInt64 = 0
+    var i = hex.startIndex
+    for k in 0..<8 {
+        let j = hex.index(i, offsetBy: 2)
+        guard let b = UInt64(hex[i..<j], radix: 16) else { return nil }
+        v |= b << (8 * UInt64(k))
+        i = j
+    }
+    return v
+}
+
+@Suite("flowtrace run with probes", .serialized, .timeLimit(.minutes(3)))
+struct TracingCLITests {
+    // MARK: formats, counts and values against the guests' ground truth
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func jsonlFibArgumentsInCallOrder() throws {
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "--format", "jsonl")
+        #expect(r.status == 0)
+        let records = try parseJSONLines(r.stdout)
+        #expect(records.count == 1973)
+        #expect(records.map { hexValue(($0["values"] as? [String: Any])?["rdi"]) } == fibArguments.map { Optional($0) })
+        #expect(records.map { $0["seq"] as? Int } == (0..<1973).map { Optional($0) })
+        #expect(records.allSatisfy { $0["location"] as? String == "fib+0x0" && $0["when"] as? String == "before" && $0["vcpu"] as? Int == 0 })
+        let ts = records.compactMap { $0["ts_ns"] as? Int }
+        #expect(ts.count == 1973 && ts == ts.sorted())
+        // The console moved to stderr so stdout is only records; the summary follows.
+        #expect(r.stderr.contains("fib(15) = 610, calls = 1973"))
+        #expect(r.stderr.contains("1973 hits"))
+        #expect(r.stderr.contains("1973 records written to stdout (jsonl)"))
+        #expect(r.stderr.contains("guest exited with status 0"))
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func indirectMemoryOnSum() throws {
+        let r = try flowtrace("run", Guests.path("array"), "--probe", "sum:[rdi+rsi*8]:8,rsi", "--probe", "element:[rdi + rsi*8]", "--format", "jsonl")
+        #expect(r.status == 0)
+        let records = try parseJSONLines(r.stdout)
+        #expect(records.count == 32)
+        let sums = records.filter { $0["location"] as? String == "sum+0x0" }
+        let elements = records.filter { $0["location"] as? String == "element+0x0" }
+        #expect(sums.count == 16 && elements.count == 16)
+        let values = sums.compactMap { littleEndian((($0["values"] as? [String: Any])?["[rdi+rsi*8]:8"] as? String) ?? "") }
+        #expect(values == (0..<16).map { 0x1000 * ($0 + 1) + $0 })
+        #expect(values.reduce(0, +) == 557176)
+        #expect(sums.map { hexValue(($0["values"] as? [String: Any])?["rsi"]) } == (0..<16).map { Optional(UInt64($0)) })
+        // The key is the user's text without whitespace, the default size not added.
+        #expect(elements.allSatisfy { (($0["values"] as? [String: Any])?["[rdi+rsi*8]"] as? String)?.count == 16 })
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func csvCounterWithCommonItems() throws {
+        let out = try temporaryFile([], name: "counter.csv")
+        let r = try flowtrace("run", Guests.path("counter"), "--probe", "tick:rdi", "--common", "rip,cr3,gdtr", "-o", out)
+        #expect(r.status == 0)
+        #expect(r.stdout == "counter: 1000 calls, sum 499500\n")
+        let rows = try parseCSV(String(contentsOfFile: out, encoding: .utf8))
+        #expect(rows[0] == ["seq", "ts_ns", "vcpu", "addr", "location", "when", "rdi", "common:rip", "common:cr3", "common:gdtr"])
+        let data = rows.dropFirst()
+        #expect(data.count == 1000)
+        #expect(data.reduce(UInt64(0)) { $0 + UInt64($1[6].dropFirst(2), radix: 16)! } == 499500)
+        #expect(Set(data.map { $0[7] }) == [data.first![3]])   // rip at the probe = its address
+        #expect(Set(data.map { $0[8] }) == ["0x2000"])          // the boot page tables
+        #expect(data.allSatisfy { $0[9].hasPrefix("base=0x1000 limit=0x") })
+        #expect(r.stderr.contains("1000 records written to \(out) (csv)"))
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func chromeTraceOnTwoVCPUs() throws {
+        let out = try temporaryFile([], name: "smp.json")
+        let r = try flowtrace("run", Guests.path("smp"), "--vcpus", "2", "--probe", "work_unit:rdi", "-o", out)
+        #expect(r.status == 0)
+        let doc = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out))) as? [String: Any]
+        let events = try #require(doc?["traceEvents"] as? [[String: Any]])
+        let instants = events.filter { $0["ph"] as? String == "i" }
+        #expect(instants.count == 300)
+        #expect(instants.filter { $0["tid"] as? Int == 0 }.count == 100)
+        #expect(instants.filter { $0["tid"] as? Int == 1 }.count == 200)
+        #expect(instants.allSatisfy { $0["name"] as? String == "work_unit+0x0" && $0["s"] as? String == "t" && $0["ts"] is Double })
+        let names = events.filter { $0["ph"] as? String == "M" && $0["name"] as? String == "thread_name" }
+            .compactMap { ($0["args"] as? [String: Any])?["name"] as? String }
+        #expect(Set(names) == ["vCPU 0", "vCPU 1"])
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func tableIsAlignedAndSymbolized() throws {
+        let r = try flowtrace("run", Guests.path("array"), "--probe", "element:rsi", "--format", "table")
+        #expect(r.status == 0)
+        let lines = r.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.count == 17)
+        #expect(lines[0].hasPrefix("SEQ") && lines[0].contains("LOCATION") && lines[0].hasSuffix("rsi"))
+        #expect(Set(lines.map(\.count)).count == 1 || lines.dropFirst().allSatisfy { $0.contains("element+0x0  before") })
+        let column = lines[0].range(of: "LOCATION")!.lowerBound.utf16Offset(in: lines[0])
+        #expect(lines.dropFirst().allSatisfy { $0.dropFirst(column).hasPrefix("element+0x0") })
+        #expect(lines.last!.hasSuffix("0xf"))
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func afterProbesRecordPastTheInstruction() throws {
+        let fib = try #require(try Machine(path: Guests.path("fib")).symbolizer.address(of: "fib"))
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib@after:rip,[fib_calls]:8", "--format", "jsonl")
+        #expect(r.status == 0)
+        let records = try parseJSONLines(r.stdout)
+        #expect(records.count == 1973)
+        let rips = records.compactMap { hexValue(($0["values"] as? [String: Any])?["rip"]) }
+        // One instruction (at most 15 bytes) past fib's first byte, on every hit.
+        #expect(rips.count == 1973 && Set(rips).count == 1 && rips[0] > fib && rips[0] <= fib + 15)
+        #expect(records.allSatisfy { $0["when"] as? String == "after" })
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func hitLimitAndMaxRecords() throws {
+        let limited = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "--hits", "10", "--format", "jsonl")
+        #expect(limited.status == 0)
+        #expect(try parseJSONLines(limited.stdout).map { hexValue(($0["values"] as? [String: Any])?["rdi"]) } == fibArguments.prefix(10).map { Optional($0) })
+        let bounded = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[fib_calls]:8", "--max-records", "100", "--format", "jsonl")
+        #expect(bounded.status == 0)
+        let kept = try parseJSONLines(bounded.stdout)
+        #expect(kept.map { $0["seq"] as? Int } == (1873..<1973).map { Optional($0) })
+        #expect(kept.map { littleEndian((($0["values"] as? [String: Any])?["[fib_calls]:8"] as? String) ?? "") } == (1873..<1973).map { Optional(UInt64($0)) })
+        #expect(bounded.stderr.contains("1873 evicted"))
+    }
+
+    // MARK: filters select exactly the right records
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func filtersSelectExactly() throws {
+        let fib = try Guests.path("fib")
+        func seqs(_ extra: String...) throws -> [Int] {
+            let r = try flowtrace(["run", fib, "--probe", "fib:rdi", "--format", "jsonl"] + extra)
+            #expect(r.status == 0, "\(extra): \(r.stderr)")
+            return try parseJSONLines(r.stdout).compactMap { $0["seq"] as? Int }
+        }
+        let all = Array(0..<1973)
+        let five = all.filter { fibArguments[$0] == 5 }
+        #expect(try seqs("--filter", "value:rdi=5") == five)
+        #expect(try seqs("--filter", "value:RDI=0x5") == five)
+        #expect(try seqs("--filter", "seq=10..19") == Array(10...19))
+        #expect(try seqs("--filter", "seq=1970..") == [1970, 1971, 1972])
+        #expect(try seqs("--filter", "seq=10..19", "--filter", "value:rdi=5") == five.filter { (10...19).contains($0) })
+        #expect(try seqs("--filter", "seq=0..1", "--filter", "value:rdi=0", "--match", "any") == Array(Set([0, 1] + all.filter { fibArguments[$0] == 0 })).sorted())
+        #expect(try seqs("--filter", "value:rdi=5", "--reverse") == all.filter { fibArguments[$0] != 5 })
+        #expect(try seqs("--filter", "addr=fib") == all)
+        #expect(try seqs("--filter", "addr=guest_main") == [])
+        #expect(try seqs("--filter", "vcpu=1") == [])
+        #expect(try seqs("--filter", "ts=0..") == all)
+        #expect(try seqs("--filter", "ts=..1ns") == [])
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func vcpuSelectionAndCommonFilterOnSMP() throws {
+        let r = try flowtrace("run", Guests.path("smp"), "--vcpus", "2", "--vcpu", "1", "--probe", "work_unit:rdi", "--format", "jsonl")
+        #expect(r.status == 0)
+        let records = try parseJSONLines(r.stdout)
+        #expect(records.count == 200 && records.allSatisfy { $0["vcpu"] as? Int == 1 })
+        #expect(r.stderr.contains("100 on other vCPUs than --vcpu"))
+        let both = try flowtrace("run", Guests.path("smp"), "--vcpus", "2", "--probe", "work_unit", "--common", "rdi",
+                                 "--filter", "vcpu=0", "--format", "jsonl")
+        #expect(try parseJSONLines(both.stdout).count == 100)
+    }
+
+    // MARK: interrupted runs still write their records
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func ctrlCWritesTheRecordsTaken() throws {
+        let out = try temporaryFile([], name: "spin.jsonl")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Guests.flowtrace)
+        p.arguments = ["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out]
+        let err = Pipe()
+        p.standardError = err
+        p.standardOutput = FileHandle.nullDevice
+        try p.run()
+        Thread.sleep(forTimeInterval: 1.0)
+        kill(p.processIdentifier, SIGINT)
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 130)
+        #expect(stderr.contains("interrupted after"))
+        let records = try parseJSONLines(String(contentsOfFile: out, encoding: .utf8))
+        #expect(records.count > 10)
+        // spin_step(i) for i = 0, 1, 2, ...: nothing lost, nothing twice.
+        #expect(records.map { hexValue(($0["values"] as? [String: Any])?["rdi"]) } == (0..<records.count).map { Optional(UInt64($0)) })
+        #expect(stderr.contains("\(records.count) records written to \(out)"))
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func faultAndTimeoutStillWriteRecords() throws {
+        let r = try flowtrace("run", Guests.path("spin"), "--probe", "spin_step:rdi", "--timeout", "0.3", "--format", "jsonl")
+        #expect(r.status == 124)
+        let records = try parseJSONLines(r.stdout)
+        #expect(records.count > 0)
+        #expect(records.map { hexValue(($0["values"] as? [String: Any])?["rdi"]) } == (0..<records.count).map { Optional(UInt64($0)) })
+        let f = try flowtrace("run", Guests.path("fault"), "--probe", "guest_main:rdi", "--format", "jsonl")
+        #expect(f.status == 70)
+        #expect(try parseJSONLines(f.stdout).count == 1)
+        #expect(f.stderr.contains("guest fault on vCPU 0"))
+    }
+
+    // MARK: bad input: one line naming the token, exit 64, nothing run
+
+    @Test func badProbeSpecs() throws {
+        let fib = try Guests.path("fib")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fob:rdi"), "--probe 'fob:rdi'", "unknown symbol 'fob'", "did you mean 'fib'")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:rbz"), "--probe 'fib:rbz'", "unknown register 'rbz'", "did you mean")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:[rdi]:0"), "memory size 0 is out of range")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:[rdi]:4097"), "memory size 4097 is out of range")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:[rdi+rsi*3]"), "scale 3 is invalid")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:[rdi"), "unbalanced brackets")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:rdi]"), "unbalanced brackets")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:rdi", "--probe", "fib+0:rsi"), "--probe 'fib+0:rsi'", "already has --probe 'fib:rdi'")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "0x10", "--format", "jsonl"), "0x10 is not in the guest's code")
+        expectOneLineError(try flowtrace("run", fib, "--common", "rdi,,"), "--common 'rdi,,'")
+        expectOneLineError(try flowtrace("run", fib, "--filter", "seq=1"), "--filter needs at least one --probe")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:rdi", "--filter", "colour=red"), "unknown filter 'colour'")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:rdi", "--filter", "value:rsi=1"), "does not collect 'rsi'")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:rdi", "--filter", "seq=9..1"), "the range is empty")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:rdi", "--vcpu", "1"), "--vcpu 1", "vCPUs 0 to 0")
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib:rdi", "-o", "/nonexistent/dir/x.jsonl"), "cannot write '/nonexistent/dir/x.jsonl'")
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func hwTakesAtMostFourLocations() throws {
+        let probes = ["_start", "guest_main", "fib", "console_puts", "console_u64"].flatMap { ["--probe", $0] }
+        let r = try flowtrace(["run", try Guests.path("fib"), "--engine", "hw"] + probes)
+        expectOneLineError(r, "--engine hw arms at most 4 locations, 5 asked for")
+    }
+
+    @Test(.enabled(if: kvmUsable && !int3Works, "needs a usable /dev/kvm on which int3 does not work (a PVM host)"))
+    func int3WhereItDoesNotWorkSaysWhy() throws {
+        let r = try flowtrace("run", Guests.path("fib"), "--engine", "int3", "--probe", "fib:rdi")
+        expectOneLineError(r, "--engine int3: does not work on this host (", "engines that work here: ")
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func doctorReportsEveryEngine() throws {
+        let r = try flowtrace("doctor")
+        #expect(r.status == 0)
+        #expect(r.stdout.contains("API version 12"))
+        #expect(r.stdout.contains("KVM_CAP_SET_GUEST_DEBUG"))
+        for e in ["int3", "hlt", "hw", "step"] { #expect(r.stdout.contains("\n  \(e) ")) }
+        for n in ["1 location ", "4 locations", "5 locations"] { #expect(r.stdout.contains(n)) }
+        #expect(r.stdout.contains(int3Works ? "int3  works" : "int3  does not work"))
+    }
+}
+
+func flowtrace(_ args: [String]) throws -> ProcessOutput { try run(Guests.flowtrace, args) }
