@@ -39,6 +39,9 @@ public struct FilterSpec: Sendable {
         let t = text.trimmingCharacters(in: .whitespaces)
         for (prefix, common) in [("value:", false), ("common:", true)] where t.lowercased().hasPrefix(prefix) {
             let body = t.dropFirst(prefix.count)
+            guard body.count(where: { $0 == "[" }) == body.count(where: { $0 == "]" }) else {
+                throw SpecError("'\(t)': unbalanced brackets")
+            }
             guard let eq = lastTopLevelEquals(body) else {
                 throw SpecError("'\(t)': expected \(prefix)ITEM=VALUE")
             }

@@ -17,14 +17,16 @@ func printOut(_ text: String) {
 
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 
-/// Left-aligns each column of `rows` to its widest cell.
-func table(_ rows: [[String]], indent: String = "  ") -> String {
+/// Aligns each column of `rows` to its widest cell: left, or right for the columns in
+/// `rightAligned` (numbers).
+func table(_ rows: [[String]], indent: String = "  ", rightAligned: Set<Int> = []) -> String {
     guard let width = rows.map(\.count).max() else { return "" }
     var widths = [Int](repeating: 0, count: width)
     for r in rows { for (i, c) in r.enumerated() { widths[i] = max(widths[i], c.count) } }
     return rows.map { r in
         indent + r.enumerated().map { i, c in
-            i == r.count - 1 ? c : c + String(repeating: " ", count: widths[i] - c.count)
+            let pad = String(repeating: " ", count: widths[i] - c.count)
+            return rightAligned.contains(i) ? pad + c : (i == r.count - 1 ? c : c + pad)
         }.joined(separator: "  ")
     }.joined(separator: "\n")
 }

@@ -337,7 +337,7 @@ struct TracePlan {
         }
         let rate = elapsed > 0 ? Double(c.hitsSeen) / elapsed : 0
         var lines = ["flowtrace: engine \(tracer.engine)"]
-        lines.append(table(rows))
+        lines.append(table(rows, rightAligned: [2, 3, 4, 5]))
         var total = "flowtrace: \(c.hitsSeen) hits (\(formatRate(rate)) hits/s), \(c.recordsTaken) records taken, \(c.recordsKept) kept"
         if c.evicted > 0 { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
         if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(hits)" }
