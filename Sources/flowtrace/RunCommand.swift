@@ -303,7 +303,7 @@ struct TracePlan {
                 probes.append((probe, spec))
             }
             try module.enable(hitLimit: hits, maxRecords: maxRecords)
-            let chosen = machine.engine.map { "\($0.engine) (\($0.reason))" } ?? "none"
+            let chosen = machine.engine.map { "\($0.engine): \($0.reason)" } ?? "none"
             return Tracer(module: module, probes: probes, engine: chosen)
         } catch {
             throw fail(error.description, status: ExitStatus.usage)
