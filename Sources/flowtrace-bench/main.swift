@@ -1,9 +1,12 @@
 // flowtrace-bench: figures for tools/bench. Prints a table, then one JSON line per figure.
 // Parts: `core` (the flow-trace hit path, reports and memory, on an in-memory target),
-// `engines` (per-hit cost of each breakpoint engine on the counter guest; needs /dev/kvm).
+// `exits` (flowtrace's cost per hit next to a raw KVM exit loop, tools/raw-exits.c),
+// `scaling` (traced hits/s on 1 and 2 vCPUs), `engines` (per-hit cost of every engine,
+// step included, on the counter guest). All but `core` need /dev/kvm.
 import FlowTrace
 import FlowTraceSimulation
 import Foundation
+import KVM
 
 struct Figure {
     var label: String
@@ -135,13 +138,25 @@ func core() throws -> [Figure] {
 
 let parts = CommandLine.arguments.dropFirst()
 var figures: [Figure] = []
-for part in parts.isEmpty ? ["core", "engines"] : Array(parts) {
-    switch part {
-    case "core": figures += try core()
-    case "engines": figures += try engines(guests: ProcessInfo.processInfo.environment["GUESTS"] ?? "guests/build")
-    default:
-        FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core, engines\n".utf8))
-        exit(64)
+let kvm = KVMHost.isUsable()
+for part in parts.isEmpty ? ["core", "exits", "scaling", "engines"] : Array(parts) {
+    if part != "core", !kvm, ["exits", "scaling", "engines"].contains(part) {
+        figures.append(Figure(label: "\(part)", value: "skipped: needs a usable /dev/kvm", json: #"{"bench":"\#(part)","skipped":"needs a usable /dev/kvm"}"#))
+        continue
+    }
+    do {
+        switch part {
+        case "core": figures += try core()
+        case "exits": figures += try exits()
+        case "scaling": figures += try scaling()
+        case "engines": figures += try engines(guests: ProcessInfo.processInfo.environment["GUESTS"] ?? "guests/build")
+        default:
+            FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core, exits, scaling, engines\n".utf8))
+            exit(64)
+        }
+    } catch {
+        FileHandle.standardError.write(Data("flowtrace-bench: \(part): \(error)\n".utf8))
+        exit(1)
     }
 }
 let width = figures.map(\.label.count).max() ?? 0
