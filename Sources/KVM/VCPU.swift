@@ -20,15 +20,23 @@ public final class VCPU: @unchecked Sendable {
     /// Whether registers travel in `kvm_run` (`KVM_CAP_SYNC_REGS`) instead of ioctls.
     public let usesSyncRegisters: Bool
     private let driver = Atomic<UInt>(0)
+    /// Whether the sync area holds the system registers of the last exit (KVM fills it on
+    /// every return from `KVM_RUN` once asked to; before the first run it holds nothing).
+    private var sregsSynced = false
+    private let syncsSystemRegisters: Bool
 
-    init(vm: VirtualMachine, id: Int, fd: Int32, run: UnsafeMutableRawPointer, mapSize: Int, syncRegisters: Bool) {
+    init(vm: VirtualMachine, id: Int, fd: Int32, run: UnsafeMutableRawPointer, mapSize: Int, syncRegisters: Bool,
+         syncSystemRegisters: Bool) {
         self.vm = vm
         self.id = id
         self.fd = fd
         self.shared = run.assumingMemoryBound(to: kvm_run.self)
         self.mapSize = mapSize
         self.usesSyncRegisters = syncRegisters
-        if syncRegisters { self.shared.pointee.kvm_valid_regs = ckvm_sync_x86_regs }
+        self.syncsSystemRegisters = syncSystemRegisters
+        // The system registers come along too: a memory probe's page walk needs cr3 at
+        // every hit, and this saves a KVM_GET_SREGS per hit.
+        if syncRegisters { self.shared.pointee.kvm_valid_regs = ckvm_sync_x86_regs | (syncSystemRegisters ? ckvm_sync_x86_sregs : 0) }
     }
 
     deinit {
@@ -42,6 +50,7 @@ public final class VCPU: @unchecked Sendable {
     /// Wraps `KVM_RUN`.
     public func run() throws(KVMError) -> VMExit {
         let r = ckvm_run(fd)
+        if syncsSystemRegisters { sregsSynced = r >= 0 || r == -EINTR || r == -EAGAIN }
         if r == -EINTR || r == -EAGAIN {
             ckvm_store_immediate_exit(shared, 0)
             return .interrupted
@@ -158,8 +167,10 @@ public final class VCPU: @unchecked Sendable {
         _ = try checked(ckvm_set_regs(fd, &r), "KVM_SET_REGS")
     }
 
-    /// The system registers. Wraps `KVM_GET_SREGS`.
+    /// The system registers: from the sync area after an exit when available, else
+    /// `KVM_GET_SREGS`.
     public func specialRegisters() throws(KVMError) -> SpecialRegisters {
+        if sregsSynced { return SpecialRegisters(shared.pointee.s.regs.sregs) }
         var s = kvm_sregs()
         _ = try checked(ckvm_get_sregs(fd, &s), "KVM_GET_SREGS")
         return SpecialRegisters(s)
@@ -171,6 +182,7 @@ public final class VCPU: @unchecked Sendable {
         var s = kvm_sregs()
         _ = try checked(ckvm_get_sregs(fd, &s), "KVM_GET_SREGS")
         sregs.apply(to: &s)
+        sregsSynced = false
         _ = try checked(ckvm_set_sregs(fd, &s), "KVM_SET_SREGS")
     }
 

@@ -41,6 +41,7 @@ public final class VirtualMachine: Sendable {
         }
         let sync = host.capability(.syncRegs)
         let useSync = UInt64(sync) & ckvm_sync_x86_regs != 0
-        return VCPU(vm: self, id: id, fd: vfd, run: p, mapSize: size, syncRegisters: useSync)
+        let useSyncSregs = useSync && UInt64(sync) & ckvm_sync_x86_sregs != 0
+        return VCPU(vm: self, id: id, fd: vfd, run: p, mapSize: size, syncRegisters: useSync, syncSystemRegisters: useSyncSregs)
     }
 }
