@@ -134,7 +134,7 @@ public struct ReportWriter {
         for (i, v) in values.enumerated() {
             if case .none = v { continue }
             if s.count > 1 { s += "," }
-            s += jsonString(i < keys.count ? keys[i] : "item\(i)") + ":" + jsonValue(v)
+            s += jsonString(i < keys.count ? keys[i] : "item\(i)") + ":" + Self.json(v)
         }
         return s + "}"
     }
@@ -150,8 +150,6 @@ public struct ReportWriter {
         case .none: return "null"
         }
     }
-
-    private func jsonValue(_ v: ProbeValue) -> String { Self.json(v) }
 
     // MARK: CSV
 

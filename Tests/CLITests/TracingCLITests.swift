@@ -6,8 +6,7 @@ import TestSupport
 
 private let kvmUsable = KVMHost.isUsable()
 /// Whether the int3 engine works here (it does not on PVM hosts).
-private let int3Works: Bool = {
-    guard kvmUsable else { return false }
+private let int3Works: Bool = kvmUsable && {
     do { return EngineSelfTest.support(host: try KVMHost()).works(.int3) } catch { return false }
 }()
 
