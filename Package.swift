@@ -21,13 +21,17 @@ let package = Package(
             pkgConfig: "libelf",
             providers: [.apt(["libelf-dev"])]
         ),
+        // Zydis 4 from Debian's libzydis-dev (no pkg-config file: the module map links it).
+        .systemLibrary(name: "CZydis", providers: [.apt(["libzydis-dev"])]),
         // Locks ThreadSanitizer can see (see Locked.swift), and the record store's spin lock.
         .target(name: "Locking"),
         .target(name: "KVM", dependencies: ["CKVM", "Locking"]),
         // "Did you mean" for symbol and register names.
         .target(name: "NameSuggestions"),
         .target(name: "ELF", dependencies: ["CLibElf", "NameSuggestions"]),
-        .target(name: "FlowTrace", dependencies: ["Locking", "NameSuggestions"]),
+        // x86-64 decoding and control-flow graphs of guest code.
+        .target(name: "FlowGraph", dependencies: ["CZydis", "ELF", "NameSuggestions"]),
+        .target(name: "FlowTrace", dependencies: ["Locking", "NameSuggestions", "FlowGraph"]),
         // A TraceTarget without a machine: for tests and the core benchmark.
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
         .target(name: "Machine", dependencies: ["KVM", "ELF", "FlowTrace", "Locking"]),
@@ -36,7 +40,7 @@ let package = Package(
         .executableTarget(
             name: "flowtrace",
             dependencies: [
-                "Machine", "ELF", "KVM", "FlowTrace", "Locking", "TraceSpec",
+                "Machine", "ELF", "KVM", "FlowTrace", "FlowGraph", "Locking", "TraceSpec",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -11,7 +11,7 @@ struct FlowTraceCommand: ParsableCommand {
         option or value); 69 when KVM is unavailable; 70 when the guest faults; 74 when the report cannot be written; 124 on \
         --timeout; 130 when interrupted (SIGINT).
         """,
-        subcommands: [RunCommand.self, InspectCommand.self, DoctorCommand.self]
+        subcommands: [RunCommand.self, GraphCommand.self, InspectCommand.self, DoctorCommand.self]
     )
 }
 
