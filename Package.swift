@@ -34,7 +34,7 @@ let package = Package(
         .target(name: "FlowTrace", dependencies: ["Locking", "NameSuggestions", "FlowGraph"]),
         // A TraceTarget without a machine: for tests and the core benchmark.
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
-        .target(name: "Machine", dependencies: ["KVM", "ELF", "FlowTrace", "Locking"]),
+        .target(name: "Machine", dependencies: ["KVM", "ELF", "FlowTrace", "FlowGraph", "Locking"]),
         // The command line's languages: probe specs, filters, report formats.
         .target(name: "TraceSpec", dependencies: ["FlowTrace", "ELF", "NameSuggestions"]),
         .executableTarget(

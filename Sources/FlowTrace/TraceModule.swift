@@ -149,16 +149,26 @@ public final class TraceModule: @unchecked Sendable {
 
     /// Places `probe` at `address`. Only while `created`; one probe per address.
     public func addProbe(_ probe: Probe, at address: UInt64, timing: ProbeTiming = .before) throws(TraceError) {
+        try addProbes([(probe, address, timing)])
+    }
+
+    /// Places several probes at once: all of them, or (on an error) none.
+    public func addProbes(_ list: [(probe: Probe, address: UInt64, timing: ProbeTiming)]) throws(TraceError) {
         try control.withLock { (c: inout Control) throws(TraceError) in
             guard c.target != nil else { throw TraceError.targetGone }
             guard stateValue.load(ordering: .acquiring) == 0 else {
                 throw TraceError.invalidState(operation: "add a probe to", state: .enabled)
             }
-            guard !plan.locations.contains(where: { $0.address == address }) else { throw TraceError.duplicateLocation(address) }
-            let location = ProbeLocation(address: address, probe: probe, timing: timing, layout: ProbeLayout(entries: probe.retain()))
+            var taken = Set(plan.locations.map(\.address))
+            for p in list {
+                guard taken.insert(p.address).inserted else { throw TraceError.duplicateLocation(p.address) }
+            }
+            let locations = list.map { p in
+                ProbeLocation(address: p.address, probe: p.probe, timing: p.timing, layout: ProbeLayout(entries: p.probe.retain()))
+            }
             // Hits that saw `enabled` before a self-disable may still read the plan.
             while inFlight.load(ordering: .acquiring) != 0 { sched_yield() }
-            plan = Plan(locations: plan.locations + [location], commonLayout: commonLayout, carrying: plan)
+            plan = Plan(locations: plan.locations + locations, commonLayout: commonLayout, carrying: plan)
             store.ensureLocations(plan.locations.count)
         }
     }

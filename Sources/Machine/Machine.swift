@@ -186,6 +186,19 @@ public final class Machine: TraceTarget {
         try memory.read(virtual: address, count: count, cr3: layout.cr3)
     }
 
+    /// Guest-virtual memory as the guest's code is without probes: the original bytes where
+    /// the patching engines put a trap byte.
+    public func readCode(virtual address: UInt64, count: Int) throws(KVMError) -> [UInt8] {
+        // Under the lock that patching holds, so bytes and patch table agree.
+        try breakpoints.withLock { (b: inout Breakpoints) throws(KVMError) -> [UInt8] in
+            var bytes = try memory.read(virtual: address, count: count, cr3: layout.cr3)
+            for k in bytes.indices {
+                if let original = b.patches.original(at: address &+ UInt64(k)) { bytes[k] = original }
+            }
+            return bytes
+        }
+    }
+
     /// The engine armed probes use and why it was chosen (nil while none is armed).
     public var engine: (engine: BreakpointEngine, reason: String)? {
         breakpoints.withLock { b in b.engine.map { ($0, b.engineReason) } }

@@ -3,6 +3,7 @@ import ELF
 import FlowTrace
 import Foundation
 import KVM
+import FlowGraph
 import Machine
 import TraceSpec
 
@@ -38,6 +39,12 @@ struct RunCommand: ParsableCommand {
                     a constant or a symbol; SCALE is 1, 2, 4 or 8
           Examples: --probe fib:rdi   --probe 'fib@after:rax'   --probe 'element:[rdi+rsi*8]:8,rsi'
                     --probe '0x100000:rip,[rsp]:8' --common cr3
+        FLOW: --flow FUNCTION[:ITEM,...] probes the function's control-flow graph (see flowtrace graph):
+          its entry block before the first instruction, each exit block after its last (the ret),
+          every other block before its first; ITEMs are collected at each (--flow-entry and
+          --flow-exit replace them for entry and exit blocks). Entry hits count the calls, exit
+          hits the returns; a tail call leaves through a jump block. FUNCTION may be an address.
+          Example: --flow fib:rdi --flow-exit rax
         FILTERS (--filter, repeatable, combined by --match all|any; --reverse keeps the rest):
           seq=A..B  ts=A..B (ns since the start; us/ms/s suffixes)  vcpu=A..B  addr=SYMBOL
           addr=A..B  value:ITEM=V  common:ITEM=V (V: a number for a register, hex bytes for memory)
@@ -78,6 +85,18 @@ struct RunCommand: ParsableCommand {
 
     @Option(name: .customLong("probe"), help: ArgumentHelp("A probe (repeatable); see PROBE SPECS.", valueName: "spec"))
     var probeSpecs: [String] = []
+
+    @Option(name: .customLong("flow"), help: ArgumentHelp("Trace every basic block of a function (repeatable); see FLOW.", valueName: "function[:items]"))
+    var flowSpecs: [String] = []
+
+    @Option(name: .customLong("flow-entry"), help: ArgumentHelp("With --flow: the items at entry blocks instead.", valueName: "items"))
+    var flowEntry: String?
+
+    @Option(name: .customLong("flow-exit"), help: ArgumentHelp("With --flow: the items after exit blocks instead.", valueName: "items"))
+    var flowExit: String?
+
+    @Flag(name: .customLong("split-calls"), help: "With --flow: also start a block after every call.")
+    var splitCalls = false
 
     @Option(help: ArgumentHelp("Items collected at every probe, comma-separated.", valueName: "items"))
     var common: String?
@@ -192,13 +211,41 @@ struct RunCommand: ParsableCommand {
 /// A module armed on a machine, with what the report needs.
 struct Tracer {
     let module: TraceModule
-    let probes: [(Probe, ProbeSpec)]
+    /// Aligned with the module's locations.
+    let probes: [(Probe, PlannedProbe)]
+    let flows: [PlannedFlow]
     let engine: String
+}
+
+/// One probe location of the run: a --probe spec, or a block of a --flow graph.
+struct PlannedProbe {
+    let address: UInt64
+    let timing: ProbeTiming
+    let items: [ItemSpec]
+    /// The summary's name for the location: `fib`, `fib+0x1b`.
+    let location: String
+    /// For --flow: the block and its role (`0 entry`, `3`, `2 exit`); nil for --probe.
+    let block: String?
+    /// The option that asked for it, as messages quote it: `--probe 'fib:rdi'`.
+    let origin: String
+}
+
+/// A --flow function: its graph and the probes for each role.
+struct PlannedFlow {
+    let text: String
+    let graph: FlowGraph
+    let entryItems: [ItemSpec]
+    let blockItems: [ItemSpec]
+    let exitItems: [ItemSpec]
 }
 
 /// Everything the command line asks for, parsed and checked before anything runs.
 struct TracePlan {
-    let specs: [ProbeSpec]
+    /// --probe specs, in order.
+    let specs: [(ProbeSpec, PlannedProbe)]
+    let flows: [PlannedFlow]
+    /// Every location: the --probe specs, then each --flow's blocks.
+    let probes: [PlannedProbe]
     let commonItems: [ItemSpec]
     let filters: [FilterSpec]
     let selection: VCPUSelection
@@ -212,7 +259,7 @@ struct TracePlan {
     let sink: ByteSink?
 
     init(command c: RunCommand, image: ELFImage, symbols: Symbolizer) throws(ExitCode) {
-        var specs: [ProbeSpec] = []
+        var specs: [(ProbeSpec, PlannedProbe)] = []
         var byAddress: [UInt64: String] = [:]
         for text in c.probeSpecs {
             let spec: ProbeSpec
@@ -224,12 +271,72 @@ struct TracePlan {
                 throw fail("--probe '\(text)': \(hex(spec.address)) is not in the guest's code (executable segments: \(code.joined(separator: ", ")))", status: ExitStatus.usage)
             }
             if let other = byAddress[spec.address] {
-                throw fail("--probe '\(text)': \(hex(spec.address)) already has --probe '\(other)'; one probe per address: merge their items into one spec", status: ExitStatus.usage)
+                throw fail("--probe '\(text)': \(hex(spec.address)) already has \(other); one probe per address: merge their items into one spec", status: ExitStatus.usage)
             }
-            byAddress[spec.address] = text
-            specs.append(spec)
+            byAddress[spec.address] = "--probe '\(text)'"
+            specs.append((spec, PlannedProbe(address: spec.address, timing: spec.timing, items: spec.items, location: spec.location,
+                                             block: nil, origin: "--probe '\(text)'")))
         }
         self.specs = specs
+
+        func items(_ text: String?, option: String) throws(ExitCode) -> [ItemSpec]? {
+            guard let text else { return nil }
+            do { return try parseItems(text, symbols: symbols) } catch {
+                throw fail("\(option) '\(text)': \(error.message)", status: ExitStatus.usage)
+            }
+        }
+        if c.flowSpecs.isEmpty {
+            for (set, option) in [(c.flowEntry != nil, "--flow-entry"), (c.flowExit != nil, "--flow-exit"), (c.splitCalls, "--split-calls")] where set {
+                throw fail("\(option) needs --flow (e.g. --flow fib)", status: ExitStatus.usage)
+            }
+        }
+        let entryOverride = try items(c.flowEntry, option: "--flow-entry")
+        let exitOverride = try items(c.flowExit, option: "--flow-exit")
+        var flows: [PlannedFlow] = []
+        var flowProbes: [PlannedProbe] = []
+        for text in c.flowSpecs {
+            let function = String(text.prefix { $0 != ":" })
+            let itemText = function.count < text.count ? String(text.dropFirst(function.count + 1)) : nil
+            guard !function.trimmingCharacters(in: .whitespaces).isEmpty else {
+                throw fail("--flow '\(text)': expected a function name before the items (e.g. --flow fib:rdi)", status: ExitStatus.usage)
+            }
+            let blockItems = try items(itemText, option: "--flow '\(function)'") ?? []
+            let graph = try buildGraph(function.trimmingCharacters(in: .whitespaces), in: image, splitAtCalls: c.splitCalls, option: "--flow")
+            let flow = PlannedFlow(text: text, graph: graph, entryItems: entryOverride ?? blockItems, blockItems: blockItems,
+                                   exitItems: exitOverride ?? blockItems)
+            let placements = graph.probePlacements
+            guard !placements.isEmpty else {
+                throw fail("--flow '\(text)': no block of \(graph.name) can be probed (see: flowtrace graph \(c.guest) \(function))", status: ExitStatus.usage)
+            }
+            for p in placements {
+                if let other = byAddress[p.address] {
+                    throw fail("--flow '\(text)': block \(p.block) at \(hex(p.address)) already has \(other); one probe per address: drop one of them", status: ExitStatus.usage)
+                }
+                byAddress[p.address] = "--flow '\(text)' (block \(p.block))"
+                let (items, role) = switch p.role {
+                case .entry: (flow.entryItems, " entry")
+                case .block: (flow.blockItems, "")
+                case .exit: (flow.exitItems, " exit")
+                }
+                flowProbes.append(PlannedProbe(address: p.address, timing: p.timing == .before ? .before : .after, items: items,
+                                               location: symbols.describe(p.address), block: "\(p.block)\(role)", origin: "--flow '\(text)'"))
+            }
+            for b in graph.blocks {
+                if case let .incomplete(reason) = b.end {
+                    printError("flowtrace: warning: --flow '\(text)': block \(b.id) at \(hex(b.start)) is incomplete (\(reason))" + (b.instructions.isEmpty ? "; not probed" : "; probed at its first instruction"))
+                }
+                if let o = b.overlaps {
+                    printError("flowtrace: warning: --flow '\(text)': block \(b.id) at \(hex(b.start)) overlaps the instruction at \(hex(o)); not probed")
+                }
+            }
+            for (jump, reason) in graph.unresolvedJumps {
+                printError("flowtrace: warning: --flow '\(text)': the indirect jump at \(hex(jump)) has no known targets (\(reason)); blocks only it reaches are not traced")
+            }
+            flows.append(flow)
+        }
+        self.flows = flows
+        probes = specs.map(\.1) + flowProbes
+
         if let common = c.common {
             do { commonItems = try parseItems(common, symbols: symbols) } catch {
                 throw fail("--common '\(common)': \(error.message)", status: ExitStatus.usage)
@@ -237,15 +344,15 @@ struct TracePlan {
         } else {
             commonItems = []
         }
-        if specs.isEmpty {
+        if probes.isEmpty {
             let needing = [c.common != nil ? "--common" : nil, c.filterSpecs.isEmpty ? nil : "--filter",
                            c.hits != 0 ? "--hits" : nil, c.reverse ? "--reverse" : nil, c.format != nil ? "--format" : nil,
                            c.output != nil ? "-o" : nil, c.vcpuSelection != "any" ? "--vcpu" : nil].compactMap { $0 }
             if let first = needing.first {
-                throw fail("\(first) needs at least one --probe (e.g. --probe fib:rdi)", status: ExitStatus.usage)
+                throw fail("\(first) needs at least one --probe or --flow (e.g. --probe fib:rdi)", status: ExitStatus.usage)
             }
         }
-        let probeKeys = Set(specs.flatMap { $0.items.map(\.entry.description) })
+        let probeKeys = Set(probes.flatMap { $0.items.map(\.entry.description) })
         let commonKeys = Set(commonItems.map(\.entry.description))
         var filters: [FilterSpec] = []
         for text in c.filterSpecs {
@@ -277,7 +384,7 @@ struct TracePlan {
         } else {
             format = isatty(STDOUT_FILENO) == 1 ? .table : .jsonl
         }
-        if let o = c.output, !specs.isEmpty {
+        if let o = c.output, !probes.isEmpty {
             do { sink = try ByteSink(path: o) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
         } else {
             sink = nil
@@ -288,23 +395,27 @@ struct TracePlan {
     func arm(on machine: Machine, engine: EngineRequest) throws(ExitCode) -> Tracer? {
         do {
             // Checked up front so the message names the option even without probes.
-            _ = try engine.resolve(locations: max(specs.count, 1), support: machine.engineSupport)
+            _ = try engine.resolve(locations: max(probes.count, 1), support: machine.engineSupport)
         } catch {
             throw fail(error.description, status: ExitStatus.usage)
         }
-        guard !specs.isEmpty else { return nil }
+        guard !probes.isEmpty else { return nil }
         do {
             let commonProbe = commonItems.isEmpty ? nil : Probe("common", entries: commonItems.map(\.entry))
             let module = try TraceModule(target: machine, vcpus: selection, commonProbe: commonProbe)
-            var probes: [(Probe, ProbeSpec)] = []
-            for spec in specs {
-                let probe = Probe(spec.text, entries: spec.items.map(\.entry))
-                try module.addProbe(probe, at: spec.address, timing: spec.timing)
-                probes.append((probe, spec))
+            for (spec, _) in specs {
+                try module.addProbe(Probe(spec.text, entries: spec.items.map(\.entry)), at: spec.address, timing: spec.timing)
             }
+            for f in flows {
+                try module.addFlowGraph(f.graph, entry: Probe("\(f.graph.name) entry", entries: f.entryItems.map(\.entry)),
+                                        regular: Probe("\(f.graph.name) block", entries: f.blockItems.map(\.entry)),
+                                        exit: Probe("\(f.graph.name) exit", entries: f.exitItems.map(\.entry)))
+            }
+            let planned = Dictionary(probes.map { ($0.address, $0) }, uniquingKeysWith: { a, _ in a })
+            let located = module.locations.map { ($0.probe, planned[$0.address]!) }
             try module.enable(hitLimit: hits, maxRecords: maxRecords)
             let chosen = machine.engine.map { "\($0.engine): \($0.reason)" } ?? "none"
-            return Tracer(module: module, probes: probes, engine: chosen)
+            return Tracer(module: module, probes: located, flows: flows, engine: chosen)
         } catch {
             throw fail(error.description, status: ExitStatus.usage)
         }
@@ -331,13 +442,30 @@ struct TracePlan {
 
     func summary(_ tracer: Tracer, written: Int, elapsed: Double) -> String {
         let c = tracer.module.counters
-        var rows = [["LOCATION", "WHEN", "HITS", "KEPT", "EVICTED", "SUPPRESSED"]]
-        for (l, (_, spec)) in zip(c.locations, tracer.probes) {
-            rows.append([spec.location, l.timing.rawValue, "\(l.hits)", "\(l.kept)", "\(l.evicted)", "\(l.suppressed)"])
+        let withBlocks = !tracer.flows.isEmpty
+        var rows = [["LOCATION"] + (withBlocks ? ["BLOCK"] : []) + ["WHEN", "HITS", "KEPT", "EVICTED", "SUPPRESSED"]]
+        for (l, (_, planned)) in zip(c.locations, tracer.probes) {
+            rows.append([planned.location] + (withBlocks ? [planned.block ?? "-"] : [])
+                        + [l.timing.rawValue, "\(l.hits)", "\(l.kept)", "\(l.evicted)", "\(l.suppressed)"])
         }
         let rate = elapsed > 0 ? Double(c.hitsSeen) / elapsed : 0
         var lines = ["flowtrace: engine \(tracer.engine)"]
-        lines.append(table(rows, rightAligned: [2, 3, 4, 5]))
+        lines.append(table(rows, rightAligned: withBlocks ? [3, 4, 5, 6] : [2, 3, 4, 5]))
+        for f in tracer.flows {
+            // Entry hits are calls and exit hits returns, whatever the records kept.
+            var entries: UInt64 = 0, exits: UInt64 = 0
+            let placements = f.graph.probePlacements
+            let roles = Dictionary(placements.map { ($0.address, $0.role) }, uniquingKeysWith: { a, _ in a })
+            for l in c.locations {
+                switch roles[l.address] {
+                case .entry?: entries += l.hits
+                case .exit?: exits += l.hits
+                default: break
+                }
+            }
+            let probed = Set(placements.map(\.block)).count
+            lines.append("flowtrace: --flow \(f.graph.name): \(f.graph.blocks.count) blocks (\(probed) probed), entered \(entries) times, left through exit blocks \(exits) times")
+        }
         var total = "flowtrace: \(c.hitsSeen) hits (\(formatRate(rate)) hits/s), \(c.recordsTaken) records taken, \(c.recordsKept) kept"
         if c.evicted > 0 { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
         if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(hits)" }
