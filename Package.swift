@@ -50,6 +50,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["Locking"], path: "Tests/TestSupport"),
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
+        .testTarget(name: "FlowGraphTests", dependencies: ["FlowGraph", "ELF", "TestSupport"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "TestSupport"]),
         .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "Locking"]),
         .testTarget(name: "CLITests", dependencies: ["KVM", "Machine", "TestSupport"]),

@@ -3,7 +3,8 @@ import NameSuggestions
 
 /// How a basic block ends.
 public enum BlockEnd: Sendable, Hashable {
-    /// Its last instruction leaves the function: ret, iret, sysret, hlt, ud2, int3.
+    /// Its last instruction leaves the function: ret, iret, sysret, hlt, ud2, int3, or a
+    /// call at the very end of the function (to a function that does not return).
     case exit
     /// It runs into the next block, which starts at a branch target.
     case fallThrough

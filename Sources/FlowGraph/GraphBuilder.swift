@@ -85,6 +85,9 @@ struct GraphBuilder<Source: CodeSource> {
                 flowsInto[insn.end] = pc
                 pc = insn.end
             case .call:
+                // A call at the very end of the function does not come back (the compiler
+                // put nothing after a call to a noreturn function): the block ends there.
+                if let b = bounds, insn.end == b.upperBound { return }
                 flowsInto[insn.end] = pc
                 if options.splitAtCalls { leaders.insert(insn.end) }
                 pc = insn.end
@@ -128,6 +131,7 @@ struct GraphBuilder<Source: CodeSource> {
                 case .next:
                     pc = i.end
                 case .call:
+                    if let b = bounds, i.end == b.upperBound { end = .exit; break walk }
                     if options.splitAtCalls { end = .call; to(.callReturn, i.end); break walk }
                     pc = i.end
                 case let .jump(t):

@@ -14,6 +14,10 @@ public struct FlowProbePlacement: Sendable, Hashable {
     public let timing: Timing
     public let role: Role
 
+    public init(block: Int, address: UInt64, timing: Timing, role: Role) {
+        self.block = block; self.address = address; self.timing = timing; self.role = role
+    }
+
     /// Mirrors the trace modules' before/after without FlowGraph depending on them.
     public enum Timing: String, Sendable, Hashable {
         case before, after
