@@ -317,6 +317,11 @@ struct Int3Tests {
         #expect(f.report.map { u64($0.values[0]) } == fibGroundTruth(15).args)
     }
 
+    @Test func flowGraphsUnderInt3() throws {
+        try checkFibFlow(.int3)
+        try checkSwitchFlow(.int3)
+    }
+
     @Test func smpUnderInt3OnTwoVCPUs() throws {
         let t = try trace("smp", engine: .int3, vcpus: 2, [.at("work_unit", .before, [try reg("rdi")])])
         #expect((0..<2).map { v in t.report.filter { $0.vcpu == v }.count } == [100, 200])
