@@ -53,7 +53,7 @@ let package = Package(
         .testTarget(name: "FlowGraphTests", dependencies: ["FlowGraph", "ELF", "TestSupport"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "FlowGraph", "TestSupport"]),
         .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "Locking"]),
-        .testTarget(name: "CLITests", dependencies: ["KVM", "Machine", "TestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["KVM", "Machine", "FlowGraph", "ELF", "TestSupport"]),
         .testTarget(name: "TraceSpecTests", dependencies: ["TraceSpec", "FlowTrace", "FlowTraceSimulation", "ELF"]),
     ],
     swiftLanguageModes: [.v6]

@@ -279,10 +279,11 @@ struct TracePlan {
         }
         self.specs = specs
 
-        func items(_ text: String?, option: String) throws(ExitCode) -> [ItemSpec]? {
+        /// `quoting`: the whole option value, when `text` is part of it.
+        func items(_ text: String?, option: String, quoting: String? = nil) throws(ExitCode) -> [ItemSpec]? {
             guard let text else { return nil }
             do { return try parseItems(text, symbols: symbols) } catch {
-                throw fail("\(option) '\(text)': \(error.message)", status: ExitStatus.usage)
+                throw fail("\(option) '\(quoting ?? text)': \(error.message)", status: ExitStatus.usage)
             }
         }
         if c.flowSpecs.isEmpty {
@@ -300,7 +301,7 @@ struct TracePlan {
             guard !function.trimmingCharacters(in: .whitespaces).isEmpty else {
                 throw fail("--flow '\(text)': expected a function name before the items (e.g. --flow fib:rdi)", status: ExitStatus.usage)
             }
-            let blockItems = try items(itemText, option: "--flow '\(function)'") ?? []
+            let blockItems = try items(itemText, option: "--flow", quoting: text) ?? []
             let graph = try buildGraph(function.trimmingCharacters(in: .whitespaces), in: image, splitAtCalls: c.splitCalls, option: "--flow")
             let flow = PlannedFlow(text: text, graph: graph, entryItems: entryOverride ?? blockItems, blockItems: blockItems,
                                    exitItems: exitOverride ?? blockItems)
