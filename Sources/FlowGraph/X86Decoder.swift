@@ -144,3 +144,20 @@ public struct X86Decoder {
         }
     }
 }
+
+extension X86Decoder {
+    /// The instruction that starts at or covers `address`, found by decoding one instruction
+    /// after another from `start` (a function's first byte); nil when decoding fails first.
+    /// Where a function holds no data between its instructions, `address` is an instruction
+    /// boundary exactly when the result starts there.
+    public func instruction(covering address: UInt64, sweepingFrom start: UInt64, source: some CodeSource) -> Instruction? {
+        var a = start
+        while a <= address {
+            guard case let .success(bytes) = source.code(at: a, count: Self.maxLength),
+                  case let .success(i) = decode(bytes, at: a) else { return nil }
+            if address < i.end { return i }
+            a = i.end
+        }
+        return nil
+    }
+}

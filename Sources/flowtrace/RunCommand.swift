@@ -261,6 +261,8 @@ struct TracePlan {
     init(command c: RunCommand, image: ELFImage, symbols: Symbolizer) throws(ExitCode) {
         var specs: [(ProbeSpec, PlannedProbe)] = []
         var byAddress: [UInt64: String] = [:]
+        let decoder = X86Decoder()
+        let code = ImageCodeSource(image: image)
         for text in c.probeSpecs {
             let spec: ProbeSpec
             do { spec = try ProbeSpec.parse(text, symbols: symbols) } catch {
@@ -269,6 +271,13 @@ struct TracePlan {
             guard image.segments.contains(where: { $0.isExecutable && $0.range.contains(spec.address) }) else {
                 let code = image.segments.filter(\.isExecutable).map { "\(hex($0.range.lowerBound))-\(hex($0.range.upperBound))" }
                 throw fail("--probe '\(text)': \(hex(spec.address)) is not in the guest's code (executable segments: \(code.joined(separator: ", ")))", status: ExitStatus.usage)
+            }
+            // A trap byte in the middle of an instruction would corrupt it: check the address
+            // against the function's instructions (a linear decode from its start).
+            if let (f, offset) = symbols.locate(spec.address), f.kind == .function, f.size > 0, offset > 0,
+               let i = decoder.instruction(covering: spec.address, sweepingFrom: f.address, source: code), i.address != spec.address {
+                throw fail("--probe '\(text)': \(hex(spec.address)) is inside the instruction at \(symbols.describe(i.address)) (\(i.text), \(i.length) bytes); "
+                           + "probe \(symbols.describe(i.address)) or \(symbols.describe(i.end))", status: ExitStatus.usage)
             }
             if let other = byAddress[spec.address] {
                 throw fail("--probe '\(text)': \(hex(spec.address)) already has \(other); one probe per address: merge their items into one spec", status: ExitStatus.usage)

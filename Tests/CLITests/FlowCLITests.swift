@@ -98,6 +98,13 @@ struct FlowCLITests {
         expectOneLineError(try flowtrace("run", fib, "--flow", "fib", "--engine", "hw", "--flow", "guest_main"), "hw")
     }
 
+    @Test func probeInsideAnInstructionIsRefused() throws {
+        let fib = try Guests.path("fib")
+        // fib starts with a 7-byte mov (objdump: 48 8b 05 54 1f 00 00).
+        expectOneLineError(try flowtrace("run", fib, "--probe", "fib+3:rdi"),
+                           "--probe 'fib+3:rdi': 0x", "is inside the instruction at fib (mov rax, [rip+0x1f54], 7 bytes); probe fib or fib+0x7")
+    }
+
     @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
     func flowFibEntriesAreCallsAndExitsAreReturns() throws {
         let r = try flowtrace("run", Guests.path("fib"), "--flow", "fib:rdi", "--flow-exit", "rax", "--format", "jsonl")

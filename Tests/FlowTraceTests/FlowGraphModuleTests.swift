@@ -52,6 +52,17 @@ struct FlowGraphModuleTests {
         #expect(p.isInUse == false)
     }
 
+    @Test func addProbesIsAllOrNothing() throws {
+        let m = try TraceModule(target: makeTarget())
+        let p = Probe("p", entries: [])
+        let r = Result { () throws(TraceError) in try m.addProbes([(p, 0x10, .before), (p, 0x20, .after), (p, 0x10, .after)]) }
+        guard case let .failure(e) = r else { Issue.record("added the same address twice"); return }
+        #expect(e == .duplicateLocation(0x10))
+        #expect(m.locations.isEmpty && !p.isInUse)
+        try m.addProbes([(p, 0x10, .before), (p, 0x20, .after)])
+        #expect(m.locations.map(\.address) == [0x10, 0x20] && m.locations.map(\.timing) == [.before, .after])
+    }
+
     @Test func notWhileEnabled() throws {
         let t = makeTarget()
         let m = try TraceModule(target: t)

@@ -1,3 +1,4 @@
+import FlowGraph
 import FlowTrace
 import Foundation
 import KVM
@@ -43,11 +44,34 @@ struct ReadmeExampleTests {
         #expect(documented == "import FlowTrace\nimport Machine\n\n" + example)
     }
 
-    /// The lines strictly between `from` and `to`, de-indented.
-    func block(_ text: String, from: String, to: String) -> String? {
+    @Test func flowGraphExampleRunsAndMatchesTheREADME() throws {
+        let machine = try Machine(path: Guests.path("fib"))
+        let module = try TraceModule(target: machine)
+        // README-FLOW-BEGIN
+        let graph = try FlowGraph.build(function: "fib", in: machine.image)
+        try module.addFlowGraph(graph, entry: Probe("entry", entries: [try .register(named: "rdi")]),
+                                regular: Probe("block"), exit: Probe("exit", entries: [try .register(named: "rax")]))
+        // README-FLOW-END
+        try module.enable()
+        #expect(try machine.run(timeout: .seconds(10)).ending == .exited(status: 0))
+        let report = module.report()
+        #expect(report.filter { $0.probe.description == "entry" }.count == 1973)
+        #expect(report.filter { $0.probe.description == "exit" }.count == 1973)
+
+        let source = try String(contentsOfFile: #filePath, encoding: .utf8)
+        let readme = try String(contentsOf: Guests.root.appendingPathComponent("README.md"), encoding: .utf8)
+        let example = try #require(block(source, from: "// README-FLOW-BEGIN", to: "// README-FLOW-END"))
+        let documented = try #require(block(readme, from: "```swift", to: "```", occurrence: 2))
+        #expect(documented == "import FlowGraph\n\n" + example)
+    }
+
+    /// The lines strictly between the `occurrence`th `from` line and the next `to`, de-indented.
+    func block(_ text: String, from: String, to: String, occurrence: Int = 1) -> String? {
         let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
-        guard let start = lines.firstIndex(where: { $0.trimmingCharacters(in: .whitespaces) == from }),
-              let end = lines[(start + 1)...].firstIndex(where: { $0.trimmingCharacters(in: .whitespaces) == to }) else { return nil }
+        let starts = lines.indices.filter { lines[$0].trimmingCharacters(in: .whitespaces) == from }
+        guard starts.count >= occurrence else { return nil }
+        let start = starts[occurrence - 1]
+        guard let end = lines[(start + 1)...].firstIndex(where: { $0.trimmingCharacters(in: .whitespaces) == to }) else { return nil }
         let body = lines[(start + 1)..<end]
         let indent = body.filter { !$0.isEmpty }.map { $0.prefix { $0 == " " }.count }.min() ?? 0
         return body.map { $0.isEmpty ? "" : String($0.dropFirst(indent)) }.joined(separator: "\n")
