@@ -53,7 +53,8 @@ struct FlowGraphModuleTests {
     }
 
     @Test func addProbesIsAllOrNothing() throws {
-        let m = try TraceModule(target: makeTarget())
+        let t = makeTarget()  // modules hold their target weakly
+        let m = try TraceModule(target: t)
         let p = Probe("p", entries: [])
         let r = Result { () throws(TraceError) in try m.addProbes([(p, 0x10, .before), (p, 0x20, .after), (p, 0x10, .after)]) }
         guard case let .failure(e) = r else { Issue.record("added the same address twice"); return }
@@ -61,6 +62,7 @@ struct FlowGraphModuleTests {
         #expect(m.locations.isEmpty && !p.isInUse)
         try m.addProbes([(p, 0x10, .before), (p, 0x20, .after)])
         #expect(m.locations.map(\.address) == [0x10, 0x20] && m.locations.map(\.timing) == [.before, .after])
+        withExtendedLifetime(t) {}
     }
 
     @Test func notWhileEnabled() throws {
