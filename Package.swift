@@ -45,7 +45,7 @@ let package = Package(
             ]
         ),
         // Benchmarks (tools/bench), built in release mode.
-        .executableTarget(name: "flowtrace-bench", dependencies: ["FlowTrace", "FlowTraceSimulation", "Machine", "KVM", "Locking"]),
+        .executableTarget(name: "flowtrace-bench", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "ELF", "Machine", "KVM", "Locking"]),
         // Test helpers: builds the guests, runs the executable.
         .target(name: "TestSupport", dependencies: ["Locking"], path: "Tests/TestSupport"),
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),

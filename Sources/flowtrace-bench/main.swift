@@ -2,7 +2,8 @@
 // Parts: `core` (the flow-trace hit path, reports and memory, on an in-memory target),
 // `exits` (flowtrace's cost per hit next to a raw KVM exit loop, tools/raw-exits.c),
 // `scaling` (traced hits/s on 1 and 2 vCPUs), `engines` (per-hit cost of every engine,
-// step included, on the counter guest). All but `core` need /dev/kvm.
+// step included, on the counter guest), `graph` (building a control-flow graph from an ELF
+// file). `exits`, `scaling` and `engines` need /dev/kvm.
 import FlowTrace
 import FlowTraceSimulation
 import Foundation
@@ -139,7 +140,7 @@ func core() throws -> [Figure] {
 let parts = CommandLine.arguments.dropFirst()
 var figures: [Figure] = []
 let kvm = KVMHost.isUsable()
-for part in parts.isEmpty ? ["core", "exits", "scaling", "engines"] : Array(parts) {
+for part in parts.isEmpty ? ["core", "exits", "scaling", "engines", "graph"] : Array(parts) {
     if part != "core", !kvm, ["exits", "scaling", "engines"].contains(part) {
         figures.append(Figure(label: "\(part)", value: "skipped: needs a usable /dev/kvm", json: #"{"bench":"\#(part)","skipped":"needs a usable /dev/kvm"}"#))
         continue
@@ -150,8 +151,9 @@ for part in parts.isEmpty ? ["core", "exits", "scaling", "engines"] : Array(part
         case "exits": figures += try exits()
         case "scaling": figures += try scaling()
         case "engines": figures += try engines(guests: ProcessInfo.processInfo.environment["GUESTS"] ?? "guests/build")
+        case "graph": figures += try graphs(guests: ProcessInfo.processInfo.environment["GUESTS"] ?? "guests/build")
         default:
-            FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core, exits, scaling, engines\n".utf8))
+            FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core, exits, scaling, engines, graph\n".utf8))
             exit(64)
         }
     } catch {
