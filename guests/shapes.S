@@ -187,6 +187,16 @@ shape_overlap:
     ret
     .size shape_overlap, . - shape_overlap
 
+/* The entry block is its own loop head: B0 [dec jnz] conditional -> B0 taken, B1 not taken;
+ * B1 [ret] exit */
+    .globl shape_entry_loop
+    .type shape_entry_loop, @function
+shape_entry_loop:
+    dec rdi
+    jnz shape_entry_loop
+    ret
+    .size shape_entry_loop, . - shape_entry_loop
+
 /* B0 [cli hlt] exit */
     .globl shape_hlt
     .type shape_hlt, @function

@@ -5,7 +5,7 @@ import Foundation
 import TraceSpec
 
 enum GraphFormat: String, ExpressibleByArgument, CaseIterable {
-    case text, dot
+    case text, dot, json
 }
 
 struct GraphCommand: ParsableCommand {
@@ -18,7 +18,8 @@ struct GraphCommand: ParsableCommand {
         conditional, indirect, fall-through, call, incomplete) and its edges. Jump tables of \
         switch statements are resolved into their cases. Jumps out of the function (tail \
         calls) are edges to targets outside the graph.
-        --format dot writes Graphviz DOT (render it with: dot -Tsvg graph.dot -o graph.svg).
+        --format dot writes Graphviz DOT (render it with: dot -Tsvg graph.dot -o graph.svg); \
+        --format json one JSON object (blocks, instructions, edges, jump tables) for scripts.
         --heat TRACE colours the blocks by how often they ran, from the records of \
         `flowtrace run --flow FUNCTION --format jsonl -o TRACE` (or csv): a block's count is \
         the largest record count at an address inside it.
@@ -31,7 +32,7 @@ struct GraphCommand: ParsableCommand {
     @Argument(help: "The function: a symbol, or an address (0x...) inside one.")
     var function: String
 
-    @Option(help: "Output format: text or dot.")
+    @Option(help: "Output format: text, dot or json.")
     var format: GraphFormat = .text
 
     @Option(help: ArgumentHelp("Colour blocks by hit count from these records (jsonl or csv of flowtrace run).", valueName: "trace"))
@@ -55,7 +56,11 @@ struct GraphCommand: ParsableCommand {
         }
         let symbols = Symbolizer(image: image)
         let describe: (UInt64) -> String? = { a in symbols.locate(a).map { $0.offset == 0 ? $0.symbol.name : "\($0.symbol.name)+0x\(String($0.offset, radix: 16))" } }
-        let text = format == .dot ? graph.dot(describe: describe, hits: hits) : graph.text(describe: describe, hits: hits)
+        let text = switch format {
+        case .text: graph.text(describe: describe, hits: hits)
+        case .dot: graph.dot(describe: describe, hits: hits)
+        case .json: graph.json(describe: describe, hits: hits)
+        }
         let sink: ByteSink
         if let output {
             do { sink = try ByteSink(path: output) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }

@@ -474,7 +474,11 @@ struct TracePlan {
                 }
             }
             let probed = Set(placements.map(\.block)).count
-            lines.append("flowtrace: --flow \(f.graph.name): \(f.graph.blocks.count) blocks (\(probed) probed), entered \(entries) times, left through exit blocks \(exits) times")
+            var line = "flowtrace: --flow \(f.graph.name): \(f.graph.blocks.count) blocks (\(probed) probed), entered \(entries) times, left through exit blocks \(exits) times"
+            if let e = f.graph.entryBlock, f.graph.edges.contains(where: { $0.successor.block == e.id }) {
+                line += " (the entry block is also a loop head: its hits count the iterations too)"
+            }
+            lines.append(line)
         }
         var total = "flowtrace: \(c.hitsSeen) hits (\(formatRate(rate)) hits/s), \(c.recordsTaken) records taken, \(c.recordsKept) kept"
         if c.evicted > 0 { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }

@@ -69,6 +69,27 @@ struct FlowCLITests {
         }
     }
 
+    @Test func graphAsJSON() throws {
+        let path = try Guests.path("switch")
+        let g = try FlowGraph.build(function: "dispatch", in: try ELFImage(path: path))
+        let r = try flowtrace("graph", path, "dispatch", "--format", "json")
+        #expect(r.status == 0 && r.stderr.isEmpty, "\(r.stderr)")
+        let o = try #require(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any])
+        #expect(o["function"] as? String == "dispatch")
+        let blocks = try #require(o["blocks"] as? [[String: Any]])
+        #expect(blocks.map { hexValue($0["start"]) } == g.blocks.map(\.start))
+        #expect(blocks.map { $0["kind"] as? String } == g.blocks.map(\.end.kind))
+        #expect(blocks.map { ($0["instructions"] as? [[String: Any]])?.count } == g.blocks.map(\.instructions.count))
+        for (b, json) in zip(g.blocks, blocks) {
+            let successors = try #require(json["successors"] as? [[String: Any]])
+            #expect(successors.map { hexValue($0["target"]) } == b.successors.map(\.target))
+            #expect(successors.map { $0["block"] as? Int } == b.successors.map(\.block))
+        }
+        let tables = try #require(o["jump_tables"] as? [[String: Any]])
+        #expect((tables.first?["targets"] as? [String])?.map { hexValue($0) } == g.jumpTables[0].targets)
+        #expect(tables.first?["bound"] as? String == "compare")
+    }
+
     @Test func graphBadInput() throws {
         let fib = try Guests.path("fib")
         expectOneLineError(try flowtrace("graph", fib, "fbi"), "no function 'fbi' in", "did you mean 'fib'")
@@ -96,6 +117,14 @@ struct FlowCLITests {
                            "--flow 'fib': block 0 at 0x", "already has --probe 'fib:rdi'; one probe per address")
         expectOneLineError(try flowtrace("run", fib, "--flow", "fib", "--flow", "fib"), "--flow 'fib': block 0", "already has --flow 'fib' (block 0)")
         expectOneLineError(try flowtrace("run", fib, "--flow", "fib", "--engine", "hw", "--flow", "guest_main"), "hw")
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func flowSaysWhenTheEntryBlockIsALoopHead() throws {
+        let r = try flowtrace("run", Guests.path("shapes"), "--flow", "shape_entry_loop", "--flow", "shape_loop")
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr.contains("flowtrace: --flow shape_entry_loop: 2 blocks (2 probed), entered 0 times, left through exit blocks 0 times (the entry block is also a loop head: its hits count the iterations too)\n"))
+        #expect(r.stderr.contains("flowtrace: --flow shape_loop: 3 blocks (3 probed), entered 0 times, left through exit blocks 0 times\n"))
     }
 
     @Test func probeInsideAnInstructionIsRefused() throws {

@@ -164,6 +164,12 @@ import TestSupport
         #expect(g.probePlacements.map(\.block) == [0])
     }
 
+    @Test func entryBlockThatIsALoopHead() throws {
+        let g = try graph("shape_entry_loop")
+        #expect(shape(g) == ["0 [dec jnz] conditional -> 0 taken, 1 not-taken", "1 [ret] exit"])
+        #expect(g.probePlacements.map(\.role) == [.entry, .exit])
+    }
+
     @Test func hltEndsTheFunction() throws {
         #expect(shape(try graph("shape_hlt")) == ["0 [cli hlt] exit"])
     }
