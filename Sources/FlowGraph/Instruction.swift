@@ -13,6 +13,11 @@ public struct Instruction: Sendable, Hashable {
     /// The absolute address it refers to, for annotations: the target of a direct branch or
     /// call, or the address of a rip-relative memory operand.
     public let reference: UInt64?
+    /// Where in `bytes` the 32-bit displacement of a rip-relative memory operand is, for
+    /// code that moves the instruction elsewhere (out-of-line stepping); nil without one.
+    public let ripDisplacementOffset: Int?
+    /// A far branch (`jmp far`, `call far`, `retf`): it loads cs too.
+    public let isFar: Bool
     /// Its visible operands, for the pattern matchers (jump tables).
     let operands: [Operand]
 

@@ -116,8 +116,14 @@ public struct X86Decoder {
                 flow = .next
             }
         }
+        // A rip-relative operand's displacement is always 32 bits in 64-bit mode.
+        let ripRelative = (0..<Int(insn.operand_count)).contains { k in
+            ops[k].type == ZYDIS_OPERAND_TYPE_MEMORY && ops[k].mem.base == ZYDIS_REGISTER_RIP
+        }
+        let ripDisplacementOffset = ripRelative && insn.raw.disp.size == 32 ? Int(insn.raw.disp.offset) : nil
         return .success(Instruction(address: address, bytes: Array(bytes.prefix(length)), text: text, mnemonic: mnemonic,
-                                    flow: flow, reference: reference, operands: operands))
+                                    flow: flow, reference: reference, ripDisplacementOffset: ripDisplacementOffset,
+                                    isFar: insn.meta.branch_type == ZYDIS_BRANCH_TYPE_FAR, operands: operands))
     }
 
     private static func register(_ r: ZydisRegister) -> Register {

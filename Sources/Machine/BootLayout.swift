@@ -7,6 +7,7 @@ import KVM
 /// ```
 /// 0x1000   GDT: null, 64-bit code (0x08), data (0x10)
 /// 0x2000   PML4        0x3000  PDPT      0x4000.. one page directory per GiB
+/// 0x8000   out-of-line stepping: a 32-byte slot per vCPU (up to 1024 vCPUs)
 /// 0x10000  first byte an image may use
 /// ...      image segments (identity-mapped: loaded at their virtual address)
 /// top      one 64 KiB stack per vCPU, vCPU 0 at the very top
@@ -17,6 +18,8 @@ public struct BootLayout: Sendable, Equatable {
     public static let pml4Address: UInt64 = 0x2000
     public static let pdptAddress: UInt64 = 0x3000
     public static let pageDirectoriesAddress: UInt64 = 0x4000
+    public static let outOfLineSlots: UInt64 = 0x8000
+    public static let outOfLineSlotSize: UInt64 = 32
     public static let imageFloor: UInt64 = 0x10000
     public static let stackSize: UInt64 = 64 << 10
     public static let codeSelector: UInt16 = 0x08
@@ -35,6 +38,13 @@ public struct BootLayout: Sendable, Equatable {
 
     /// Lowest byte of the vCPU stacks.
     public var stacksBottom: UInt64 { memorySize - UInt64(vcpuCount) * Self.stackSize }
+
+    /// Where vCPU `index` single-steps displaced instructions (guest-physical and, on the boot
+    /// page tables, guest-virtual); nil past the slots' room.
+    public static func outOfLineSlot(for index: Int) -> UInt64? {
+        let slot = outOfLineSlots + UInt64(index) * outOfLineSlotSize
+        return slot + outOfLineSlotSize <= imageFloor ? slot : nil
+    }
 
     /// Initial rsp of vCPU `index` (16-byte aligned, as `_start` expects).
     public func stackTop(for index: Int) -> UInt64 { memorySize - UInt64(index) * Self.stackSize }

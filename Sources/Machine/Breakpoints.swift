@@ -17,6 +17,8 @@ struct Breakpoints {
     var owners: [UInt64: [Owner]] = [:]
     /// Patched bytes (int3 and hlt engines).
     var patches = PatchTable(trap: 0xF4)
+    /// The instructions under the patches that can be stepped out of line.
+    var displaced: [UInt64: DisplacedInstruction] = [:]
 
     var isEmpty: Bool { owners.isEmpty }
 

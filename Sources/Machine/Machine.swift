@@ -1,4 +1,5 @@
 import ELF
+import FlowGraph
 import FlowTrace
 import Foundation
 import KVM
@@ -99,6 +100,8 @@ public final class Machine: TraceTarget {
     private let breakpoints = Locked(Breakpoints())
     private let pendingDisarms = Locked<[TraceModule]>([])
     private let hasPendingDisarms = Atomic<Bool>(false)
+    private let outOfLineSteps = Atomic<UInt64>(0)
+    private let inPlaceSteps = Atomic<UInt64>(0)
     /// Per vCPU: the step engine was just armed; check the current rip for a before-hit.
     private let ripChecks: Locked<[Bool]>
     private let rendezvous: Rendezvous
@@ -199,6 +202,12 @@ public final class Machine: TraceTarget {
         }
     }
 
+    /// How the patching engines stepped over probed instructions so far: out of line (the
+    /// other vCPUs ran on) or in place (the other vCPUs were held for the step).
+    public var stepOvers: (outOfLine: UInt64, inPlace: UInt64) {
+        (outOfLineSteps.load(ordering: .relaxed), inPlaceSteps.load(ordering: .relaxed))
+    }
+
     /// The engine armed probes use and why it was chosen (nil while none is armed).
     public var engine: (engine: BreakpointEngine, reason: String)? {
         breakpoints.withLock { b in b.engine.map { ($0, b.engineReason) } }
@@ -283,6 +292,9 @@ public final class Machine: TraceTarget {
         /// Single-stepping the instruction at `address` (the original byte is back for the
         /// patching engines, the DRs are off for hw); `held`: this vCPU holds the rendezvous.
         case over(address: UInt64, held: Bool)
+        /// Single-stepping a copy of the instruction at `address` in the vCPU's slot; the
+        /// trap byte stays and the other vCPUs run on.
+        case outOfLine(address: UInt64, slot: UInt64, displaced: DisplacedInstruction)
     }
 
     private func runLoop(_ vcpu: VCPU, console: Console) {
@@ -294,6 +306,7 @@ public final class Machine: TraceTarget {
         var reinjected = false
         defer {
             if case let .over(address, held)? = stepping { endStepOver(vcpu, address: address, held: held) }
+            if case .outOfLine? = stepping { abandonOutOfLine(vcpu, stepping) }
         }
         while !stopRequested.load(ordering: .acquiring) {
             if stepping == nil, hasPendingDisarms.load(ordering: .acquiring) { processPendingDisarms(from: id) }
@@ -308,6 +321,8 @@ public final class Machine: TraceTarget {
             }
             let exit: VMExit
             do { exit = try vcpu.run() } catch {
+                abandonOutOfLine(vcpu, stepping)
+                stepping = nil
                 fault(vcpu, .other(reason: UInt32.max), detail: error.description)
                 return
             }
@@ -352,6 +367,19 @@ public final class Machine: TraceTarget {
                 return
             case let .debug(exception, pc, dr6, _):
                 guard let regs = registers(vcpu) else { return }
+                if exception == 1, case let .outOfLine(address, slot, displaced)? = stepping {
+                    // A restarted instruction leaves rip on the copy: step again.
+                    if regs.rip == slot { continue }
+                    stepping = nil
+                    var r = regs
+                    r.rip = displaced.relocated(rip: regs.rip, slot: slot)
+                    if let (pushed, real) = displaced.returnAddresses(slot: slot) { fixReturnAddress(vcpu, rsp: r.rsp, from: pushed, to: real) }
+                    setRegisters(vcpu, r)
+                    let action = probeHits(vcpu, at: address, .after, regs: r)
+                    applyBaseDebug(vcpu)
+                    if case .halt = action { haltHere(vcpu, address: address, .after, rip: r.rip) }
+                    continue
+                }
                 if exception == 1, case let .over(address, held)? = stepping {
                     // An instruction that did not retire (a locked one the emulator
                     // restarted, a rep iteration) leaves rip in place: step again.
@@ -398,9 +426,13 @@ public final class Machine: TraceTarget {
                     previousRip = regs.rip
                     continue
                 }
+                abandonOutOfLine(vcpu, stepping)
+                stepping = nil
                 fault(vcpu, exit)
                 return
             default:
+                abandonOutOfLine(vcpu, stepping)
+                stepping = nil
                 fault(vcpu, exit)
                 return
             }
@@ -447,13 +479,30 @@ public final class Machine: TraceTarget {
         return action
     }
 
-    /// Starts single-stepping the probed instruction at `address`.
+    /// Starts single-stepping the probed instruction at `address`: out of line where the
+    /// instruction allows it and the vCPU still runs on the boot page tables (so its slot is
+    /// mapped and the loader's), else in place with the other vCPUs held.
     private func beginStepOver(_ vcpu: VCPU, address: UInt64) -> Stepping? {
-        let engine = breakpoints.withLock { $0.engine }
+        let (engine, displaced) = breakpoints.withLock { ($0.engine, $0.displaced[address]) }
+        if let displaced, engine == .int3 || engine == .hlt, let slot = BootLayout.outOfLineSlot(for: vcpu.id),
+           let bytes = displaced.bytes(at: slot), (try? vcpu.specialRegisters().cr3) == layout.cr3, var regs = registers(vcpu) {
+            do { try memory.write(physical: slot, bytes: bytes) } catch {
+                preconditionFailure("out-of-line slot at guest-physical 0x\(String(slot, radix: 16)) is unwritable: \(error)")
+            }
+            regs.rip = slot
+            setRegisters(vcpu, regs)
+            let debug = breakpoints.withLock { $0.stepOverDebug(for: vcpu.id) }
+            do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
+            outOfLineSteps.add(1, ordering: .relaxed)
+            return .outOfLine(address: address, slot: slot, displaced: displaced)
+        }
         // With the trap byte gone, another vCPU could run through the location unseen:
         // hold them all out of the guest for the one step.
         let held = engine == .int3 || engine == .hlt
-        if held { rendezvous.acquire(.vcpu(vcpu.id)) }
+        if held {
+            inPlaceSteps.add(1, ordering: .relaxed)
+            rendezvous.acquire(.vcpu(vcpu.id))
+        }
         // The physical address was checked when the location was armed.
         let debug = breakpoints.withLock { b -> GuestDebug in
             if let p = b.patches.patches[address] { restore(p.original, at: p.physical) }
@@ -461,6 +510,40 @@ public final class Machine: TraceTarget {
         }
         do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
         return .over(address: address, held: held)
+    }
+
+    /// The instruction at `address` (guest-virtual through `cr3`), planned for out-of-line
+    /// stepping; nil when it must be stepped in place or does not decode.
+    private func displacedInstruction(at address: UInt64, cr3: UInt64) -> DisplacedInstruction? {
+        var bytes: [UInt8] = []
+        for count in stride(from: X86Decoder.maxLength, through: 1, by: -1) {
+            // Fewer bytes where the instruction ends near the end of RAM.
+            if let b = try? memory.read(virtual: address, count: count, cr3: cr3) { bytes = b; break }
+        }
+        guard case let .success(i) = X86Decoder().decode(bytes, at: address),
+              case let .success(d) = DisplacedInstruction.plan(i) else { return nil }
+        return d
+    }
+
+    /// A call stepped out of line pushed its slot's return address: make it the real one.
+    private func fixReturnAddress(_ vcpu: VCPU, rsp: UInt64, from pushed: UInt64, to real: UInt64) {
+        do {
+            let cr3 = try vcpu.specialRegisters().cr3
+            let p = try memory.translate(virtual: rsp, cr3: cr3).physical
+            if try memory.readUInt64(physical: p) == pushed { try memory.writeUInt64(physical: p, real) }
+        } catch {
+            fault(vcpu, .other(reason: UInt32.max), detail: "fixing the return address of the call at 0x\(String(real &- 1, radix: 16)) stepped out of line: \(error)")
+        }
+    }
+
+    /// Leaves an out-of-line step unfinished (the machine stops, or the copy faulted): rip
+    /// goes back from the slot to the instruction, so reports and dumps name the real place.
+    private func abandonOutOfLine(_ vcpu: VCPU, _ stepping: Stepping?) {
+        guard case let .outOfLine(address, slot, _)? = stepping, var regs = registers(vcpu),
+              regs.rip >= slot, regs.rip < slot + BootLayout.outOfLineSlotSize else { return }
+        regs.rip = regs.rip - slot + address
+        setRegisters(vcpu, regs)
+        applyBaseDebug(vcpu)
     }
 
     /// Puts the trap back (if the location is still armed) and the vCPU's usual debug state.
@@ -597,6 +680,8 @@ public final class Machine: TraceTarget {
                     do throws(KVMError) {
                         let current = try memory.read(physical: p, count: 1)[0]
                         if let trap = b.patches.insert(l.address, physical: p, current: current) {
+                            // Decoded before the trap byte goes in, for out-of-line stepping.
+                            if let d = displacedInstruction(at: l.address, cr3: cr3) { b.displaced[l.address] = d }
                             try memory.write(physical: p, bytes: [trap])
                         }
                     } catch {
@@ -620,6 +705,7 @@ public final class Machine: TraceTarget {
                         let current: UInt8
                         do { current = try memory.read(physical: p.physical, count: 1)[0] } catch { current = 0 }
                         if let original = b.patches.remove(address, current: current) { restore(original, at: p.physical) }
+                        b.displaced[address] = nil
                     }
                 } else {
                     b.owners[address] = kept
