@@ -167,6 +167,17 @@ public final class VCPU: @unchecked Sendable {
         _ = try checked(ckvm_set_regs(fd, &r), "KVM_SET_REGS")
     }
 
+    /// Hands registers set through the sync area to KVM now (`KVM_SET_REGS`) instead of on
+    /// the next `run()`. Needed before an ioctl that reads rip: `KVM_SET_GUEST_DEBUG` with
+    /// single-step records the rip it steps from, and a rip changed only in the sync area
+    /// would not be stepped (seen on SVM). No ioctl when nothing is pending.
+    public func flushRegisters() throws(KVMError) {
+        guard usesSyncRegisters, shared.pointee.kvm_dirty_regs & ckvm_sync_x86_regs != 0 else { return }
+        var r = shared.pointee.s.regs.regs
+        _ = try checked(ckvm_set_regs(fd, &r), "KVM_SET_REGS")
+        shared.pointee.kvm_dirty_regs &= ~ckvm_sync_x86_regs
+    }
+
     /// The system registers: from the sync area after an exit when available, else
     /// `KVM_GET_SREGS`.
     public func specialRegisters() throws(KVMError) -> SpecialRegisters {

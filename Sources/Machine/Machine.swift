@@ -492,7 +492,10 @@ public final class Machine: TraceTarget {
             regs.rip = slot
             setRegisters(vcpu, regs)
             let debug = breakpoints.withLock { $0.stepOverDebug(for: vcpu.id) }
-            do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
+            do {
+                try vcpu.flushRegisters()
+                try vcpu.setGuestDebug(debug)
+            } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
             outOfLineSteps.add(1, ordering: .relaxed)
             return .outOfLine(address: address, slot: slot, displaced: displaced)
         }
@@ -508,7 +511,11 @@ public final class Machine: TraceTarget {
             if let p = b.patches.patches[address] { restore(p.original, at: p.physical) }
             return b.stepOverDebug(for: vcpu.id)
         }
-        do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
+        // The hit moved rip back onto the instruction: KVM must see it before it arms the step.
+        do {
+            try vcpu.flushRegisters()
+            try vcpu.setGuestDebug(debug)
+        } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
         return .over(address: address, held: held)
     }
 

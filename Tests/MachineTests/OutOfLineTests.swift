@@ -77,56 +77,60 @@ private func decode(_ bytes: [UInt8], at address: UInt64 = 0x100000) throws -> I
 @Suite("out-of-line stepping on real guests", .serialized, .enabled(if: kvmUsable && works(.hlt), "needs /dev/kvm with a working hlt engine"),
        .timeLimit(.minutes(5)))
 struct OutOfLineStepTests {
-    /// Probes every instruction of `functions` (before), runs, and checks every instruction
-    /// of a block ran as often as the block's first.
-    func everyInstruction(_ guest: String, _ functions: [String], vcpus: Int = 1, console: [String]) throws -> (Machine, TraceModule) {
-        let m = try Machine(path: Guests.path(guest), configuration: .init(vcpuCount: vcpus, engine: .engine(.hlt)))
-        let module = try TraceModule(target: m)
-        let p = Probe("p", entries: [try reg("rsp")])
-        var graphs: [FlowGraph] = []
-        for f in functions {
-            let g = try FlowGraph.build(function: f, in: m.image)
-            graphs.append(g)
-            try module.addProbes(g.blocks.flatMap(\.instructions).map { (p, $0.address, ProbeTiming.before) })
-        }
-        try module.enable()
-        let r = try m.run(timeout: .seconds(120))
-        #expect(r.ending == .exited(status: 0))
-        #expect(Set(r.console.map(\.text)) == Set(console))
-        var hits: [UInt64: UInt64] = [:]
-        for l in module.counters.locations { hits[l.address] = l.hits }
-        for g in graphs {
-            for b in g.blocks {
-                let counts = b.instructions.map { hits[$0.address] ?? 0 }
-                #expect(Set(counts).count == 1, "\(g.name) block \(b.id): \(counts)")
-            }
-        }
-        let steps = m.stepOvers
-        #expect(steps.inPlace == 0)
-        #expect(steps.outOfLine == module.counters.hitsSeen)
-        return (m, module)
-    }
-
     @Test func fibEveryInstruction() throws {
         // rip-relative loads and stores, cmp/jbe both ways, push/pop, relative calls (the
         // return address is fixed up), ret.
-        let (_, module) = try everyInstruction("fib", ["fib"], console: ["fib(15) = 610, calls = 1973"])
+        let (_, module) = try everyInstructionSteppedOutOfLine("fib", ["fib"], engine: .hlt, console: ["fib(15) = 610, calls = 1973"])
         #expect(module.counters.locations.first?.hits == 1973)
     }
 
-    @Test func switchEveryInstruction() throws {
-        // A rip-relative lea of the jump table, movsxd, the jump through a register, the
-        // loops, and the tail jump into finish().
-        let ops: [UInt64] = (0..<240).map { i in (5 * i + i / 3) % 10 }
-        let perCase = (0..<8).map { k in ops.filter { $0 == k }.count }
-        let total = ops.enumerated().reduce(UInt64(0)) { $0 + dispatchResult(op: $1.element, x: UInt64($1.offset)) }
-        _ = try everyInstruction("switch", ["dispatch", "finish"], console: [
-            "switch: calls 240 cases \(perCase.map(String.init).joined(separator: " ")) default \(ops.filter { $0 >= 8 }.count) finish \(perCase[7]) total \(total)",
-        ])
-    }
+    @Test func switchEveryInstruction() throws { try switchEveryInstructionSteppedOutOfLine(engine: .hlt) }
 
     @Test func twoVCPUsRunOnWhileOneSteps() throws {
-        _ = try everyInstruction("smp", ["work_unit"], vcpus: 2,
-                                 console: ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"])
+        _ = try everyInstructionSteppedOutOfLine("smp", ["work_unit"], vcpus: 2, engine: .hlt,
+                                                 console: ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"])
     }
+}
+
+/// Probes every instruction of `functions` (before) with `engine`, runs, and checks that
+/// every instruction of a block ran as often as the block's first and that every step-over
+/// was out of line.
+func everyInstructionSteppedOutOfLine(_ guest: String, _ functions: [String], vcpus: Int = 1, engine: BreakpointEngine,
+                                      console: [String]) throws -> (Machine, TraceModule) {
+    let m = try Machine(path: Guests.path(guest), configuration: .init(vcpuCount: vcpus, engine: .engine(engine)))
+    let module = try TraceModule(target: m)
+    let p = Probe("p", entries: [try reg("rsp")])
+    var graphs: [FlowGraph] = []
+    for f in functions {
+        let g = try FlowGraph.build(function: f, in: m.image)
+        graphs.append(g)
+        try module.addProbes(g.blocks.flatMap(\.instructions).map { (p, $0.address, ProbeTiming.before) })
+    }
+    try module.enable()
+    let r = try m.run(timeout: .seconds(120))
+    #expect(r.ending == .exited(status: 0))
+    #expect(Set(r.console.map(\.text)) == Set(console))
+    var hits: [UInt64: UInt64] = [:]
+    for l in module.counters.locations { hits[l.address] = l.hits }
+    for g in graphs {
+        for b in g.blocks {
+            let counts = b.instructions.map { hits[$0.address] ?? 0 }
+            #expect(Set(counts).count == 1, "\(g.name) block \(b.id): \(counts)")
+        }
+    }
+    let steps = m.stepOvers
+    #expect(steps.inPlace == 0)
+    #expect(steps.outOfLine == module.counters.hitsSeen)
+    return (m, module)
+}
+
+/// dispatch and finish of the switch guest, every instruction: a rip-relative lea of the
+/// jump table, movsxd, the jump through a register, the loops, the tail jump.
+func switchEveryInstructionSteppedOutOfLine(engine: BreakpointEngine) throws {
+    let ops: [UInt64] = (0..<240).map { i in (5 * i + i / 3) % 10 }
+    let perCase = (0..<8).map { k in ops.filter { $0 == k }.count }
+    let total = ops.enumerated().reduce(UInt64(0)) { $0 + dispatchResult(op: $1.element, x: UInt64($1.offset)) }
+    _ = try everyInstructionSteppedOutOfLine("switch", ["dispatch", "finish"], engine: engine, console: [
+        "switch: calls 240 cases \(perCase.map(String.init).joined(separator: " ")) default \(ops.filter { $0 >= 8 }.count) finish \(perCase[7]) total \(total)",
+    ])
 }

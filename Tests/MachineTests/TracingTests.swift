@@ -322,6 +322,12 @@ struct Int3Tests {
         try checkSwitchFlow(.int3)
     }
 
+    @Test func outOfLineSteppingUnderInt3() throws {
+        try switchEveryInstructionSteppedOutOfLine(engine: .int3)
+        _ = try everyInstructionSteppedOutOfLine("smp", ["work_unit"], vcpus: 2, engine: .int3,
+                                                 console: ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"])
+    }
+
     @Test func smpUnderInt3OnTwoVCPUs() throws {
         let t = try trace("smp", engine: .int3, vcpus: 2, [.at("work_unit", .before, [try reg("rdi")])])
         #expect((0..<2).map { v in t.report.filter { $0.vcpu == v }.count } == [100, 200])
