@@ -485,7 +485,8 @@ public final class Machine: TraceTarget {
     private func beginStepOver(_ vcpu: VCPU, address: UInt64) -> Stepping? {
         let (engine, displaced) = breakpoints.withLock { ($0.engine, $0.displaced[address]) }
         if let displaced, engine == .int3 || engine == .hlt, let slot = BootLayout.outOfLineSlot(for: vcpu.id),
-           let bytes = displaced.bytes(at: slot), (try? vcpu.specialRegisters().cr3) == layout.cr3, var regs = registers(vcpu) {
+           let bytes = displaced.bytes(at: slot), (try? vcpu.specialRegisters().cr3) == layout.cr3,
+           unchanged(displaced), var regs = registers(vcpu) {
             do { try memory.write(physical: slot, bytes: bytes) } catch {
                 preconditionFailure("out-of-line slot at guest-physical 0x\(String(slot, radix: 16)) is unwritable: \(error)")
             }
@@ -530,6 +531,14 @@ public final class Machine: TraceTarget {
         guard case let .success(i) = X86Decoder().decode(bytes, at: address),
               case let .success(d) = DisplacedInstruction.plan(i) else { return nil }
         return d
+    }
+
+    /// Whether the guest's bytes after the trap byte are still those of the planned copy
+    /// (code the guest rewrote since arming is stepped in place, as it is now).
+    private func unchanged(_ d: DisplacedInstruction) -> Bool {
+        guard d.bytes.count > 1 else { return true }
+        guard let now = try? memory.read(virtual: d.address &+ 1, count: d.bytes.count - 1, cr3: layout.cr3) else { return false }
+        return now[...] == d.bytes[1...]
     }
 
     /// A call stepped out of line pushed its slot's return address: make it the real one.

@@ -86,6 +86,21 @@ struct OutOfLineStepTests {
 
     @Test func switchEveryInstruction() throws { try switchEveryInstructionSteppedOutOfLine(engine: .hlt) }
 
+    @Test func codeRewrittenAfterArmingIsSteppedAsItIsNow() throws {
+        // fib's `add rax, 0x1` (counting its calls) becomes `add rax, 0x2` after the probe is
+        // armed: a copy made at arming time would still add 1.
+        let m = try Machine(path: Guests.path("fib"), configuration: .init(engine: .engine(.hlt)))
+        let add = try #require(FlowGraph.build(function: "fib", in: m.image).blocks[0].instructions[1])
+        #expect(add.text == "add rax, 0x1")
+        let module = try TraceModule(target: m)
+        try module.addProbe(Probe("add"), at: add.address)
+        try module.enable()
+        try m.memory.write(physical: add.end - 1, bytes: [2])
+        let r = try m.run(timeout: .seconds(60))
+        #expect(r.console.map(\.text) == ["fib(15) = 610, calls = 3946"])
+        #expect(m.stepOvers.inPlace == 1973 && m.stepOvers.outOfLine == 0)
+    }
+
     @Test func twoVCPUsRunOnWhileOneSteps() throws {
         _ = try everyInstructionSteppedOutOfLine("smp", ["work_unit"], vcpus: 2, engine: .hlt,
                                                  console: ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"])
