@@ -548,7 +548,7 @@ public final class Machine: TraceTarget {
             let p = try memory.translate(virtual: rsp, cr3: cr3).physical
             if try memory.readUInt64(physical: p) == pushed { try memory.writeUInt64(physical: p, real) }
         } catch {
-            fault(vcpu, .other(reason: UInt32.max), detail: "fixing the return address of the call at 0x\(String(real &- 1, radix: 16)) stepped out of line: \(error)")
+            fault(vcpu, .other(reason: UInt32.max), detail: "fixing the return address 0x\(String(real, radix: 16)) of a call stepped out of line: \(error)")
         }
     }
 
