@@ -306,7 +306,7 @@ public final class Machine: TraceTarget {
         var reinjected = false
         defer {
             if case let .over(address, held)? = stepping { endStepOver(vcpu, address: address, held: held) }
-            if case .outOfLine? = stepping { abandonOutOfLine(vcpu, stepping) }
+            if case .outOfLine? = stepping { _ = abandonOutOfLine(vcpu, stepping) }
         }
         while !stopRequested.load(ordering: .acquiring) {
             if stepping == nil, hasPendingDisarms.load(ordering: .acquiring) { processPendingDisarms(from: id) }
@@ -321,8 +321,7 @@ public final class Machine: TraceTarget {
             }
             let exit: VMExit
             do { exit = try vcpu.run() } catch {
-                abandonOutOfLine(vcpu, stepping)
-                stepping = nil
+                stepping = abandonOutOfLine(vcpu, stepping)
                 fault(vcpu, .other(reason: UInt32.max), detail: error.description)
                 return
             }
@@ -426,13 +425,11 @@ public final class Machine: TraceTarget {
                     previousRip = regs.rip
                     continue
                 }
-                abandonOutOfLine(vcpu, stepping)
-                stepping = nil
+                stepping = abandonOutOfLine(vcpu, stepping)
                 fault(vcpu, exit)
                 return
             default:
-                abandonOutOfLine(vcpu, stepping)
-                stepping = nil
+                stepping = abandonOutOfLine(vcpu, stepping)
                 fault(vcpu, exit)
                 return
             }
@@ -554,12 +551,16 @@ public final class Machine: TraceTarget {
 
     /// Leaves an out-of-line step unfinished (the machine stops, or the copy faulted): rip
     /// goes back from the slot to the instruction, so reports and dumps name the real place.
-    private func abandonOutOfLine(_ vcpu: VCPU, _ stepping: Stepping?) {
-        guard case let .outOfLine(address, slot, _)? = stepping, var regs = registers(vcpu),
-              regs.rip >= slot, regs.rip < slot + BootLayout.outOfLineSlotSize else { return }
-        regs.rip = regs.rip - slot + address
-        setRegisters(vcpu, regs)
+    /// Returns the stepping state that remains: nil for an out-of-line step, an in-place
+    /// step unchanged (its end puts the trap back and releases the other vCPUs).
+    private func abandonOutOfLine(_ vcpu: VCPU, _ stepping: Stepping?) -> Stepping? {
+        guard case let .outOfLine(address, slot, _)? = stepping else { return stepping }
+        if var regs = registers(vcpu), regs.rip >= slot, regs.rip < slot + BootLayout.outOfLineSlotSize {
+            regs.rip = regs.rip - slot + address
+            setRegisters(vcpu, regs)
+        }
         applyBaseDebug(vcpu)
+        return nil
     }
 
     /// Puts the trap back (if the location is still armed) and the vCPU's usual debug state.

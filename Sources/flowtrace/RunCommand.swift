@@ -185,7 +185,7 @@ struct RunCommand: ParsableCommand {
         let elapsed = Double(result.elapsed.components.seconds) + Double(result.elapsed.components.attoseconds) / 1e18
         let seconds = String(format: "%.3f s", elapsed)
         let cpus = "\(vcpus) vCPU\(vcpus == 1 ? "" : "s")"
-        if let tracer { printError(plan.summary(tracer, written: written, elapsed: elapsed)) }
+        if let tracer { printError(plan.summary(tracer, written: written, elapsed: elapsed, stepOvers: machine.stepOvers)) }
         if let writeFailure { printError("flowtrace: error: \(writeFailure)") }
         switch result.ending {
         case let .exited(status):
@@ -450,7 +450,7 @@ struct TracePlan {
         return (report.count, nil)
     }
 
-    func summary(_ tracer: Tracer, written: Int, elapsed: Double) -> String {
+    func summary(_ tracer: Tracer, written: Int, elapsed: Double, stepOvers: (outOfLine: UInt64, inPlace: UInt64)) -> String {
         let c = tracer.module.counters
         let withBlocks = !tracer.flows.isEmpty
         var rows = [["LOCATION"] + (withBlocks ? ["BLOCK"] : []) + ["WHEN", "HITS", "KEPT", "EVICTED", "SUPPRESSED"]]
@@ -485,6 +485,11 @@ struct TracePlan {
         if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(hits)" }
         if c.suppressedWrongVCPU > 0 { total += ", \(c.suppressedWrongVCPU) on other vCPUs than --vcpu" }
         lines.append(total)
+        if stepOvers.inPlace > 0 {
+            // Worth knowing on several vCPUs: each in-place step held the others.
+            lines.append("flowtrace: \(stepOvers.inPlace) of \(stepOvers.inPlace + stepOvers.outOfLine) step-overs in place (the other vCPUs held for each): "
+                         + "their instructions depend on where they run, or the guest left the boot page tables or rewrote them")
+        }
         lines.append("flowtrace: \(written) records written to \(output ?? "stdout") (\(format.rawValue))"
                      + (filters.isEmpty && !reverse ? "" : " after --filter (\(filters.count) filter\(filters.count == 1 ? "" : "s"), --match \(combination.rawValue)\(reverse ? ", --reverse" : ""))"))
         return lines.joined(separator: "\n")

@@ -101,6 +101,22 @@ struct OutOfLineStepTests {
         #expect(m.stepOvers.inPlace == 1973 && m.stepOvers.outOfLine == 0)
     }
 
+    @Test func inPlaceStepThatFaultsEndsTheRunAndReleasesTheOtherVCPUs() throws {
+        // ud2 is stepped in place (the other vCPUs held) and faults: the fault is reported
+        // at it, and disarming afterwards does not wait for the step to end.
+        let m = try Machine(path: Guests.path("fault"), configuration: .init(vcpuCount: 2, engine: .engine(.hlt)))
+        let module = try TraceModule(target: m)
+        let fault = try #require(m.symbolizer.address(of: "fault_here"))
+        try module.addProbe(Probe("ud2"), at: fault)
+        try module.enable()
+        let r = try m.run(timeout: .seconds(60))
+        guard case let .fault(f) = r.ending else { Issue.record("ended \(r.ending)"); return }
+        #expect(f.rip == fault)
+        #expect(m.stepOvers == (outOfLine: 0, inPlace: 1))
+        try module.disable()
+        #expect(module.report().count == 1)
+    }
+
     @Test func twoVCPUsRunOnWhileOneSteps() throws {
         _ = try everyInstructionSteppedOutOfLine("smp", ["work_unit"], vcpus: 2, engine: .hlt,
                                                  console: ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"])
