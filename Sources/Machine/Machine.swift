@@ -310,7 +310,13 @@ public final class Machine: TraceTarget {
         }
         while !stopRequested.load(ordering: .acquiring) {
             if stepping == nil, hasPendingDisarms.load(ordering: .acquiring) { processPendingDisarms(from: id) }
-            rendezvous.gate(id)
+            if rendezvous.gate(id), case .outOfLine? = stepping {
+                // Whoever held the rendezvous may have set every vCPU's debug state (arming,
+                // disarming): this one is in the middle of stepping a copy, which must still
+                // end after one instruction, or it would run on past the copy.
+                let debug = breakpoints.withLock { $0.stepOverDebug(for: id) }
+                do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
+            }
             if stopRequested.load(ordering: .acquiring) { break }
             if stepping == nil, ripChecks.withLock({ c in defer { c[id] = false }; return c[id] }) {
                 // The step engine was just armed: the instruction at rip runs next.

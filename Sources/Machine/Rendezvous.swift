@@ -34,9 +34,11 @@ final class Rendezvous: Sendable {
     }
 
     /// Called by vCPU `id` before each `KVM_RUN` (and once when its thread starts).
-    @inline(__always)
-    func gate(_ id: Int, starting: Bool = false) {
-        guard starting || held.load(ordering: .acquiring) else { return }
+    /// Returns whether it may have waited for another holder, who may have changed the
+    /// vCPU's debug state meanwhile.
+    @inline(__always) @discardableResult
+    func gate(_ id: Int, starting: Bool = false) -> Bool {
+        guard starting || held.load(ordering: .acquiring) else { return false }
         let state = self.state
         state.wait(until: { s in
             if let h = s.holder, h != .vcpu(id) {
@@ -47,6 +49,7 @@ final class Rendezvous: Sendable {
             s.parked[id] = false
             return true
         })
+        return true
     }
 
     /// vCPU `id` is leaving its run loop for good.

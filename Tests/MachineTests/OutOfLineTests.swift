@@ -117,6 +117,22 @@ struct OutOfLineStepTests {
         #expect(module.report().count == 1)
     }
 
+    @Test func disarmingWhileAnotherVCPUStepsOutOfLine() throws {
+        // A hit limit disarms the module from one vCPU while the other is, most of the
+        // time, in the middle of an out-of-line step: that step must still finish as a step.
+        for round in 0..<8 {
+            let m = try Machine(path: Guests.path("smp"), configuration: .init(vcpuCount: 2, engine: .engine(.hlt)))
+            let module = try TraceModule(target: m)
+            let g = try FlowGraph.build(function: "work_unit", in: m.image)
+            try module.addProbes(g.blocks.flatMap(\.instructions).map { (Probe("p"), $0.address, ProbeTiming.before) })
+            try module.enable(hitLimit: 150 + UInt64(round) * 37)
+            let r = try m.run(timeout: .seconds(60))
+            #expect(r.ending == .exited(status: 0), "round \(round)")
+            #expect(Set(r.console.map(\.text)) == ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"], "round \(round)")
+            #expect(module.counters.recordsTaken == 150 + UInt64(round) * 37)
+        }
+    }
+
     @Test func twoVCPUsRunOnWhileOneSteps() throws {
         _ = try everyInstructionSteppedOutOfLine("smp", ["work_unit"], vcpus: 2, engine: .hlt,
                                                  console: ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"])
