@@ -128,6 +128,7 @@ struct RunCommand: ParsableCommand {
         do { image = try ELFImage(path: guest) } catch { throw fail(error.description, status: ExitStatus.usage) }
         let symbols = Symbolizer(image: image)
         let plan = try TracePlan(command: self, image: image, symbols: symbols)
+        for w in plan.warnings { printError(w) }
 
         let host: KVMHost
         do { host = try KVMHost(path: kvmDevicePath) } catch { throw fail(error.description, status: ExitStatus.unavailable) }
@@ -226,8 +227,6 @@ struct PlannedProbe {
     let location: String
     /// For --flow: the block and its role (`0 entry`, `3`, `2 exit`); nil for --probe.
     let block: String?
-    /// The option that asked for it, as messages quote it: `--probe 'fib:rdi'`.
-    let origin: String
 }
 
 /// A --flow function: its graph and the probes for each role.
@@ -246,6 +245,8 @@ struct TracePlan {
     let flows: [PlannedFlow]
     /// Every location: the --probe specs, then each --flow's blocks.
     let probes: [PlannedProbe]
+    /// What the graphs could not fully resolve, printed once the whole command line is valid.
+    let warnings: [String]
     let commonItems: [ItemSpec]
     let filters: [FilterSpec]
     let selection: VCPUSelection
@@ -284,7 +285,7 @@ struct TracePlan {
             }
             byAddress[spec.address] = "--probe '\(text)'"
             specs.append((spec, PlannedProbe(address: spec.address, timing: spec.timing, items: spec.items, location: spec.location,
-                                             block: nil, origin: "--probe '\(text)'")))
+                                             block: nil)))
         }
         self.specs = specs
 
@@ -304,6 +305,7 @@ struct TracePlan {
         let exitOverride = try items(c.flowExit, option: "--flow-exit")
         var flows: [PlannedFlow] = []
         var flowProbes: [PlannedProbe] = []
+        var warnings: [String] = []
         for text in c.flowSpecs {
             let function = String(text.prefix { $0 != ":" })
             let itemText = function.count < text.count ? String(text.dropFirst(function.count + 1)) : nil
@@ -329,22 +331,23 @@ struct TracePlan {
                 case .exit: (flow.exitItems, " exit")
                 }
                 flowProbes.append(PlannedProbe(address: p.address, timing: p.timing == .before ? .before : .after, items: items,
-                                               location: symbols.describe(p.address), block: "\(p.block)\(role)", origin: "--flow '\(text)'"))
+                                               location: symbols.describe(p.address), block: "\(p.block)\(role)"))
             }
             for b in graph.blocks {
                 if case let .incomplete(reason) = b.end {
-                    printError("flowtrace: warning: --flow '\(text)': block \(b.id) at \(hex(b.start)) is incomplete (\(reason))" + (b.instructions.isEmpty ? "; not probed" : "; probed at its first instruction"))
+                    warnings.append("flowtrace: warning: --flow '\(text)': block \(b.id) at \(hex(b.start)) is incomplete (\(reason))" + (b.instructions.isEmpty ? "; not probed" : "; probed at its first instruction"))
                 }
                 if let o = b.overlaps {
-                    printError("flowtrace: warning: --flow '\(text)': block \(b.id) at \(hex(b.start)) overlaps the instruction at \(hex(o)); not probed")
+                    warnings.append("flowtrace: warning: --flow '\(text)': block \(b.id) at \(hex(b.start)) overlaps the instruction at \(hex(o)); not probed")
                 }
             }
             for (jump, reason) in graph.unresolvedJumps {
-                printError("flowtrace: warning: --flow '\(text)': the indirect jump at \(hex(jump)) has no known targets (\(reason)); blocks only it reaches are not traced")
+                warnings.append("flowtrace: warning: --flow '\(text)': the indirect jump at \(hex(jump)) has no known targets (\(reason)); blocks only it reaches are not traced")
             }
             flows.append(flow)
         }
         self.flows = flows
+        self.warnings = warnings
         probes = specs.map(\.1) + flowProbes
 
         if let common = c.common {
