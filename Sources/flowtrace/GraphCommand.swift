@@ -53,6 +53,10 @@ struct GraphCommand: ParsableCommand {
             let counts: [UInt64: UInt64]
             do { counts = try readAddressCounts(path: heat) } catch { throw fail("--heat \(error.message)", status: ExitStatus.usage) }
             hits = graph.blockHits(fromAddressCounts: counts)
+            if hits?.isEmpty == true {
+                let records = counts.values.reduce(0, +)
+                printError("flowtrace: warning: --heat \(heat): none of its \(records) records is at an address of \(graph.name); every block shows 0 (trace it with: flowtrace run \(guest) --flow \(function))")
+            }
         }
         let symbols = Symbolizer(image: image)
         let describe: (UInt64) -> String? = { a in symbols.locate(a).map { $0.offset == 0 ? $0.symbol.name : "\($0.symbol.name)+0x\(String($0.offset, radix: 16))" } }

@@ -173,5 +173,11 @@ struct FlowCLITests {
         #expect(dot.status == 0)
         #expect(dot.stdout.contains("b0 [label=\"block 0  0x\(String(g.entry, radix: 16))  entry, conditional\\lhits 240\\l"))
         #expect(dot.stdout.components(separatedBy: "style=filled").count - 1 == g.blocks.count)
+        // Records of another function: said so, and every block shows 0.
+        let other = try flowtrace("graph", path, "finish", "--heat", trace)
+        #expect(other.status == 0)
+        #expect(other.stderr == "flowtrace: warning: --heat \(trace): none of its 1389 records is at an address of finish; every block shows 0 "
+                + "(trace it with: flowtrace run \(path) --flow finish)\n")
+        #expect(heatOfTextGraph(other.stdout) == [0: 0])
     }
 }
