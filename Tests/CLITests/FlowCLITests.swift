@@ -116,7 +116,13 @@ struct FlowCLITests {
         expectOneLineError(try flowtrace("run", fib, "--flow", "fib", "--probe", "fib:rdi"),
                            "--flow 'fib': block 0 at 0x", "already has --probe 'fib:rdi'; one probe per address")
         expectOneLineError(try flowtrace("run", fib, "--flow", "fib", "--flow", "fib"), "--flow 'fib': block 0", "already has --flow 'fib' (block 0)")
-        expectOneLineError(try flowtrace("run", fib, "--flow", "fib", "--engine", "hw", "--flow", "guest_main"), "hw")
+    }
+
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm (engines are checked against the host)"))
+    func flowWithMoreBlocksThanHardwareBreakpoints() throws {
+        // fib's 3 blocks and guest_main's: more than hw's 4 breakpoints.
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--flow", "fib", "--engine", "hw", "--flow", "guest_main"),
+                           "--engine hw arms at most 4 locations")
     }
 
     @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
