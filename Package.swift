@@ -54,7 +54,7 @@ let package = Package(
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "FlowGraph", "TestSupport"]),
         .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "Locking"]),
         .testTarget(name: "CLITests", dependencies: ["KVM", "Machine", "FlowGraph", "ELF", "TestSupport"]),
-        .testTarget(name: "TraceSpecTests", dependencies: ["TraceSpec", "FlowTrace", "FlowTraceSimulation", "ELF"]),
+        .testTarget(name: "TraceSpecTests", dependencies: ["TraceSpec", "FlowTrace", "FlowTraceSimulation", "ELF", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -486,7 +486,7 @@ public final class Machine: TraceTarget {
     /// instruction allows it and the vCPU still runs on the boot page tables (so its slot is
     /// mapped and the loader's), else in place with the other vCPUs held.
     private func beginStepOver(_ vcpu: VCPU, address: UInt64) -> Stepping? {
-        let (engine, displaced) = breakpoints.withLock { ($0.engine, $0.displaced[address]) }
+        let (engine, displaced, stepDebug) = breakpoints.withLock { ($0.engine, $0.displaced[address], $0.stepOverDebug(for: vcpu.id)) }
         if let displaced, engine == .int3 || engine == .hlt, let slot = BootLayout.outOfLineSlot(for: vcpu.id),
            let bytes = displaced.bytes(at: slot), (try? vcpu.specialRegisters().cr3) == layout.cr3,
            unchanged(displaced), var regs = registers(vcpu) {
@@ -495,10 +495,9 @@ public final class Machine: TraceTarget {
             }
             regs.rip = slot
             setRegisters(vcpu, regs)
-            let debug = breakpoints.withLock { $0.stepOverDebug(for: vcpu.id) }
             do {
                 try vcpu.flushRegisters()
-                try vcpu.setGuestDebug(debug)
+                try vcpu.setGuestDebug(stepDebug)
             } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
             outOfLineSteps.add(1, ordering: .relaxed)
             return .outOfLine(address: address, slot: slot, displaced: displaced)
@@ -510,7 +509,8 @@ public final class Machine: TraceTarget {
             inPlaceSteps.add(1, ordering: .relaxed)
             rendezvous.acquire(.vcpu(vcpu.id))
         }
-        // The physical address was checked when the location was armed.
+        // The physical address was checked when the location was armed. Read after the
+        // rendezvous: the others may have changed the engine while this vCPU waited for it.
         let debug = breakpoints.withLock { b -> GuestDebug in
             if let p = b.patches.patches[address] { restore(p.original, at: p.physical) }
             return b.stepOverDebug(for: vcpu.id)

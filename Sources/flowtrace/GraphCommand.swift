@@ -59,7 +59,7 @@ struct GraphCommand: ParsableCommand {
             }
         }
         let symbols = Symbolizer(image: image)
-        let describe: (UInt64) -> String? = { a in symbols.locate(a).map { $0.offset == 0 ? $0.symbol.name : "\($0.symbol.name)+0x\(String($0.offset, radix: 16))" } }
+        let describe: (UInt64) -> String? = { a in symbols.locate(a) == nil ? nil : symbols.describe(a) }
         let text = switch format {
         case .text: graph.text(describe: describe, hits: hits)
         case .dot: graph.dot(describe: describe, hits: hits)

@@ -233,6 +233,8 @@ struct PlannedProbe {
 struct PlannedFlow {
     let text: String
     let graph: FlowGraph
+    /// `graph.probePlacements`, computed once.
+    let placements: [FlowProbePlacement]
     let entryItems: [ItemSpec]
     let blockItems: [ItemSpec]
     let exitItems: [ItemSpec]
@@ -314,9 +316,9 @@ struct TracePlan {
             }
             let blockItems = try items(itemText, option: "--flow", quoting: text) ?? []
             let graph = try buildGraph(function.trimmingCharacters(in: .whitespaces), in: image, splitAtCalls: c.splitCalls, option: "--flow")
-            let flow = PlannedFlow(text: text, graph: graph, entryItems: entryOverride ?? blockItems, blockItems: blockItems,
-                                   exitItems: exitOverride ?? blockItems)
-            let placements = graph.probePlacements
+            let flow = PlannedFlow(text: text, graph: graph, placements: graph.probePlacements, entryItems: entryOverride ?? blockItems,
+                                   blockItems: blockItems, exitItems: exitOverride ?? blockItems)
+            let placements = flow.placements
             guard !placements.isEmpty else {
                 throw fail("--flow '\(text)': no block of \(graph.name) can be probed (see: flowtrace graph \(c.guest) \(function))", status: ExitStatus.usage)
             }
@@ -467,7 +469,7 @@ struct TracePlan {
         for f in tracer.flows {
             // Entry hits are calls and exit hits returns, whatever the records kept.
             var entries: UInt64 = 0, exits: UInt64 = 0
-            let placements = f.graph.probePlacements
+            let placements = f.placements
             let roles = Dictionary(placements.map { ($0.address, $0.role) }, uniquingKeysWith: { a, _ in a })
             for l in c.locations {
                 switch roles[l.address] {

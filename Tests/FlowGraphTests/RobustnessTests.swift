@@ -5,19 +5,6 @@ import TestSupport
 
 /// Arbitrary bytes: every graph is well formed, whatever it decodes; nothing crashes or hangs.
 @Suite struct RobustnessTests {
-    /// SplitMix64: the same bytes on every run.
-    struct Random {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-        mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8(truncatingIfNeeded: next()) } }
-    }
-
     @Test func truncatedInstructionSaysHowManyBytesThereWere() {
         // mov rax, [rip+disp32] cut after its opcode.
         let g = FlowGraph.build(entry: 0x1000, bounds: 0x1000..<0x1003, source: BufferCodeSource(base: 0x1000, bytes: [0x48, 0x8B, 0x05]))
@@ -52,7 +39,7 @@ import TestSupport
     }
 
     @Test func randomBytesGiveWellFormedGraphs() {
-        var r = Random(state: 0x5EED_F10A)
+        var r = SplitMix64(state: 0x5EED_F10A)
         for round in 0..<20_000 {
             let n = 1 + Int(r.next() % 96)
             let bytes = r.bytes(n)
@@ -79,7 +66,7 @@ import TestSupport
         let segment = try #require(image.segments.first { $0.isExecutable })
         let offset = Int(dispatch.address - segment.virtualAddress)
         let original = Array(segment.data[offset ..< offset + Int(dispatch.size)])
-        var r = Random(state: 42)
+        var r = SplitMix64(state: 42)
         for _ in 0..<1000 {
             var bytes = original
             for _ in 0..<(1 + Int(r.next() % 4)) { bytes[Int(r.next() % UInt64(bytes.count))] = UInt8(truncatingIfNeeded: r.next()) }

@@ -1,6 +1,7 @@
 import ELF
 import FlowTrace
 import Testing
+import TestSupport
 import TraceSpec
 
 /// Symbols like the guests': fib (0x44 bytes), sum, element, a data table, a label.
@@ -121,18 +122,6 @@ struct ProbeSpecTests {
 
 @Suite("probe spec fuzzing")
 struct ProbeSpecFuzzTests {
-    /// A small deterministic generator (SplitMix64), so a failure can be replayed.
-    struct SplitMix: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     static let seeds = ["fib:rdi", "fib+0x1a@after:rax", "sum:[rdi+rsi*8]:8,rsi", "0x100000:[0x2000]:16",
                         "element@before:[rdi+rsi*8+16]:8,[rsp-8]:4,xmm0,gdtr", "fib:[table+rsi*8]:4096,ah",
                         "sum+8:[8*rsi+rdi],cr3,rflags"]
@@ -146,7 +135,7 @@ struct ProbeSpecFuzzTests {
     /// spliced. Every one must parse or fail with a message; whatever parses must have
     /// items whose entries round-trip through their own descriptions.
     @Test func randomAndMutatedSpecsNeverCrash() throws {
-        var rng = SplitMix(state: 0xF10_7ACE)
+        var rng = SplitMix64(state: 0xF10_7ACE)
         var parsed = 0, rejected = 0
         for n in 0..<120_000 {
             var text: String
