@@ -25,6 +25,9 @@ let package = Package(
         .systemLibrary(name: "CZydis", providers: [.apt(["libzydis-dev"])]),
         // Locks ThreadSanitizer can see (see Locked.swift), and the record store's spin lock.
         .target(name: "Locking"),
+        // File output that never destroys what it replaces, clocks, terminals: the CLI's and
+        // the report writer's system calls.
+        .target(name: "Sys"),
         .target(name: "KVM", dependencies: ["CKVM", "Locking"]),
         // "Did you mean" for symbol and register names.
         .target(name: "NameSuggestions"),
@@ -36,11 +39,11 @@ let package = Package(
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
         .target(name: "Machine", dependencies: ["KVM", "ELF", "FlowTrace", "FlowGraph", "Locking"]),
         // The command line's languages: probe specs, filters, report formats.
-        .target(name: "TraceSpec", dependencies: ["FlowTrace", "ELF", "NameSuggestions"]),
+        .target(name: "TraceSpec", dependencies: ["FlowTrace", "ELF", "NameSuggestions", "Sys"]),
         .executableTarget(
             name: "flowtrace",
             dependencies: [
-                "Machine", "ELF", "KVM", "FlowTrace", "FlowGraph", "Locking", "TraceSpec",
+                "Machine", "ELF", "KVM", "FlowTrace", "FlowGraph", "Locking", "TraceSpec", "Sys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -52,9 +55,9 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "FlowGraphTests", dependencies: ["FlowGraph", "ELF", "TestSupport"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "FlowGraph", "TestSupport"]),
-        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "Locking"]),
+        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "Locking", "TestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["KVM", "Machine", "FlowGraph", "ELF", "TestSupport"]),
-        .testTarget(name: "TraceSpecTests", dependencies: ["TraceSpec", "FlowTrace", "FlowTraceSimulation", "ELF", "TestSupport"]),
+        .testTarget(name: "TraceSpecTests", dependencies: ["TraceSpec", "FlowTrace", "FlowTraceSimulation", "ELF", "TestSupport", "Sys"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -102,13 +102,17 @@ extension ProbeLayout {
                 do throws(TraceError) { store(try context.read(r), width: r.width, at: at) } catch { failure = error }
             case let .constantMemory(address, size):
                 do throws(TraceError) {
-                    try context.readMemory(at: address, into: UnsafeMutableRawBufferPointer(start: at, count: size))
+                    // SAFETY: the entry's `size` bytes at `at` lie inside the slot (its layout).
+                    var span = MutableRawSpan(_unsafeStart: at, byteCount: size)
+                    try context.readMemory(at: address, into: &span)
                 } catch { failure = error }
             case let .indirectMemory(op, size):
                 do throws(TraceError) {
                     let address = try resolve(op, context: context)
                     at.storeBytes(of: address, as: UInt64.self)
-                    try context.readMemory(at: address, into: UnsafeMutableRawBufferPointer(start: at + 8, count: size))
+                    // SAFETY: the entry's address and `size` bytes at `at` lie inside the slot.
+                    var span = MutableRawSpan(_unsafeStart: at + 8, byteCount: size)
+                    try context.readMemory(at: address, into: &span)
                 } catch { failure = error }
             case let .callback(k):
                 callbacks[k](hit, context)

@@ -8,12 +8,18 @@ import Glibc
 ///
 /// Slots live in chunks of `chunkSlots` so growth never copies records. Bounded stores are
 /// rings: once `capacity` records are kept, each new record overwrites the oldest.
+///
+/// A store that cannot get memory for a new chunk stops taking records: each record it
+/// cannot keep is counted as lost, and the records it has stay intact.
 final class RecordStore: @unchecked Sendable {
     // SAFETY: every mutable member is read and written only while `lock` is held. That lock
     // is what keeps accesses exclusive, so the per-access dynamic exclusivity checks (which
     // cost more than the rest of an append) are switched off with @exclusivity(unchecked).
+    // Each chunk is `chunkSlots * slotSize` bytes from `allocator`, freed with free(3).
+    typealias Chunk = UnsafeMutableRawPointer
     private let lock = SpinLock()
-    @exclusivity(unchecked) private var chunks: [UnsafeMutableRawPointer] = []
+    private let allocator: @Sendable (Int) -> Chunk?
+    @exclusivity(unchecked) private var chunks: [Chunk] = []
     @exclusivity(unchecked) private(set) var slotSize: Int
     /// 0 = unbounded.
     @exclusivity(unchecked) private var capacity: Int = 0
@@ -23,15 +29,26 @@ final class RecordStore: @unchecked Sendable {
     @exclusivity(unchecked) private var nextSequence: UInt64 = 0
     @exclusivity(unchecked) private var takenTotal: UInt64 = 0
     @exclusivity(unchecked) private var evictedTotal: UInt64 = 0
+    @exclusivity(unchecked) private var lostTotal: UInt64 = 0
+    /// A chunk could not be allocated: no more records are taken.
+    @exclusivity(unchecked) private var exhausted = false
     /// Per location: records taken and evicted.
     @exclusivity(unchecked) private var takenAt: [UInt64] = []
     @exclusivity(unchecked) private var evictedAt: [UInt64] = []
+    @exclusivity(unchecked) private var lostAt: [UInt64] = []
 
     static let chunkShift = 12
     static let chunkSlots = 1 << chunkShift
 
-    init(slotSize: Int) {
+    /// malloc(3); nil when the system has no memory to give.
+    static let systemAllocator: @Sendable (Int) -> Chunk? = { bytes in
+        // SAFETY: a fresh allocation owned by the store until free(3) in deinit/removeAll.
+        malloc(bytes)
+    }
+
+    init(slotSize: Int, allocator: @escaping @Sendable (Int) -> Chunk? = RecordStore.systemAllocator) {
         self.slotSize = slotSize
+        self.allocator = allocator
     }
 
     deinit { for c in chunks { free(c) } }
@@ -42,11 +59,17 @@ final class RecordStore: @unchecked Sendable {
     }
 
     /// Copies a collected record into the store, stamping sequence number and time under
-    /// the lock so the store stays in sequence order. Returns its sequence number.
-    @inline(__always)
-    func append(_ record: UnsafeMutableRawPointer, location: Int, vcpu: Int) -> UInt64 {
+    /// the lock so the store stays in sequence order. Returns false when the record was
+    /// lost (no memory for it).
+    @inline(__always) @discardableResult
+    func append(_ record: UnsafeMutableRawPointer, location: Int, vcpu: Int) -> Bool {
         lock.lock()
         defer { lock.unlock() }
+        if !(capacity > 0 && count == capacity), count >> Self.chunkShift == chunks.count, !growChunk() {
+            lostAt[location] &+= 1
+            lostTotal &+= 1
+            return false
+        }
         let seq = nextSequence
         nextSequence &+= 1
         record.storeBytes(of: seq, toByteOffset: RecordHeader.sequence, as: UInt64.self)
@@ -63,18 +86,22 @@ final class RecordStore: @unchecked Sendable {
             if head == capacity { head = 0 }
         } else {
             physical = count
-            if physical >> Self.chunkShift == chunks.count { growChunk() }
             count += 1
         }
         slot(physical).copyMemory(from: record, byteCount: slotSize)
         takenAt[location] &+= 1
         takenTotal &+= 1
-        return seq
+        return true
     }
 
-    private func growChunk() {
-        guard let c = malloc(Self.chunkSlots * slotSize) else { fatalError("out of memory for trace records") }
+    /// Adds a chunk; false (and no more tries) when the allocator has no memory.
+    private func growChunk() -> Bool {
+        guard !exhausted, let c = allocator(Self.chunkSlots * slotSize) else {
+            exhausted = true
+            return false
+        }
         chunks.append(c)
+        return true
     }
 
     /// Makes room for per-location counters of `locations` locations.
@@ -83,14 +110,18 @@ final class RecordStore: @unchecked Sendable {
             if takenAt.count < locations {
                 takenAt += Array(repeating: 0, count: locations - takenAt.count)
                 evictedAt += Array(repeating: 0, count: locations - evictedAt.count)
+                lostAt += Array(repeating: 0, count: locations - lostAt.count)
             }
         }
     }
 
     /// Changes slot size and bound, keeping the newest records that fit (older ones are
     /// counted as evicted). Called while no hits are in flight (module not enabled).
+    /// Without memory for the new layout the records stay as they are and the store takes
+    /// no more (they count as lost).
     func reconfigure(slotSize newSize: Int, capacity newCapacity: Int) {
         lock.withLock {
+            exhausted = false
             let keep = newCapacity > 0 ? min(count, newCapacity) : count
             if newSize == slotSize && keep == count && head == 0 {
                 capacity = newCapacity
@@ -98,8 +129,17 @@ final class RecordStore: @unchecked Sendable {
             }
             let oldSize = slotSize
             let old = (0..<count).map { slot(($0 + head) % max(capacity, count)) }
+            var fresh: [Chunk] = []
+            for _ in 0 ..< (keep + Self.chunkSlots - 1) >> Self.chunkShift {
+                guard let c = allocator(Self.chunkSlots * newSize) else {
+                    for f in fresh { free(f) }
+                    exhausted = true
+                    return
+                }
+                fresh.append(c)
+            }
             let oldChunks = chunks
-            chunks = []
+            chunks = fresh
             slotSize = newSize
             for r in old[..<(count - keep)] {
                 let l = Int(r.load(fromByteOffset: RecordHeader.location, as: UInt32.self))
@@ -107,7 +147,6 @@ final class RecordStore: @unchecked Sendable {
                 evictedTotal &+= 1
             }
             for (i, r) in old[(count - keep)...].enumerated() {
-                if i >> Self.chunkShift == chunks.count { growChunk() }
                 let s = slot(i)
                 s.initializeMemory(as: UInt8.self, repeating: 0, count: newSize)
                 s.copyMemory(from: r, byteCount: min(oldSize, newSize))
@@ -126,22 +165,25 @@ final class RecordStore: @unchecked Sendable {
             chunks = []
             head = 0
             count = 0
+            exhausted = false
         }
     }
 
     /// A contiguous copy of every kept record, oldest first, taken under the lock so a
-    /// concurrent hit can neither tear it nor overflow it (the reference sized its copy
-    /// outside the lock: defect 5).
+    /// concurrent hit can neither tear it nor overflow it. Without memory for the copy the
+    /// buffer is empty and says how many records it misses.
     func snapshot() -> RecordBuffer {
         lock.withLock {
-            let buffer = RecordBuffer(count: count, slotSize: slotSize)
+            guard let buffer = RecordBuffer(count: count, slotSize: slotSize, allocator: allocator) else {
+                return RecordBuffer(missing: count, slotSize: slotSize)
+            }
             var done = 0
             // At most two runs: from head to the end of the ring, then from 0.
             let ringEnd = capacity > 0 && count == capacity ? capacity : count
             var physical = head
             while done < count {
                 let run = min(count - done, ringEnd - physical, Self.chunkSlots - (physical & (Self.chunkSlots - 1)))
-                (buffer.base + done * slotSize).copyMemory(from: slot(physical), byteCount: run * slotSize)
+                (buffer.base.unsafelyUnwrapped + done * slotSize).copyMemory(from: slot(physical), byteCount: run * slotSize)
                 done += run
                 physical += run
                 if physical == ringEnd { physical = 0 }
@@ -156,30 +198,49 @@ final class RecordStore: @unchecked Sendable {
         var evicted: UInt64
         var takenAt: [UInt64]
         var evictedAt: [UInt64]
+        var lost: UInt64
+        var lostAt: [UInt64]
     }
 
     var totals: Totals {
-        lock.withLock { Totals(kept: count, taken: takenTotal, evicted: evictedTotal, takenAt: takenAt, evictedAt: evictedAt) }
+        lock.withLock {
+            Totals(kept: count, taken: takenTotal, evicted: evictedTotal, takenAt: takenAt, evictedAt: evictedAt,
+                   lost: lostTotal, lostAt: lostAt)
+        }
     }
 }
 
 /// An immutable run of record slots, oldest first.
 final class RecordBuffer: @unchecked Sendable {
     // SAFETY: filled once by `RecordStore.snapshot()` before it is shared, then only read.
-    let base: UnsafeMutableRawPointer
+    let base: UnsafeMutableRawPointer?
     let count: Int
     let slotSize: Int
+    /// Records of the store this copy could not hold (no memory for it).
+    let missing: Int
 
-    init(count: Int, slotSize: Int) {
+    init?(count: Int, slotSize: Int, allocator: (Int) -> UnsafeMutableRawPointer?) {
+        guard let base = allocator(max(1, count * slotSize)) else { return nil }
+        self.base = base
         self.count = count
         self.slotSize = slotSize
-        base = malloc(max(1, count * slotSize))!
+        missing = 0
+    }
+
+    init(missing: Int, slotSize: Int) {
+        base = nil
+        count = 0
+        self.slotSize = slotSize
+        self.missing = missing
     }
 
     deinit { free(base) }
 
     @inline(__always)
-    func slot(_ i: Int) -> UnsafeRawPointer { UnsafeRawPointer(base + i * slotSize) }
+    func slot(_ i: Int) -> UnsafeRawPointer {
+        // SAFETY: i < count, so base is non-nil and the slot lies inside the allocation.
+        UnsafeRawPointer(base.unsafelyUnwrapped + i * slotSize)
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call).

@@ -24,6 +24,10 @@ public enum TraceError: Error, Equatable, Sendable, CustomStringConvertible {
     case memoryUnreadable(address: UInt64, size: Int, reason: String)
     /// The target refused to arm or disarm the module's locations.
     case target(String)
+    /// A host call of the target failed while arming or disarming (the text names it).
+    case targetFailure(String)
+    /// Another control operation on the module (add, enable, disable) was in progress.
+    case concurrentOperation(String)
 
     public var description: String {
         switch self {
@@ -50,8 +54,10 @@ public enum TraceError: Error, Equatable, Sendable, CustomStringConvertible {
             return "register \(name) unreadable: \(reason)"
         case let .memoryUnreadable(address, size, reason):
             return "\(size) bytes at 0x\(String(address, radix: 16)) unreadable: \(reason)"
-        case let .target(text):
+        case let .target(text), let .targetFailure(text):
             return text
+        case let .concurrentOperation(op):
+            return "cannot \(op) a trace module while another thread adds probes to, enables or disables it: one control operation at a time"
         }
     }
 }

@@ -1,5 +1,8 @@
 import Locking
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A probe placed at an address in a trace module.
 public struct ProbeLocation: Sendable {
@@ -21,15 +24,18 @@ public struct LocationCounters: Sendable, Equatable {
     public var taken: UInt64
     /// Records taken here and later evicted by `maxRecords`.
     public var evicted: UInt64
+    /// Hits here whose record was lost: the store had no memory for it.
+    public var lost: UInt64
 
-    public init(address: UInt64, timing: ProbeTiming, hits: UInt64, taken: UInt64, evicted: UInt64) {
+    public init(address: UInt64, timing: ProbeTiming, hits: UInt64, taken: UInt64, evicted: UInt64, lost: UInt64 = 0) {
         self.address = address; self.timing = timing; self.hits = hits; self.taken = taken; self.evicted = evicted
+        self.lost = lost
     }
 
     /// Records kept here now.
     public var kept: UInt64 { taken - evicted }
     /// Hits here that took no record (another vCPU than the module's, or over the limit).
-    public var suppressed: UInt64 { hits &- taken }
+    public var suppressed: UInt64 { hits &- taken &- lost }
 }
 
 /// A module's counters.
@@ -42,6 +48,8 @@ public struct TraceCounters: Sendable, Equatable {
     public var recordsKept: Int
     /// Records evicted because of `maxRecords`.
     public var evicted: UInt64
+    /// Records lost because the store had no memory for them (the run went on).
+    public var recordsLost: UInt64
     /// Hits from a vCPU the module does not trace.
     public var suppressedWrongVCPU: UInt64
     /// Hits past the hit limit (delivered while the target was disarming the module).
@@ -62,9 +70,16 @@ public struct TraceCounters: Sendable, Equatable {
 /// limit -> `created` ... ; `targetGone` once the machine it traces no longer exists.
 public final class TraceModule: @unchecked Sendable {
     // SAFETY: `plan` is the only member not protected by a lock or an atomic. It is
-    // replaced only under `control`, while the module is not enabled and after every hit in
-    // flight has drained (`inFlight` == 0); hits read it only after an acquiring load saw
-    // `enabled`, which was stored (releasing) after the last replacement.
+    // replaced only under `control`, by the one control operation in progress (`operation`),
+    // while the module is not enabled and after every hit in flight has drained
+    // (`inFlight` == 0); hits read it only after a load saw `enabled`, which was stored
+    // after the last replacement. `inFlight` and `stateValue` are sequentially consistent on
+    // both sides (a hit: increment, then load the state; a control operation: store the
+    // state, then load the count), so a drain never misses a hit that saw `enabled`.
+    //
+    // Locks: `control` guards `plan` and the limits, and nothing is ever called while it is
+    // held: not the target, not a callback. The target is an immutable weak reference read
+    // without a lock, so the hit path takes no lock of the module at all.
 
     public enum State: String, Sendable, CustomStringConvertible {
         case created, enabled, targetGone
@@ -102,12 +117,15 @@ public final class TraceModule: @unchecked Sendable {
     }
 
     private struct Control {
-        weak var target: (any TraceTarget)?
         var hitLimit: UInt64 = 0
         var maxRecords = 0
     }
 
+    /// The machine this module traces; nil once it is gone.
+    private weak let target: (any TraceTarget)?
     private let control: Locked<Control>
+    /// A control operation (adding probes, enable, disable) is in progress.
+    private let operation = Atomic<Bool>(false)
     @exclusivity(unchecked) private var plan: Plan
     private let stateValue = Atomic<UInt8>(0)         // 0 created, 1 enabled
     private let limited = Atomic<Bool>(false)
@@ -120,17 +138,24 @@ public final class TraceModule: @unchecked Sendable {
     let reasons = ReasonTable()
 
     /// Creates a module tracing `vcpus` of `target`. Throws for a vCPU the target lacks;
-    /// nothing is retained then (the reference handed out a freed module: defect 11).
-    public init(target: any TraceTarget, vcpus: VCPUSelection = .any, commonProbe: Probe? = nil) throws(TraceError) {
+    /// nothing is retained then.
+    public convenience init(target: any TraceTarget, vcpus: VCPUSelection = .any, commonProbe: Probe? = nil) throws(TraceError) {
+        try self.init(target: target, vcpus: vcpus, commonProbe: commonProbe, allocator: RecordStore.systemAllocator)
+    }
+
+    /// `allocator` gets the record store's chunks (tests make it fail).
+    init(target: any TraceTarget, vcpus: VCPUSelection, commonProbe: Probe?,
+         allocator: @escaping @Sendable (Int) -> RecordStore.Chunk?) throws(TraceError) {
         if case let .only(k) = vcpus, k < 0 || k >= target.vcpuCount {
             throw TraceError.vcpuOutOfRange(k, count: target.vcpuCount)
         }
         self.vcpus = vcpus
         self.commonProbe = commonProbe
         commonLayout = ProbeLayout(entries: commonProbe?.retain() ?? [])
-        control = Locked(Control(target: target))
+        self.target = target
+        control = Locked(Control())
         plan = Plan(locations: [], commonLayout: commonLayout, carrying: nil)
-        store = RecordStore(slotSize: plan.slotSize)
+        store = RecordStore(slotSize: plan.slotSize, allocator: allocator)
     }
 
     deinit {
@@ -140,8 +165,8 @@ public final class TraceModule: @unchecked Sendable {
 
     /// The module's state.
     public var state: State {
-        if control.withLock({ $0.target == nil }) { return .targetGone }
-        return stateValue.load(ordering: .acquiring) == 1 ? .enabled : .created
+        if target == nil { return .targetGone }
+        return stateValue.load(ordering: .sequentiallyConsistent) == 1 ? .enabled : .created
     }
 
     /// The probe locations, in the order they were added.
@@ -154,9 +179,9 @@ public final class TraceModule: @unchecked Sendable {
 
     /// Places several probes at once: all of them, or (on an error) none.
     public func addProbes(_ list: [(probe: Probe, address: UInt64, timing: ProbeTiming)]) throws(TraceError) {
-        try control.withLock { (c: inout Control) throws(TraceError) in
-            guard c.target != nil else { throw TraceError.targetGone }
-            guard stateValue.load(ordering: .acquiring) == 0 else {
+        try exclusively("add a probe to") { () throws(TraceError) in
+            guard target != nil else { throw TraceError.targetGone }
+            guard stateValue.load(ordering: .sequentiallyConsistent) == 0 else {
                 throw TraceError.invalidState(operation: "add a probe to", state: .enabled)
             }
             var taken = Set(plan.locations.map(\.address))
@@ -167,8 +192,10 @@ public final class TraceModule: @unchecked Sendable {
                 ProbeLocation(address: p.address, probe: p.probe, timing: p.timing, layout: ProbeLayout(entries: p.probe.retain()))
             }
             // Hits that saw `enabled` before a self-disable may still read the plan.
-            while inFlight.load(ordering: .acquiring) != 0 { sched_yield() }
-            plan = Plan(locations: plan.locations + locations, commonLayout: commonLayout, carrying: plan)
+            drainHitsInFlight()
+            control.withLock { _ in
+                plan = Plan(locations: plan.locations + locations, commonLayout: commonLayout, carrying: plan)
+            }
             store.ensureLocations(plan.locations.count)
         }
     }
@@ -178,23 +205,26 @@ public final class TraceModule: @unchecked Sendable {
     ///   - hitLimit: records to take before the module disables itself; 0 = no limit.
     ///   - maxRecords: records to keep; beyond it the oldest is evicted; 0 = unbounded.
     public func enable(hitLimit: UInt64 = 0, maxRecords: Int = 0) throws(TraceError) {
-        try control.withLock { (c: inout Control) throws(TraceError) in
-            guard let target = c.target else { throw TraceError.targetGone }
-            guard stateValue.load(ordering: .acquiring) == 0 else { throw TraceError.invalidState(operation: "enable", state: .enabled) }
+        try exclusively("enable") { () throws(TraceError) in
+            guard let target else { throw TraceError.targetGone }
+            guard stateValue.load(ordering: .sequentiallyConsistent) == 0 else { throw TraceError.invalidState(operation: "enable", state: .enabled) }
             guard !plan.locations.isEmpty else { throw TraceError.noProbes }
-            while inFlight.load(ordering: .acquiring) != 0 { sched_yield() }
+            drainHitsInFlight()
             store.reconfigure(slotSize: plan.slotSize, capacity: max(0, maxRecords))
-            c.hitLimit = hitLimit
-            c.maxRecords = maxRecords
-            // The reference never set its limit flag, so limits never worked (defect 1).
+            control.withLock { c in
+                c.hitLimit = hitLimit
+                c.maxRecords = maxRecords
+            }
+            // Set before any hit can see `enabled`; one CAS per hit then takes from it.
             hitsLeft.store(hitLimit, ordering: .relaxed)
             limited.store(hitLimit > 0, ordering: .relaxed)
-            stateValue.store(1, ordering: .releasing)
+            // Enabled before arming: the target may deliver hits as soon as it has armed.
+            stateValue.store(1, ordering: .sequentiallyConsistent)
             let armed = plan.locations.enumerated().map { ArmedLocation(index: $0.offset, address: $0.element.address, timing: $0.element.timing) }
             do throws(TraceError) {
                 try target.arm(self, locations: armed, vcpus: vcpus)
             } catch {
-                stateValue.store(0, ordering: .releasing)
+                stateValue.store(0, ordering: .sequentiallyConsistent)
                 throw error
             }
         }
@@ -204,11 +234,29 @@ public final class TraceModule: @unchecked Sendable {
     /// Disabling a module that is not enabled (e.g. after it reached its hit limit) only
     /// makes sure the target has disarmed it.
     public func disable() throws(TraceError) {
-        try control.withLock { (c: inout Control) throws(TraceError) in
-            guard let target = c.target else { throw TraceError.targetGone }
-            stateValue.store(0, ordering: .releasing)
+        try exclusively("disable") { () throws(TraceError) in
+            guard let target else { throw TraceError.targetGone }
+            stateValue.store(0, ordering: .sequentiallyConsistent)
+            // No lock of this module is held here: a vCPU taking the last hit of the budget
+            // needs none, so a target that waits for every vCPU to park gets them all.
             try target.disarm(self)
         }
+    }
+
+    /// Runs one control operation; a second one started meanwhile (on another thread, or
+    /// from a probe callback) is refused instead of waiting, so no wait can form a cycle
+    /// with the target.
+    private func exclusively(_ name: String, _ body: () throws(TraceError) -> Void) throws(TraceError) {
+        guard operation.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else {
+            throw TraceError.concurrentOperation(name)
+        }
+        defer { operation.store(false, ordering: .releasing) }
+        try body()
+    }
+
+    /// Waits until no hit is between its first look at the state and its return.
+    private func drainHitsInFlight() {
+        while inFlight.load(ordering: .sequentiallyConsistent) != 0 { sched_yield() }
     }
 
     /// Drops every record kept so far.
@@ -231,7 +279,8 @@ public final class TraceModule: @unchecked Sendable {
                 LocationCounters(address: p.locations[i].address, timing: p.locations[i].timing,
                                  hits: p.hits[i].value.load(ordering: .relaxed),
                                  taken: i < t.takenAt.count ? t.takenAt[i] : 0,
-                                 evicted: i < t.evictedAt.count ? t.evictedAt[i] : 0)
+                                 evicted: i < t.evictedAt.count ? t.evictedAt[i] : 0,
+                                 lost: i < t.lostAt.count ? t.lostAt[i] : 0)
             }
             let wrongVCPU = suppressedWrongVCPU.load(ordering: .relaxed)
             let overLimit = suppressedOverLimit.load(ordering: .relaxed)
@@ -240,7 +289,7 @@ public final class TraceModule: @unchecked Sendable {
             // no counter of its own on the hit path.
             return TraceCounters(
                 hitsSeen: locations.reduce(0) { $0 + $1.hits } + disabled,
-                recordsTaken: t.taken, recordsKept: t.kept, evicted: t.evicted,
+                recordsTaken: t.taken, recordsKept: t.kept, evicted: t.evicted, recordsLost: t.lost,
                 suppressedWrongVCPU: wrongVCPU, suppressedOverLimit: overLimit, suppressedDisabled: disabled,
                 locations: locations)
         }
@@ -251,9 +300,9 @@ public final class TraceModule: @unchecked Sendable {
     /// Records a hit at armed location `location` (the `ArmedLocation.index` the target got).
     /// Called by the target on the hitting vCPU's thread; returns whether to halt.
     public func hit<C: HitContext>(location: Int, context: C) -> HitAction {
-        inFlight.add(1, ordering: .acquiring)
+        inFlight.add(1, ordering: .sequentiallyConsistent)
         defer { inFlight.subtract(1, ordering: .releasing) }
-        guard stateValue.load(ordering: .acquiring) == 1 else {
+        guard stateValue.load(ordering: .sequentiallyConsistent) == 1 else {
             suppressedDisabled.add(1, ordering: .relaxed)
             return .continue
         }
@@ -271,8 +320,7 @@ public final class TraceModule: @unchecked Sendable {
             return .continue
         }
         // One compare-exchange loop takes a hit from the budget, so concurrent vCPUs can
-        // never take more than the limit (the reference decremented, checked, then
-        // compare-exchanged the state separately: defect 2).
+        // never take more than the limit.
         var lastHit = false
         if limited.load(ordering: .relaxed) {
             var left = hitsLeft.load(ordering: .relaxed)
@@ -292,19 +340,15 @@ public final class TraceModule: @unchecked Sendable {
         let info = ProbeHit(vcpu: vcpu, address: p.addresses[location], timing: timing)
         let halt = withUnsafeTemporaryAllocation(byteCount: p.slotSize, alignment: 8) { raw -> Bool in
             let slot = raw.baseAddress!
-            // The common probe's halt answer is OR-ed with the probe's; the reference let it
-            // overwrite the probe's (defect 6).
+            // The common probe's halt answer is OR-ed with the probe's: either may stop.
             var halt = commonLayout.collect(into: slot, base: p.commonBase, context: context,
                                             hit: ProbeHit(vcpu: vcpu, address: nil, timing: timing), reasons: reasons)
             halt = layout.collect(into: slot, base: p.probeBase, context: context, hit: info, reasons: reasons) || halt
-            _ = store.append(slot, location: location, vcpu: vcpu)
+            store.append(slot, location: location, vcpu: vcpu)
             return halt
         }
-        if lastHit {
-            let target = control.withLock { $0.target }
-            if stateValue.compareExchange(expected: 1, desired: 0, ordering: .acquiringAndReleasing).exchanged {
-                target?.moduleReachedHitLimit(self)
-            }
+        if lastHit, stateValue.compareExchange(expected: 1, desired: 0, ordering: .sequentiallyConsistent).exchanged {
+            target?.moduleReachedHitLimit(self)
         }
         return halt ? .halt : .continue
     }
@@ -315,6 +359,4 @@ private final class HitCounter: Sendable {
     let value = Atomic<UInt64>(0)
 }
 
-#if canImport(Glibc)
-import Glibc
-#endif
+

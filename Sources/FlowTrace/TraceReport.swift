@@ -37,6 +37,10 @@ public struct TraceReport: Sendable, RandomAccessCollection {
         self.selection = selection
     }
 
+    /// Records the module kept that this snapshot could not copy (no memory for the copy);
+    /// 0 normally.
+    public var missing: Int { storage.buffer.missing }
+
     public var startIndex: Int { 0 }
     public var endIndex: Int { selection?.count ?? storage.buffer.count }
 

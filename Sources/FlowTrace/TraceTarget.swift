@@ -48,9 +48,9 @@ public protocol HitContext {
     var vcpu: Int { get }
     /// A register's value; throws `TraceError.registerUnreadable` with a reason.
     func read(_ register: X86Register) throws(TraceError) -> RegisterValue
-    /// Copies guest-virtual memory at `address` into `buffer`; throws
-    /// `TraceError.memoryUnreadable` with a reason.
-    func readMemory(at address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(TraceError)
+    /// Copies guest-virtual memory at `address` into `buffer` (all of it: `buffer.byteCount`
+    /// bytes); throws `TraceError.memoryUnreadable` with a reason.
+    func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError)
 }
 
 /// What a trace module needs from a machine.

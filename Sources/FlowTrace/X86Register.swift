@@ -98,7 +98,20 @@ public struct X86Register: Hashable, Sendable, CustomStringConvertible {
         return c
     }()
 
-    private static let names: [X86Register: String] = Dictionary(uniqueKeysWithValues: catalog.map { ($0.value, $0.key) })
+    /// The canonical name of each register: the alphabetically first of its names, so an
+    /// alias added to the catalog can never trap at start-up (`RegisterCatalogTests` checks
+    /// that no two names mean the same register).
+    private static let names: [X86Register: String] = Dictionary(catalog.map { ($0.value, $0.key) }, uniquingKeysWith: { min($0, $1) })
+
+    /// Names that mean the same register as an earlier name (none: a test checks it).
+    public static var aliases: [(String, String)] {
+        var seen: [X86Register: String] = [:], out: [(String, String)] = []
+        for n in allNames {
+            guard let r = catalog[n] else { continue }
+            if let first = seen[r] { out.append((first, n)) } else { seen[r] = n }
+        }
+        return out
+    }
 
     private static func suggestions(for name: String) -> [String] {
         closestNames(to: name, among: catalog.keys, maxDistance: max(1, name.count / 2))

@@ -72,13 +72,13 @@ public final class InMemoryTarget: TraceTarget {
             return RegisterValue(width: register.width, raw: raw, shift: register.shift)
         }
 
-        func readMemory(at address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(TraceError) {
+        func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
             let t = target
-            guard address >= t.memoryBase, address - t.memoryBase + UInt64(buffer.count) <= UInt64(t.memory.count) else {
-                throw TraceError.memoryUnreadable(address: address, size: buffer.count, reason: "not mapped")
+            guard address >= t.memoryBase, address - t.memoryBase + UInt64(buffer.byteCount) <= UInt64(t.memory.count) else {
+                throw TraceError.memoryUnreadable(address: address, size: buffer.byteCount, reason: "not mapped")
             }
             let start = Int(address - t.memoryBase)
-            t.memory.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[start ..< start + buffer.count])) }
+            for k in 0 ..< buffer.byteCount { buffer.storeBytes(of: t.memory[start + k], toByteOffset: k, as: UInt8.self) }
         }
     }
 }

@@ -13,6 +13,8 @@ public final class GuestMemory: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     /// Size in bytes.
     public let size: UInt64
+    /// Host writes into guest RAM to fail on purpose (the fault-injection suite).
+    public let faults = FaultInjector()
 
     /// Maps `size` bytes of zeroed anonymous memory. Wraps `mmap(2)`.
     public init(size: UInt64) throws(KVMError) {
@@ -56,6 +58,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// Writes `bytes` at guest-physical `address`.
     public func write(physical address: UInt64, bytes: [UInt8]) throws(KVMError) {
         try check(address, bytes.count)
+        try faults.check(.memoryWrite)
         // SAFETY: destination range checked above.
         bytes.withUnsafeBytes { src in
             if let s = src.baseAddress { (base + Int(address)).copyMemory(from: s, byteCount: src.count) }
@@ -79,6 +82,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// Writes a little-endian 64-bit value at guest-physical `address`.
     public func writeUInt64(physical address: UInt64, _ value: UInt64) throws(KVMError) {
         try check(address, 8)
+        try faults.check(.memoryWrite)
         // SAFETY: 8 bytes checked above; unaligned store allowed.
         (base + Int(address)).storeBytes(of: value.littleEndian, as: UInt64.self)
     }
@@ -140,5 +144,13 @@ public final class GuestMemory: @unchecked Sendable {
             try read(physical: t.physical, into: UnsafeMutableRawBufferPointer(rebasing: buffer[done ..< done + n]))
             done += n
         }
+    }
+}
+
+extension GuestMemory {
+    /// Copies guest-virtual memory at `address` into all of `span`, crossing pages as needed.
+    public func read(virtual address: UInt64, into span: inout MutableRawSpan, cr3: UInt64) throws(KVMError) {
+        // SAFETY: the buffer is the span's own memory, used only during this call.
+        try span.withUnsafeMutableBytes { (buffer) throws(KVMError) in try read(virtual: address, into: buffer, cr3: cr3) }
     }
 }

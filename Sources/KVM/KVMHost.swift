@@ -34,22 +34,29 @@ public final class KVMHost: Sendable {
 
     /// Whether `/dev/kvm` (or `path`) can be opened and speaks API 12: the gate for tier-2 tests.
     public static func isUsable(path: String = "/dev/kvm") -> Bool {
-        (try? KVMHost(path: path)) != nil
+        unusableReason(path: path) == nil
+    }
+
+    /// Why `path` cannot be used (the error with its errno), nil when it can: the skip
+    /// reason of tier-2 tests.
+    public static func unusableReason(path: String = "/dev/kvm") -> String? {
+        do { _ = try KVMHost(path: path); return nil } catch { return error.description }
     }
 
     /// The value of a capability: 0 when absent, otherwise capability-specific.
-    /// Wraps `KVM_CHECK_EXTENSION`.
-    public func capability(_ cap: Capability) -> Int {
+    /// Wraps `KVM_CHECK_EXTENSION`; an ioctl error is an error, not an absent capability.
+    public func capability(_ cap: Capability) throws(KVMError) -> Int {
         let r = ckvm_check_extension(fd, cap.rawValue)
-        return r < 0 ? 0 : Int(r)
+        if r < 0 { throw KVMError.ioctl("KVM_CHECK_EXTENSION(\(cap))", errno: -r) }
+        return Int(r)
     }
 
     /// The recommended number of vCPUs (`KVM_CAP_NR_VCPUS`).
-    public var recommendedVCPUs: Int { max(capability(.nrVCPUs), 1) }
+    public func recommendedVCPUs() throws(KVMError) -> Int { max(try capability(.nrVCPUs), 1) }
     /// The most vCPUs one VM may have (`KVM_CAP_MAX_VCPUS`, else the recommended count).
-    public var maxVCPUs: Int {
-        let m = capability(.maxVCPUs)
-        return m > 0 ? m : recommendedVCPUs
+    public func maxVCPUs() throws(KVMError) -> Int {
+        let m = try capability(.maxVCPUs)
+        return m > 0 ? m : try recommendedVCPUs()
     }
 
     /// The CPUID leaves this host's KVM can give a guest. Wraps `KVM_GET_SUPPORTED_CPUID`.

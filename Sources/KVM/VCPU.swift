@@ -1,16 +1,19 @@
 import CKVM
 import Glibc
+import Locking
 import Synchronization
 
 /// One virtual CPU: its file descriptor and its shared `kvm_run` area.
 ///
-/// A vCPU is driven by one thread (the one that calls `run()`); `kick()` is the only
-/// member meant to be called from other threads.
+/// A vCPU is used by one thread at a time: its driving thread (the one that calls
+/// `run()`), or a control thread while the driving thread is parked outside `KVM_RUN` (the
+/// Machine's rendezvous hands it over and back, with the rendezvous' lock ordering the
+/// accesses). `kick()` and `faults` may be used from any thread.
 public final class VCPU: @unchecked Sendable {
-    // SAFETY: `run` points at the vCPU's kvm_run mapping, alive until deinit. All members but
-    // `kick()` are used by the single thread that drives this vCPU (the Machine's rule);
-    // `kick()` only stores the one-byte immediate_exit flag, which KVM defines for exactly
-    // this cross-thread use, and signals the driving thread.
+    // SAFETY: `shared` points at the vCPU's kvm_run mapping, alive until deinit. All members
+    // but `kick()` and `faults` are used by one thread at a time (the rule above); `kick()`
+    // only stores the one-byte immediate_exit flag, which KVM defines for exactly this
+    // cross-thread use, and signals the driving thread; `faults` is Sendable.
     public let id: Int
     /// The VM this vCPU belongs to (kept alive as long as the vCPU).
     public let vm: VirtualMachine
@@ -24,6 +27,8 @@ public final class VCPU: @unchecked Sendable {
     /// every return from `KVM_RUN` once asked to; before the first run it holds nothing).
     private var sregsSynced = false
     private let syncsSystemRegisters: Bool
+    /// Host calls of this vCPU to fail on purpose (the fault-injection suite).
+    public let faults = FaultInjector()
 
     init(vm: VirtualMachine, id: Int, fd: Int32, run: UnsafeMutableRawPointer, mapSize: Int, syncRegisters: Bool,
          syncSystemRegisters: Bool) {
@@ -49,6 +54,7 @@ public final class VCPU: @unchecked Sendable {
     /// Enters the guest until the next exit. EINTR/EAGAIN come back as `.interrupted`.
     /// Wraps `KVM_RUN`.
     public func run() throws(KVMError) -> VMExit {
+        try faults.check(.run)
         let r = ckvm_run(fd)
         if syncsSystemRegisters { sregsSynced = r >= 0 || r == -EINTR || r == -EAGAIN }
         if r == -EINTR || r == -EAGAIN {
@@ -118,37 +124,89 @@ public final class VCPU: @unchecked Sendable {
     /// Makes the driving thread leave (or not enter) `KVM_RUN` soon: sets `immediate_exit`
     /// and sends `signal` to it. Its next `run()` returns `.interrupted`.
     /// The signal must have a handler installed without `SA_RESTART` (see `VCPU.installKickHandler`).
-    public func kick(signal: Int32 = VCPU.kickSignal) {
+    public func kick() {
+        kick(signal: VCPU.kickSignal)
+    }
+
+    /// `kick()` with another signal than `kickSignal` (it must have a handler).
+    public func kick(signal: Int32) {
         // SAFETY: an atomic single-byte store into the shared kvm_run; KVM reads it on entry.
         ckvm_store_immediate_exit(shared, 1)
         let t = driver.load(ordering: .acquiring)
         if t != 0 { pthread_kill(pthread_t(t), signal) }
     }
 
-    /// The signal used to kick vCPU threads out of `KVM_RUN`.
-    public static let kickSignal: Int32 = SIGUSR1
+    /// The signal that kicks vCPU threads out of `KVM_RUN`: a real-time signal, chosen by
+    /// `installKickHandler()` (the first from SIGRTMIN+2 up with no handler of the process's
+    /// own), or the one given to `useKickSignal`. 0 before either ran.
+    public static var kickSignal: Int32 { chosenKickSignal.load(ordering: .acquiring) }
+    private static let chosenKickSignal = Atomic<Int32>(0)
+    private static let kickSetup = Locked<Result<Int32, KVMError>?>(nil)
 
-    /// Installs a do-nothing handler for `kickSignal` without `SA_RESTART`, so a blocked
-    /// `KVM_RUN` returns EINTR. Idempotent.
-    public static func installKickHandler() {
-        _ = kickHandlerInstalled
+    /// Installs a do-nothing handler without `SA_RESTART` for the kick signal, so a blocked
+    /// `KVM_RUN` returns EINTR. Idempotent; never replaces a handler the program installed:
+    /// it takes a real-time signal nobody handles. Throws when every one is taken.
+    public static func installKickHandler() throws(KVMError) {
+        try kickSetup.withLock { (r: inout Result<Int32, KVMError>?) throws(KVMError) in
+            if let r { _ = try r.get(); return }
+            let low = __libc_current_sigrtmin() + 2, high = __libc_current_sigrtmax()
+            for s in low...high where isUnhandled(s) {
+                r = install(s)
+                _ = try r!.get()
+                return
+            }
+            r = .failure(.invalidArgument("no free real-time signal (SIGRTMIN+2 to SIGRTMAX all have handlers) to kick vCPU threads with; choose one with VCPU.useKickSignal"))
+            _ = try r!.get()
+        }
     }
 
-    private static let kickHandlerInstalled: Bool = {
+    /// Makes `signal` the kick signal (before the first machine runs): for programs that
+    /// keep the real-time signals for themselves. Installs its handler, replacing the one
+    /// there: the caller gives the signal away.
+    public static func useKickSignal(_ signal: Int32) throws(KVMError) {
+        try kickSetup.withLock { (r: inout Result<Int32, KVMError>?) throws(KVMError) in
+            if case let .success(s)? = r, s != signal {
+                throw KVMError.invalidArgument("the kick signal is \(s) already: choose it before the first machine runs")
+            }
+            r = install(signal)
+            _ = try r!.get()
+        }
+    }
+
+    private static func isUnhandled(_ s: Int32) -> Bool {
+        var old = sigaction()
+        guard sigaction(s, nil, &old) == 0 else { return false }
+        // SAFETY: reading the handler field of a sigaction(2) result.
+        let h = unsafeBitCast(old.__sigaction_handler.sa_handler, to: Int.self)
+        return h == 0 /* SIG_DFL */ && old.sa_flags & SA_SIGINFO == 0
+    }
+
+    private static func install(_ s: Int32) -> Result<Int32, KVMError> {
         var action = sigaction()
         action.__sigaction_handler.sa_handler = { _ in }
         sigemptyset(&action.sa_mask)
         action.sa_flags = 0
-        sigaction(kickSignal, &action, nil)
-        return true
-    }()
+        guard sigaction(s, &action, nil) == 0 else { return .failure(.system("sigaction(\(s))", errno: errno)) }
+        chosenKickSignal.store(s, ordering: .releasing)
+        return .success(s)
+    }
 
     // MARK: State
 
     /// The general-purpose registers, from the sync area after an exit when available.
     /// Wraps `KVM_GET_REGS`.
     public func registers() throws(KVMError) -> Registers {
+        try faults.check(.getRegisters)
         if usesSyncRegisters { return Registers(shared.pointee.s.regs.regs) }
+        var r = kvm_regs()
+        _ = try checked(ckvm_get_regs(fd, &r), "KVM_GET_REGS")
+        return Registers(r)
+    }
+
+    /// The general-purpose registers as KVM holds them (`KVM_GET_REGS`, never the sync
+    /// area): what `flushRegisters` or the last run left.
+    public func registersFromKernel() throws(KVMError) -> Registers {
+        try faults.check(.getRegisters)
         var r = kvm_regs()
         _ = try checked(ckvm_get_regs(fd, &r), "KVM_GET_REGS")
         return Registers(r)
@@ -158,6 +216,7 @@ public final class VCPU: @unchecked Sendable {
     /// area, marked dirty, and KVM loads them on the next `run()` (no ioctl); otherwise
     /// wraps `KVM_SET_REGS`.
     public func setRegisters(_ regs: Registers) throws(KVMError) {
+        try faults.check(.setRegisters)
         var r = regs.kvm
         if usesSyncRegisters {
             shared.pointee.s.regs.regs = r
@@ -181,6 +240,7 @@ public final class VCPU: @unchecked Sendable {
     /// The system registers: from the sync area after an exit when available, else
     /// `KVM_GET_SREGS`.
     public func specialRegisters() throws(KVMError) -> SpecialRegisters {
+        try faults.check(.getSpecialRegisters)
         if sregsSynced { return SpecialRegisters(shared.pointee.s.regs.sregs) }
         var s = kvm_sregs()
         _ = try checked(ckvm_get_sregs(fd, &s), "KVM_GET_SREGS")
@@ -244,6 +304,7 @@ public final class VCPU: @unchecked Sendable {
 
     /// Sets what debug events exit to us. Wraps `KVM_SET_GUEST_DEBUG`.
     public func setGuestDebug(_ debug: GuestDebug) throws(KVMError) {
+        try faults.check(.setGuestDebug)
         var g = kvm_guest_debug()
         var control: UInt32 = 0
         if debug.isEnabled { control |= ckvm_guestdbg_enable }

@@ -29,8 +29,9 @@ public final class VirtualMachine: Sendable {
     }
 
     /// Creates vCPU `id` and maps its `kvm_run` area. Wraps `KVM_CREATE_VCPU` and `mmap(2)`.
-    /// Registers are exchanged through `KVM_CAP_SYNC_REGS` when the host has it.
-    public func makeVCPU(id: Int) throws(KVMError) -> VCPU {
+    /// Registers are exchanged through `KVM_CAP_SYNC_REGS` when the host has it and
+    /// `syncRegisters` allows it (false: always the register ioctls).
+    public func makeVCPU(id: Int, syncRegisters allowSync: Bool = true) throws(KVMError) -> VCPU {
         let vfd = try checked(ckvm_create_vcpu(fd, UInt(id)), "KVM_CREATE_VCPU")
         let size = host.vcpuMapSize
         let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, vfd, 0)
@@ -39,8 +40,13 @@ public final class VirtualMachine: Sendable {
             close(vfd)
             throw KVMError.system("mmap of vCPU \(id)'s kvm_run", errno: e)
         }
-        let sync = host.capability(.syncRegs)
-        let useSync = UInt64(sync) & ckvm_sync_x86_regs != 0
+        let sync: Int
+        do { sync = try host.capability(.syncRegs) } catch {
+            munmap(p, size)
+            close(vfd)
+            throw error
+        }
+        let useSync = allowSync && UInt64(sync) & ckvm_sync_x86_regs != 0
         let useSyncSregs = useSync && UInt64(sync) & ckvm_sync_x86_sregs != 0
         return VCPU(vm: self, id: id, fd: vfd, run: p, mapSize: size, syncRegisters: useSync, syncSystemRegisters: useSyncSregs)
     }

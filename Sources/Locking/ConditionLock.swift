@@ -21,7 +21,13 @@ public final class ConditionLock<Value>: @unchecked Sendable {
         storage.initialize(to: value)
         cond = .allocate(capacity: 1)
         cond.initialize(to: pthread_cond_t())
-        pthread_cond_init(cond, nil)
+        // Timed waits count on CLOCK_MONOTONIC, so a change of the wall clock moves no
+        // deadline.
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(cond, &attributes)
+        pthread_condattr_destroy(&attributes)
     }
 
     deinit {
@@ -43,10 +49,12 @@ public final class ConditionLock<Value>: @unchecked Sendable {
     }
 
     /// Blocks until `predicate` returns true (it runs with the lock held, first at once and
-    /// again after each wake-up, and may change the value), or until `deadline`
-    /// (CLOCK_REALTIME). Returns whether the predicate was met. Wakes every waiter after.
+    /// again after each wake-up, and may change the value), or until `timeout` has passed
+    /// (measured on CLOCK_MONOTONIC). Returns whether the predicate was met. Wakes every
+    /// waiter after.
     @discardableResult
-    public func wait(until predicate: (inout Value) -> Bool, deadline: timespec? = nil) -> Bool {
+    public func wait(until predicate: (inout Value) -> Bool, timeout: Duration? = nil) -> Bool {
+        let deadline = timeout.map(monotonicDeadline(after:))
         mutex.lock()
         defer {
             pthread_cond_broadcast(cond)
@@ -64,4 +72,17 @@ public final class ConditionLock<Value>: @unchecked Sendable {
 
     /// Wakes every thread waiting in `wait(until:)` (callable from inside a predicate).
     public func broadcast() { pthread_cond_broadcast(cond) }
+}
+
+/// CLOCK_MONOTONIC now + `d` (a negative `d` is now), as pthread_cond_timedwait takes it.
+private func monotonicDeadline(after d: Duration) -> timespec {
+    var now = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    let (s, atto) = d.components
+    guard s >= 0, atto >= 0 else { return now }
+    let nanos = Int(atto / 1_000_000_000)
+    var sec = now.tv_sec + Int(min(s, Int64(Int32.max)))
+    var nsec = now.tv_nsec + nanos
+    if nsec >= 1_000_000_000 { sec += 1; nsec -= 1_000_000_000 }
+    return timespec(tv_sec: sec, tv_nsec: nsec)
 }

@@ -21,7 +21,7 @@ public enum BreakpointEngine: String, Sendable, CaseIterable, CustomStringConver
     public var trapByte: UInt8? {
         switch self {
         case .int3: 0xCC
-        case .hlt: 0xF4
+        case .hlt: X86Opcode.hlt
         case .hw, .step: nil
         }
     }
@@ -124,4 +124,10 @@ public struct PatchTable: Sendable, Equatable {
     /// Whether a trap at `address` is ours or the guest's own (an int3 we must re-inject,
     /// or a hlt that ends its vCPU).
     public func owns(trapAt address: UInt64) -> Bool { patches[address] != nil }
+}
+
+/// One-byte x86 opcodes the engines write and look for.
+enum X86Opcode {
+    static let hlt: UInt8 = 0xF4
+    static let int3: UInt8 = 0xCC
 }

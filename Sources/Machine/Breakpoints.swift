@@ -16,7 +16,7 @@ struct Breakpoints {
     var engineReason = ""
     var owners: [UInt64: [Owner]] = [:]
     /// Patched bytes (int3 and hlt engines).
-    var patches = PatchTable(trap: 0xF4)
+    var patches = PatchTable(trap: X86Opcode.hlt)
     /// The instructions under the patches that can be stepped out of line.
     var displaced: [UInt64: DisplacedInstruction] = [:]
 

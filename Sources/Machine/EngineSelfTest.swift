@@ -73,7 +73,7 @@ public enum EngineSelfTest {
             regs.rsp = layout.stackTop(for: 0)
             try vcpu.setRegisters(regs)
             try vcpu.setGuestDebug(debug)
-            VCPU.installKickHandler()
+            try VCPU.installKickHandler()
             vcpu.bindToCurrentThread()
             // A mechanism that never exits must not hang the caller.
             let watchdog = DispatchWorkItem { vcpu.kick() }

@@ -1,30 +1,56 @@
 import KVM
 
-/// A guest stopped in a way it did not ask for: triple fault, an instruction KVM could
-/// not emulate, an access outside RAM, an exit nobody handles.
+/// A run stopped in a way the guest did not ask for: by the guest (triple fault, an
+/// instruction KVM could not emulate, an access outside RAM, an exit nobody handles), or by
+/// the host (a KVM call that failed).
 public struct GuestFault: Error, Sendable, Equatable, CustomStringConvertible {
+    /// What stopped the run.
+    public enum Cause: Sendable, Equatable {
+        /// The guest's exit that nothing handles.
+        case exit(VMExit)
+        /// A host call failed (`error`, with its errno) while flowtrace was doing `doing`.
+        case host(KVMError, while: String)
+        /// The guest's exit, handled, but a host call needed for it failed.
+        case exitFailed(VMExit, KVMError, while: String)
+    }
+
     /// The vCPU that stopped.
     public var vcpu: Int
-    /// The exit that stopped it.
-    public var exit: VMExit
+    public var cause: Cause
     /// `rip` at the exit.
     public var rip: UInt64
     /// `rip` as `symbol+0xoff`, when the image has a symbol for it.
     public var location: String
     /// All general-purpose registers at the exit (nil if they could not be read).
     public var registers: Registers?
-    /// What failed when the stop was not an exit of the guest's own (a KVM ioctl error).
-    public var detail: String?
 
-    public init(vcpu: Int, exit: VMExit, rip: UInt64, location: String, registers: Registers?, detail: String? = nil) {
-        self.vcpu = vcpu; self.exit = exit; self.rip = rip; self.location = location
-        self.registers = registers; self.detail = detail
+    public init(vcpu: Int, cause: Cause, rip: UInt64, location: String, registers: Registers?) {
+        self.vcpu = vcpu; self.cause = cause; self.rip = rip; self.location = location
+        self.registers = registers
+    }
+
+    /// The guest's exit, when the guest stopped it.
+    public var exit: VMExit? {
+        if case let .exit(e) = cause { return e }
+        return nil
+    }
+
+    /// Whether a host call failed (not the guest).
+    public var isHostFailure: Bool {
+        if case .exit = cause { return false }
+        return true
     }
 
     public var description: String {
-        var s = "guest fault on vCPU \(vcpu): \(detail ?? exit.name) at rip 0x\(String(rip, radix: 16))"
-        if !location.hasPrefix("0x") { s += " (\(location))" }
-        return s
+        let at = "at rip 0x\(String(rip, radix: 16))" + (location.hasPrefix("0x") ? "" : " (\(location))")
+        switch cause {
+        case let .exit(e):
+            return "guest fault on vCPU \(vcpu): \(e.name) \(at)"
+        case let .host(error, doing):
+            return "host failure on vCPU \(vcpu) while \(doing): \(error.description); guest \(at)"
+        case let .exitFailed(e, error, doing):
+            return "host failure on vCPU \(vcpu) while \(doing) after \(e.name): \(error.description); guest \(at)"
+        }
     }
 
     /// The registers as `name=0x...` pairs, four per line, for reports.

@@ -109,6 +109,10 @@ public final class Machine: TraceTarget {
     private let consoleBox = Locked<Console?>(nil)
     private let clock = ContinuousClock()
     private let startTime = Locked<ContinuousClock.Instant?>(nil)
+    /// The run's time limit: when it ends (on the monotonic clock) and the limit given.
+    private let limit = Locked<(deadline: ContinuousClock.Instant, timeout: Duration)?>(nil)
+    /// The runner threads, joined when the run ends.
+    private let threads = Locked<[JoinableThread]>([])
 
     private struct Events {
         var ending: RunEnding?
@@ -127,7 +131,9 @@ public final class Machine: TraceTarget {
         }
         let host = kvmHost
         let n = configuration.vcpuCount
-        guard n >= 1, n <= host.maxVCPUs else { throw MachineError.vcpuCount(n, maximum: host.maxVCPUs) }
+        let maximum: Int
+        do throws(KVMError) { maximum = try host.maxVCPUs() } catch { throw .kvm(error) }
+        guard n >= 1, n <= maximum else { throw MachineError.vcpuCount(n, maximum: maximum) }
         let layout = try BootLayout(memorySize: configuration.memorySize, vcpuCount: n)
         try layout.check(image)
         let support = EngineSelfTest.support(host: host)
@@ -219,28 +225,43 @@ public final class Machine: TraceTarget {
     /// `timeout` passes or `stop()` is called. `console` gets each whole line as it
     /// completes, on the writing vCPU's thread. A machine runs once; after a `.halted`
     /// ending, `resume` goes on.
+    /// The vCPU threads are joined before a final ending is returned (not after `.halted`:
+    /// they wait parked for `resume` or `stop`). Kicks use `VCPU.kickSignal`, a real-time
+    /// signal no handler of the program's owns (see `VCPU.installKickHandler`).
     public func run(timeout: Duration? = nil,
                     console sink: @escaping @Sendable (ConsoleLine) -> Void = { _ in }) throws(MachineError) -> RunResult {
         guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw MachineError.alreadyRan }
-        VCPU.installKickHandler()
+        do throws(KVMError) { try VCPU.installKickHandler() } catch { throw .kvm(error) }
         let console = Console(vcpuCount: vcpus.count, sink: sink)
         consoleBox.withLock { $0 = console }
-        startTime.withLock { $0 = clock.now }
+        let now = clock.now
+        startTime.withLock { $0 = now }
+        if let timeout { limit.withLock { $0 = (now + timeout, timeout) } }
         events.withLock { $0.running = vcpus.count }
         for vcpu in vcpus {
-            let thread = Thread { [self] in
-                // Named from inside: a name set before start() is not applied on Linux.
-                Thread.current.name = "vcpu-\(vcpu.id)"
-                vcpu.bindToCurrentThread()
-                runLoop(vcpu, console: console)
-                events.withLock { $0.running -= 1 }
+            do throws(ThreadError) {
+                let thread = try JoinableThread { [self] in
+                    Thread.current.name = "vcpu-\(vcpu.id)"
+                    vcpu.bindToCurrentThread()
+                    runLoop(vcpu, console: console)
+                    events.withLock { $0.running -= 1 }
+                }
+                threads.withLock { $0.append(thread) }
+            } catch {
+                // The threads started so far see the stop; the others never ran.
+                events.withLock { $0.running -= vcpus.count - vcpu.id }
+                finish(.stopped)
+                events.wait(until: { $0.running == 0 })
+                joinThreads()
+                throw .thread(error.description)
             }
-            thread.start()
         }
-        return waitForEnding(timeout: timeout)
+        return waitForEnding()
     }
 
     /// Goes on after a `.halted` ending: releases every vCPU and waits for the next ending.
+    /// `timeout` replaces the run's time limit, counted from now; without it the limit
+    /// `run` was given still holds (time spent halted counts).
     public func resume(timeout: Duration? = nil) throws(MachineError) -> RunResult {
         let halted = events.withLock { e -> Bool in
             guard e.halt != nil, rendezvous.isHeldByController else { return false }
@@ -248,17 +269,18 @@ public final class Machine: TraceTarget {
             return true
         }
         guard halted else { throw MachineError.notRunning }
+        if let timeout { limit.withLock { $0 = (clock.now + timeout, timeout) } }
         rendezvous.release()
-        return waitForEnding(timeout: timeout)
+        return waitForEnding()
     }
 
-    private func waitForEnding(timeout: Duration?) -> RunResult {
-        let deadline = timeout.map { realtimeDeadline(after: $0) }
-        let timedOut: Bool
-        timedOut = !events.wait(until: { $0.running == 0 || $0.halt != nil }, deadline: deadline)
+    private func waitForEnding() -> RunResult {
+        let limit = self.limit.withLock { $0 }
+        let timedOut = !events.wait(until: { $0.running == 0 || $0.halt != nil },
+                                    timeout: limit.map { $0.deadline - clock.now })
         let stop = events.withLock { $0.halt }
         if timedOut {
-            finish(.timedOut(timeout ?? .zero))
+            finish(.timedOut(limit?.timeout ?? .zero))
             events.wait(until: { $0.running == 0 })
         }
         let console = consoleBox.withLock { $0 }
@@ -266,9 +288,19 @@ public final class Machine: TraceTarget {
         if let stop, !timedOut {
             return RunResult(ending: .halted(stop), console: console?.allLines ?? [], elapsed: elapsed)
         }
+        joinThreads()
         console?.flush()
         let ending = events.withLock { $0.ending } ?? .stopped
         return RunResult(ending: ending, console: console?.allLines ?? [], elapsed: elapsed)
+    }
+
+    /// Waits for every runner thread to end (each has left its loop or is about to).
+    private func joinThreads() {
+        let all = threads.withLock { t in
+            defer { t.removeAll() }
+            return t
+        }
+        for t in all { t.join() }
     }
 
     /// Ends a run from any thread: every vCPU leaves `KVM_RUN` and the run returns `.stopped`.
@@ -309,13 +341,16 @@ public final class Machine: TraceTarget {
             if case .outOfLine? = stepping { _ = abandonOutOfLine(vcpu, stepping) }
         }
         while !stopRequested.load(ordering: .acquiring) {
-            if stepping == nil, hasPendingDisarms.load(ordering: .acquiring) { processPendingDisarms(from: id) }
+            if stepping == nil, hasPendingDisarms.load(ordering: .acquiring) { processPendingDisarms(from: vcpu) }
             if rendezvous.gate(id), case .outOfLine? = stepping {
                 // Whoever held the rendezvous may have set every vCPU's debug state (arming,
                 // disarming): this one is in the middle of stepping a copy, which must still
                 // end after one instruction, or it would run on past the copy.
                 let debug = breakpoints.withLock { $0.stepOverDebug(for: id) }
-                do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
+                do { try vcpu.setGuestDebug(debug) } catch {
+                    hostFailure(vcpu, error, while: "re-arming the single step of an out-of-line step-over")
+                    return
+                }
             }
             if stopRequested.load(ordering: .acquiring) { break }
             if stepping == nil, ripChecks.withLock({ c in defer { c[id] = false }; return c[id] }) {
@@ -328,7 +363,7 @@ public final class Machine: TraceTarget {
             let exit: VMExit
             do { exit = try vcpu.run() } catch {
                 stepping = abandonOutOfLine(vcpu, stepping)
-                fault(vcpu, .other(reason: UInt32.max), detail: error.description)
+                hostFailure(vcpu, error, while: "running the guest")
                 return
             }
             if reinjected {
@@ -358,7 +393,7 @@ public final class Machine: TraceTarget {
                     // Our trap: back to the probed instruction, hit, then step over it.
                     var r = regs
                     r.rip = address
-                    setRegisters(vcpu, r)
+                    guard setRegisters(vcpu, r) else { return }
                     if case .halt = probeHits(vcpu, at: address, .before, regs: r) { haltHere(vcpu, address: address, .before, rip: address) }
                     stepping = beginStepOver(vcpu, address: address)
                     continue
@@ -378,8 +413,10 @@ public final class Machine: TraceTarget {
                     stepping = nil
                     var r = regs
                     r.rip = displaced.relocated(rip: regs.rip, slot: slot)
-                    if let (pushed, real) = displaced.returnAddresses(slot: slot) { fixReturnAddress(vcpu, rsp: r.rsp, from: pushed, to: real) }
-                    setRegisters(vcpu, r)
+                    if let (pushed, real) = displaced.returnAddresses(slot: slot) {
+                        guard fixReturnAddress(vcpu, rsp: r.rsp, from: pushed, to: real) else { return }
+                    }
+                    guard setRegisters(vcpu, r) else { return }
                     let action = probeHits(vcpu, at: address, .after, regs: r)
                     applyBaseDebug(vcpu)
                     if case .halt = action { haltHere(vcpu, address: address, .after, rip: r.rip) }
@@ -393,7 +430,7 @@ public final class Machine: TraceTarget {
                     stepping = nil
                     let action = probeHits(vcpu, at: address, .after, regs: regs)
                     let halted = executedHalt(vcpu, at: address, rip: regs.rip)
-                    endStepOver(vcpu, address: address, held: held)
+                    guard endStepOver(vcpu, address: address, held: held), let halted else { return }
                     if case .halt = action { haltHere(vcpu, address: address, .after, rip: regs.rip) }
                     if halted { vcpuHalted(); return }
                     continue
@@ -404,14 +441,17 @@ public final class Machine: TraceTarget {
                     if ours, stepping == nil {
                         var r = regs
                         r.rip = pc
-                        setRegisters(vcpu, r)
+                        guard setRegisters(vcpu, r) else { return }
                         if case .halt = probeHits(vcpu, at: pc, .before, regs: r) { haltHere(vcpu, address: pc, .before, rip: pc) }
                         stepping = beginStepOver(vcpu, address: pc)
                     } else {
                         // Not ours: deliver it to the guest as if we were not there.
                         var d = breakpoints.withLock { $0.baseDebug(for: id) }
                         d.injectBreakpoint = true
-                        do { try vcpu.setGuestDebug(d) } catch { fault(vcpu, exit, detail: error.description); return }
+                        do { try vcpu.setGuestDebug(d) } catch {
+                            finish(vcpu, .exitFailed(exit, error, while: "re-injecting the guest's own #BP"))
+                            return
+                        }
                         reinjected = true
                     }
                     continue
@@ -426,17 +466,20 @@ public final class Machine: TraceTarget {
                     // retired: a restarted instruction leaves rip in place).
                     if regs.rip == previousRip { continue }
                     if let p = previousRip, case .halt = probeHits(vcpu, at: p, .after, regs: regs) { haltHere(vcpu, address: p, .after, rip: regs.rip) }
-                    if let p = previousRip, executedHalt(vcpu, at: p, rip: regs.rip) { vcpuHalted(); return }
+                    if let p = previousRip {
+                        guard let halted = executedHalt(vcpu, at: p, rip: regs.rip) else { return }
+                        if halted { vcpuHalted(); return }
+                    }
                     if case .halt = probeHits(vcpu, at: regs.rip, .before, regs: regs) { haltHere(vcpu, address: regs.rip, .before, rip: regs.rip) }
                     previousRip = regs.rip
                     continue
                 }
                 stepping = abandonOutOfLine(vcpu, stepping)
-                fault(vcpu, exit)
+                finish(vcpu, .exit(exit))
                 return
             default:
                 stepping = abandonOutOfLine(vcpu, stepping)
-                fault(vcpu, exit)
+                finish(vcpu, .exit(exit))
                 return
             }
         }
@@ -444,27 +487,33 @@ public final class Machine: TraceTarget {
 
     /// Whether the instruction at `address` that just retired (rip now `rip`) was the
     /// guest's own `hlt`. Under single-step KVM reports a hlt as a debug exit and the vCPU
-    /// does not stop, so the loop must end the vCPU itself.
-    private func executedHalt(_ vcpu: VCPU, at address: UInt64, rip: UInt64) -> Bool {
+    /// does not stop, so the loop must end the vCPU itself. nil: the check failed (the run
+    /// ends with the failure).
+    private func executedHalt(_ vcpu: VCPU, at address: UInt64, rip: UInt64) -> Bool? {
         guard rip == address &+ 1 else { return false }
-        if let original = breakpoints.withLock({ $0.patches.original(at: address) }) { return original == 0xF4 }
+        if let original = breakpoints.withLock({ $0.patches.original(at: address) }) { return original == X86Opcode.hlt }
         do {
             let cr3 = try vcpu.specialRegisters().cr3
-            return try memory.read(virtual: address, count: 1, cr3: cr3) == [0xF4]
+            return try memory.read(virtual: address, count: 1, cr3: cr3) == [X86Opcode.hlt]
         } catch {
-            return false
+            hostFailure(vcpu, error, while: "reading the instruction at 0x\(String(address, radix: 16)) after a single step")
+            return nil
         }
     }
 
     private func registers(_ vcpu: VCPU) -> Registers? {
         do { return try vcpu.registers() } catch {
-            fault(vcpu, .other(reason: UInt32.max), detail: error.description)
+            hostFailure(vcpu, error, while: "reading the registers at an exit")
             return nil
         }
     }
 
-    private func setRegisters(_ vcpu: VCPU, _ regs: Registers) {
-        do { try vcpu.setRegisters(regs) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
+    /// false: it failed and the run ends.
+    private func setRegisters(_ vcpu: VCPU, _ regs: Registers) -> Bool {
+        do { try vcpu.setRegisters(regs); return true } catch {
+            hostFailure(vcpu, error, while: "setting the registers at a probe hit")
+            return false
+        }
     }
 
     /// Delivers a hit at `address` (nil: `regs.rip`) to every owner with `timing`, with
@@ -488,19 +537,30 @@ public final class Machine: TraceTarget {
     private func beginStepOver(_ vcpu: VCPU, address: UInt64) -> Stepping? {
         let (engine, displaced, stepDebug) = breakpoints.withLock { ($0.engine, $0.displaced[address], $0.stepOverDebug(for: vcpu.id)) }
         if let displaced, engine == .int3 || engine == .hlt, let slot = BootLayout.outOfLineSlot(for: vcpu.id),
-           let bytes = displaced.bytes(at: slot), (try? vcpu.specialRegisters().cr3) == layout.cr3,
-           unchanged(displaced), var regs = registers(vcpu) {
-            do { try memory.write(physical: slot, bytes: bytes) } catch {
-                preconditionFailure("out-of-line slot at guest-physical 0x\(String(slot, radix: 16)) is unwritable: \(error)")
+           let bytes = displaced.bytes(at: slot) {
+            let cr3: UInt64
+            do { cr3 = try vcpu.specialRegisters().cr3 } catch {
+                hostFailure(vcpu, error, while: "reading cr3 to step over the probe at 0x\(String(address, radix: 16))")
+                return nil
             }
-            regs.rip = slot
-            setRegisters(vcpu, regs)
-            do {
-                try vcpu.flushRegisters()
-                try vcpu.setGuestDebug(stepDebug)
-            } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
-            outOfLineSteps.add(1, ordering: .relaxed)
-            return .outOfLine(address: address, slot: slot, displaced: displaced)
+            if cr3 == layout.cr3, unchanged(displaced) {
+                guard var regs = registers(vcpu) else { return nil }
+                do { try memory.write(physical: slot, bytes: bytes) } catch {
+                    hostFailure(vcpu, error, while: "writing the out-of-line copy of 0x\(String(address, radix: 16)) at guest-physical 0x\(String(slot, radix: 16))")
+                    return nil
+                }
+                regs.rip = slot
+                guard setRegisters(vcpu, regs) else { return nil }
+                do {
+                    try vcpu.flushRegisters()
+                    try vcpu.setGuestDebug(stepDebug)
+                } catch {
+                    hostFailure(vcpu, error, while: "arming the out-of-line step over 0x\(String(address, radix: 16))")
+                    return .outOfLine(address: address, slot: slot, displaced: displaced)
+                }
+                outOfLineSteps.add(1, ordering: .relaxed)
+                return .outOfLine(address: address, slot: slot, displaced: displaced)
+            }
         }
         // With the trap byte gone, another vCPU could run through the location unseen:
         // hold them all out of the guest for the one step.
@@ -511,15 +571,24 @@ public final class Machine: TraceTarget {
         }
         // The physical address was checked when the location was armed. Read after the
         // rendezvous: the others may have changed the engine while this vCPU waited for it.
-        let debug = breakpoints.withLock { b -> GuestDebug in
-            if let p = b.patches.patches[address] { restore(p.original, at: p.physical) }
-            return b.stepOverDebug(for: vcpu.id)
+        let (debug, failed) = breakpoints.withLock { b -> (GuestDebug, KVMError?) in
+            var failed: KVMError?
+            if let p = b.patches.patches[address] {
+                do throws(KVMError) { try memory.write(physical: p.physical, bytes: [p.original]) } catch { failed = error }
+            }
+            return (b.stepOverDebug(for: vcpu.id), failed)
+        }
+        if let failed {
+            hostFailure(vcpu, failed, while: "restoring the original byte at 0x\(String(address, radix: 16)) to step over it")
+            return .over(address: address, held: held)
         }
         // The hit moved rip back onto the instruction: KVM must see it before it arms the step.
         do {
             try vcpu.flushRegisters()
             try vcpu.setGuestDebug(debug)
-        } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
+        } catch {
+            hostFailure(vcpu, error, while: "arming the single step over 0x\(String(address, radix: 16))")
+        }
         return .over(address: address, held: held)
     }
 
@@ -537,21 +606,30 @@ public final class Machine: TraceTarget {
     }
 
     /// Whether the guest's bytes after the trap byte are still those of the planned copy
-    /// (code the guest rewrote since arming is stepped in place, as it is now).
+    /// (code the guest rewrote since arming is stepped in place, as it is now). Bytes the
+    /// boot page tables no longer map count as rewritten: the in-place step reads them
+    /// through the guest's own tables.
     private func unchanged(_ d: DisplacedInstruction) -> Bool {
         guard d.bytes.count > 1 else { return true }
-        guard let now = try? memory.read(virtual: d.address &+ 1, count: d.bytes.count - 1, cr3: layout.cr3) else { return false }
-        return now[...] == d.bytes[1...]
+        do {
+            let now = try memory.read(virtual: d.address &+ 1, count: d.bytes.count - 1, cr3: layout.cr3)
+            return now[...] == d.bytes[1...]
+        } catch {
+            return false
+        }
     }
 
     /// A call stepped out of line pushed its slot's return address: make it the real one.
-    private func fixReturnAddress(_ vcpu: VCPU, rsp: UInt64, from pushed: UInt64, to real: UInt64) {
+    /// false: it failed and the run ends.
+    private func fixReturnAddress(_ vcpu: VCPU, rsp: UInt64, from pushed: UInt64, to real: UInt64) -> Bool {
         do {
             let cr3 = try vcpu.specialRegisters().cr3
             let p = try memory.translate(virtual: rsp, cr3: cr3).physical
             if try memory.readUInt64(physical: p) == pushed { try memory.writeUInt64(physical: p, real) }
+            return true
         } catch {
-            fault(vcpu, .other(reason: UInt32.max), detail: "fixing the return address 0x\(String(real, radix: 16)) of a call stepped out of line: \(error)")
+            hostFailure(vcpu, error, while: "fixing the return address 0x\(String(real, radix: 16)) of a call stepped out of line")
+            return false
         }
     }
 
@@ -563,33 +641,38 @@ public final class Machine: TraceTarget {
         guard case let .outOfLine(address, slot, _)? = stepping else { return stepping }
         if var regs = registers(vcpu), regs.rip >= slot, regs.rip < slot + BootLayout.outOfLineSlotSize {
             regs.rip = regs.rip - slot + address
-            setRegisters(vcpu, regs)
+            _ = setRegisters(vcpu, regs)
         }
         applyBaseDebug(vcpu)
         return nil
     }
 
     /// Puts the trap back (if the location is still armed) and the vCPU's usual debug state.
-    private func endStepOver(_ vcpu: VCPU, address: UInt64, held: Bool) {
-        let debug = breakpoints.withLock { b -> GuestDebug in
-            if let p = b.patches.patches[address] { restore(b.patches.trap, at: p.physical) }
-            return b.baseDebug(for: vcpu.id)
+    /// The other vCPUs are released whatever fails. false: something failed, the run ends.
+    @discardableResult
+    private func endStepOver(_ vcpu: VCPU, address: UInt64, held: Bool) -> Bool {
+        defer { if held { rendezvous.release() } }
+        let (debug, failed) = breakpoints.withLock { b -> (GuestDebug, KVMError?) in
+            var failed: KVMError?
+            if let p = b.patches.patches[address] {
+                do throws(KVMError) { try memory.write(physical: p.physical, bytes: [b.patches.trap]) } catch { failed = error }
+            }
+            return (b.baseDebug(for: vcpu.id), failed)
         }
-        do { try vcpu.setGuestDebug(debug) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
-        if held { rendezvous.release() }
-    }
-
-    /// Writes one byte of a patch. The address was translated and read when the location
-    /// was armed and RAM never shrinks, so this cannot fail; a failure is a bug.
-    private func restore(_ byte: UInt8, at physical: UInt64) {
-        do { try memory.write(physical: physical, bytes: [byte]) } catch {
-            preconditionFailure("patch at guest-physical 0x\(String(physical, radix: 16)) became unwritable: \(error)")
+        if let failed {
+            hostFailure(vcpu, failed, while: "putting the trap byte back at 0x\(String(address, radix: 16)) after stepping over it")
+            return false
         }
+        do { try vcpu.setGuestDebug(debug) } catch {
+            hostFailure(vcpu, error, while: "re-arming the vCPU's breakpoints after stepping over 0x\(String(address, radix: 16))")
+            return false
+        }
+        return true
     }
 
     private func applyBaseDebug(_ vcpu: VCPU) {
         let d = breakpoints.withLock { $0.baseDebug(for: vcpu.id) }
-        do { try vcpu.setGuestDebug(d) } catch { fault(vcpu, .other(reason: UInt32.max), detail: error.description) }
+        do { try vcpu.setGuestDebug(d) } catch { hostFailure(vcpu, error, while: "setting the vCPU's breakpoints") }
     }
 
     /// Stops the machine at a halt entry's hit and hands it to the caller of run/resume.
@@ -611,12 +694,17 @@ public final class Machine: TraceTarget {
         if all { finish(.exited(status: 0)) }
     }
 
-    private func fault(_ vcpu: VCPU, _ exit: VMExit, detail: String? = nil) {
+    /// A host call failed on `vcpu`'s thread: the run ends, naming the call and what it was for.
+    private func hostFailure(_ vcpu: VCPU, _ error: KVMError, while doing: String) {
+        finish(vcpu, .host(error, while: doing))
+    }
+
+    /// Ends the run with a fault of `vcpu` (the registers, when readable, go into the dump).
+    private func finish(_ vcpu: VCPU, _ cause: GuestFault.Cause) {
         let regs: Registers?
         do { regs = try vcpu.registers() } catch { regs = nil }
         let rip = regs?.rip ?? 0
-        let f = GuestFault(vcpu: vcpu.id, exit: exit, rip: rip, location: symbolizer.describe(rip), registers: regs, detail: detail)
-        finish(.fault(f))
+        finish(.fault(GuestFault(vcpu: vcpu.id, cause: cause, rip: rip, location: symbolizer.describe(rip), registers: regs)))
     }
 
     // MARK: TraceTarget
@@ -629,9 +717,13 @@ public final class Machine: TraceTarget {
         try withControl(from: nil) { () throws(TraceError) in try armParked(module, locations, selection) }
     }
 
-    /// Disarms `module`'s locations, all vCPUs parked meanwhile.
+    /// Disarms `module`'s locations, all vCPUs parked meanwhile. Every location and vCPU is
+    /// disarmed even when one fails; the error names each failure.
     public func disarm(_ module: TraceModule) throws(TraceError) {
-        withControl(from: nil) { disarmParked(module) }
+        let failures = withControl(from: nil) { disarmParked(module) }
+        if !failures.isEmpty {
+            throw TraceError.targetFailure(failures.map { "\($0.error.description) while \($0.doing)" }.joined(separator: "; "))
+        }
     }
 
     /// Called on a vCPU thread: the module is disarmed by that thread before it runs again.
@@ -640,14 +732,15 @@ public final class Machine: TraceTarget {
         hasPendingDisarms.store(true, ordering: .releasing)
     }
 
-    private func processPendingDisarms(from id: Int) {
+    private func processPendingDisarms(from vcpu: VCPU) {
         let modules = pendingDisarms.withLock { p -> [TraceModule] in
             defer { p.removeAll() }
             return p
         }
         hasPendingDisarms.store(false, ordering: .releasing)
         guard !modules.isEmpty else { return }
-        withControl(from: id) { for m in modules { disarmParked(m) } }
+        let failures = withControl(from: vcpu.id) { modules.flatMap { disarmParked($0) } }
+        if let f = failures.first { hostFailure(vcpu, f.error, while: f.doing + " (disarming a module at its hit limit)") }
     }
 
     /// Runs `body` with every vCPU out of the guest (unless the caller already holds them:
@@ -661,12 +754,13 @@ public final class Machine: TraceTarget {
 
     private func armParked(_ module: TraceModule, _ locations: [ArmedLocation], _ selection: VCPUSelection) throws(TraceError) {
         let cr3: UInt64
-        do { cr3 = try vcpus[0].specialRegisters().cr3 } catch { throw TraceError.target(error.description) }
-        var physical: [UInt64: UInt64] = [:]
+        do { cr3 = try vcpus[0].specialRegisters().cr3 } catch { throw TraceError.targetFailure("\(error.description) while reading cr3 to arm probes") }
+        var physical: [(location: ArmedLocation, physical: UInt64)] = []
         for l in locations {
             do throws(KVMError) {
-                physical[l.address] = try memory.translate(virtual: l.address, cr3: cr3).physical
-                _ = try memory.read(physical: physical[l.address]!, count: 1)
+                let p = try memory.translate(virtual: l.address, cr3: cr3).physical
+                _ = try memory.read(physical: p, count: 1)
+                physical.append((l, p))
             } catch {
                 throw TraceError.target("probe at 0x\(String(l.address, radix: 16)) (\(symbolizer.describe(l.address))): \(error.description)")
             }
@@ -678,7 +772,7 @@ public final class Machine: TraceTarget {
                     let (e, why) = try configuration.engine.resolve(locations: addresses.count, support: engineSupport)
                     b.engine = e
                     b.engineReason = why
-                    b.patches = PatchTable(trap: e.trapByte ?? 0xF4)
+                    b.patches = PatchTable(trap: e.trapByte ?? X86Opcode.hlt)
                 } catch {
                     throw TraceError.target(error.description)
                 }
@@ -692,14 +786,18 @@ public final class Machine: TraceTarget {
             let debugs = (0..<vcpus.count).map { b.baseDebug(for: $0) }
             return debugs
         }
+        // From here on a failure disarms what was armed, so the module is armed wholly or not at all.
+        func undo(_ failure: String) -> TraceError {
+            let more = disarmParked(module).map { "; then \($0.error.description) while \($0.doing)" }.joined()
+            return TraceError.targetFailure(failure + more)
+        }
         for (v, d) in zip(vcpus, debugs) {
-            do { try v.setGuestDebug(d) } catch { throw TraceError.target(error.description) }
+            do { try v.setGuestDebug(d) } catch { throw undo("\(error.description) while arming vCPU \(v.id)'s breakpoints") }
         }
         let engine = breakpoints.withLock { $0.engine }
         if engine?.trapByte != nil {
-            try breakpoints.withLock { (b: inout Breakpoints) throws(TraceError) in
-                for l in locations {
-                    let p = physical[l.address]!
+            let failure = breakpoints.withLock { (b: inout Breakpoints) -> String? in
+                for (l, p) in physical {
                     do throws(KVMError) {
                         let current = try memory.read(physical: p, count: 1)[0]
                         if let trap = b.patches.insert(l.address, physical: p, current: current) {
@@ -708,26 +806,37 @@ public final class Machine: TraceTarget {
                             try memory.write(physical: p, bytes: [trap])
                         }
                     } catch {
-                        throw TraceError.target(error.description)
+                        return "\(error.description) while patching the probe at 0x\(String(l.address, radix: 16))"
                     }
                 }
+                return nil
             }
+            if let failure { throw undo(failure) }
         }
         if engine == .step {
             ripChecks.withLock { c in for i in c.indices where selection.contains(i) { c[i] = true } }
         }
     }
 
-    private func disarmParked(_ module: TraceModule) {
+    /// Removes `module` everywhere; returns what failed (every location and vCPU is tried).
+    private func disarmParked(_ module: TraceModule) -> [(error: KVMError, doing: String)] {
+        var failures: [(error: KVMError, doing: String)] = []
         let debugs = breakpoints.withLock { b -> [GuestDebug] in
             for (address, list) in b.owners {
                 let kept = list.filter { $0.module !== module }
                 if kept.isEmpty {
                     b.owners[address] = nil
                     if let p = b.patches.patches[address] {
-                        let current: UInt8
-                        do { current = try memory.read(physical: p.physical, count: 1)[0] } catch { current = 0 }
-                        if let original = b.patches.remove(address, current: current) { restore(original, at: p.physical) }
+                        do throws(KVMError) {
+                            let current = try memory.read(physical: p.physical, count: 1)[0]
+                            if let original = b.patches.remove(address, current: current) {
+                                try memory.write(physical: p.physical, bytes: [original])
+                            }
+                        } catch {
+                            // The byte stays as it is; the table forgets it, so no hit is taken for it.
+                            _ = b.patches.remove(address, current: b.patches.trap)
+                            failures.append((error, "restoring the original byte of the probe at 0x\(String(address, radix: 16))"))
+                        }
                         b.displaced[address] = nil
                     }
                 } else {
@@ -738,18 +847,8 @@ public final class Machine: TraceTarget {
             return (0..<vcpus.count).map { b.baseDebug(for: $0) }
         }
         for (v, d) in zip(vcpus, debugs) {
-            do { try v.setGuestDebug(d) } catch {}
+            do { try v.setGuestDebug(d) } catch { failures.append((error, "disarming vCPU \(v.id)'s breakpoints")) }
         }
+        return failures
     }
-}
-
-/// CLOCK_REALTIME now + `d`, for pthread_cond_timedwait.
-private func realtimeDeadline(after d: Duration) -> timespec {
-    var now = timespec()
-    clock_gettime(CLOCK_REALTIME, &now)
-    let (s, atto) = d.components
-    var sec = now.tv_sec + Int(s)
-    var nsec = now.tv_nsec + Int(atto / 1_000_000_000)
-    if nsec >= 1_000_000_000 { sec += 1; nsec -= 1_000_000_000 }
-    return timespec(tv_sec: sec, tv_nsec: nsec)
 }

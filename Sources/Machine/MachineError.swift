@@ -15,6 +15,17 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
     case engineUnavailable(BreakpointEngine, reason: String, working: [String])
     case tooManyLocations(BreakpointEngine, count: Int, capacity: Int)
     case notRunning
+    /// A runner thread could not be started.
+    case thread(String)
+
+    /// Whether this is a bug of the caller or of flowtrace (a run started twice, a resume
+    /// without a halt), not bad input nor a host without KVM.
+    public var isInternal: Bool {
+        switch self {
+        case .alreadyRan, .notRunning, .thread: true
+        default: false
+        }
+    }
 
     public var description: String {
         switch self {
@@ -39,6 +50,8 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
             return "--engine \(e) arms at most \(capacity) locations, \(count) asked for; use --engine auto, hlt, int3 or step"
         case .notRunning:
             return "the machine is not stopped at a halt: nothing to resume"
+        case let .thread(why):
+            return "cannot start a vCPU thread: \(why)"
         }
     }
 }

@@ -112,12 +112,12 @@ struct MachineHitContext: HitContext {
         }
     }
 
-    func readMemory(at address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(TraceError) {
+    func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
         do throws(KVMError) {
             let cr3 = try snapshot.special().cr3
-            try snapshot.memory.read(virtual: address, into: buffer, cr3: cr3)
+            try snapshot.memory.read(virtual: address, into: &buffer, cr3: cr3)
         } catch {
-            throw TraceError.memoryUnreadable(address: address, size: buffer.count, reason: error.description)
+            throw TraceError.memoryUnreadable(address: address, size: buffer.byteCount, reason: error.description)
         }
     }
 }

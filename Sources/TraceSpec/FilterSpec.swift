@@ -166,7 +166,8 @@ public struct FilterSpec: Sendable {
             var hex = text.lowercased()
             if hex.hasPrefix("0x") { hex.removeFirst(2) }
             hex.removeAll { $0 == "_" || $0 == " " }
-            guard hex.count % 2 == 0, hex.allSatisfy(\.isHexDigit) else {
+            // ASCII only: Character.isHexDigit also accepts fullwidth digits, which UInt8(_:radix:) does not.
+            guard hex.count % 2 == 0, hex.unicodeScalars.allSatisfy({ $0.isASCII && $0.properties.isASCIIHexDigit }) else {
                 throw SpecError("'\(filter)': '\(text)' is not hex bytes (two digits a byte, e.g. 2a000000)")
             }
             guard hex.count / 2 == size else {
@@ -176,7 +177,10 @@ public struct FilterSpec: Sendable {
             var idx = hex.startIndex
             while idx < hex.endIndex {
                 let next = hex.index(idx, offsetBy: 2)
-                bytes.append(UInt8(hex[idx..<next], radix: 16)!)
+                guard let byte = UInt8(hex[idx..<next], radix: 16) else {
+                    throw SpecError("'\(filter)': '\(hex[idx..<next])' in '\(text)' is not a hex byte")
+                }
+                bytes.append(byte)
                 idx = next
             }
             return ValueMatch(entry: key, .bytes(bytes))

@@ -205,8 +205,7 @@ struct SpecParser {
         let entry: ProbeEntry
         if accept("[") {
             entry = try memoryItem()
-        } else if let first = peek(), Self.isWordByte(first) {
-            let name = word()!
+        } else if let first = peek(), Self.isWordByte(first), let name = word() {
             do { entry = try .register(named: name) } catch { throw SpecError(error.description) }
         } else if peek() == UInt8(ascii: "]") {
             throw SpecError("unbalanced brackets: ']' without '['")
@@ -253,7 +252,8 @@ struct SpecParser {
                 }
                 continue
             }
-            let name = word()!
+            // A word byte is at the cursor (checked above), so a word follows.
+            guard let name = word() else { throw SpecError("expected a register, number or symbol, found \(here())") }
             if let r = X86Register.named(name) {
                 try checkAddressRegister(r, name)
                 if accept("*") {

@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import FlowTrace
+@_exported import struct Sys.SystemError
+@_exported import class Sys.ByteSink
 
 /// Output formats of `flowtrace run`.
 public enum ReportFormat: String, Sendable, CaseIterable {
@@ -22,55 +24,6 @@ public enum ReportFormat: String, Sendable, CaseIterable {
         if lower.hasSuffix(".json") { return .chrome }
         if lower.hasSuffix(".txt") { return .table }
         return nil
-    }
-}
-
-/// Buffered writes to a file descriptor. A write error (a closed pipe, a full disk) is kept
-/// in `error` and later writes are dropped, so the caller reports it once.
-public final class ByteSink {
-    private let fd: Int32
-    private let ownsDescriptor: Bool
-    private var buffer: [UInt8] = []
-    public private(set) var error: String?
-
-    public init(fd: Int32, ownsDescriptor: Bool = false) {
-        self.fd = fd
-        self.ownsDescriptor = ownsDescriptor
-        buffer.reserveCapacity(1 << 16)
-    }
-
-    /// Creates (or truncates) `path` for writing.
-    public convenience init(path: String) throws(SpecError) {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw SpecError("cannot write '\(path)': \(String(cString: strerror(errno)))") }
-        self.init(fd: fd, ownsDescriptor: true)
-    }
-
-    deinit {
-        flush()
-        if ownsDescriptor { close(fd) }
-    }
-
-    public func write(_ s: String) {
-        buffer.append(contentsOf: s.utf8)
-        if buffer.count >= 1 << 16 { flush() }
-    }
-
-    public func flush() {
-        defer { buffer.removeAll(keepingCapacity: true) }
-        guard error == nil else { return }
-        var done = 0
-        buffer.withUnsafeBytes { raw in
-            while done < raw.count {
-                let n = Glibc.write(fd, raw.baseAddress! + done, raw.count - done)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    error = String(cString: strerror(errno))
-                    return
-                }
-                done += n
-            }
-        }
     }
 }
 

@@ -20,7 +20,7 @@ struct Figure {
 struct ArrayContext: HitContext {
     let vcpu: Int
     let registers: [UInt64]
-    let memory: UnsafeRawBufferPointer
+    let memory: [UInt8]
     let memoryBase: UInt64
 
     func read(_ register: X86Register) throws(TraceError) -> RegisterValue {
@@ -28,11 +28,12 @@ struct ArrayContext: HitContext {
         return RegisterValue(width: register.width, raw: UInt128(registers[i]), shift: register.shift)
     }
 
-    func readMemory(at address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(TraceError) {
-        guard address >= memoryBase, Int(address - memoryBase) + buffer.count <= memory.count else {
-            throw .memoryUnreadable(address: address, size: buffer.count, reason: "not mapped")
+    func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
+        guard address >= memoryBase, Int(address - memoryBase) + buffer.byteCount <= memory.count else {
+            throw .memoryUnreadable(address: address, size: buffer.byteCount, reason: "not mapped")
         }
-        buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[Int(address - memoryBase)...].prefix(buffer.count)))
+        let start = Int(address - memoryBase)
+        for k in 0 ..< buffer.byteCount { buffer.storeBytes(of: memory[start + k], toByteOffset: k, as: UInt8.self) }
     }
 }
 
@@ -53,11 +54,7 @@ func hitBench(threads: Int, hitsPerThread: Int) throws -> Double {
     let module = try TraceModule(target: target)
     try module.addProbe(probeOf4RegistersAnd16Bytes(), at: 0x100)
     try module.enable(maxRecords: 100_000)
-    let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
-    defer { memory.deallocate() }
-    memory.initializeMemory(as: UInt8.self, repeating: 0x5A)
-    let ro = UnsafeRawBufferPointer(memory)
-    nonisolated(unsafe) let mem = ro
+    let mem = [UInt8](repeating: 0x5A, count: 4096)
     let group = DispatchGroup()
     let start = ContinuousClock.now
     for k in 0..<threads {
@@ -81,10 +78,7 @@ func reportBench(records: Int) throws -> (reportMs: Double, filterMs: Double, ke
     try module.addProbe(probeOf4RegistersAnd16Bytes(), at: 0x100)
     try module.addProbe(probeOf4RegistersAnd16Bytes(), at: 0x200)
     try module.enable()
-    let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 8)
-    defer { memory.deallocate() }
-    memory.initializeMemory(as: UInt8.self, repeating: 0x5A)
-    var ctx = ArrayContext(vcpu: 0, registers: (0..<16).map { UInt64($0) }, memory: UnsafeRawBufferPointer(memory), memoryBase: 0x1000)
+    var ctx = ArrayContext(vcpu: 0, registers: (0..<16).map { UInt64($0) }, memory: [UInt8](repeating: 0x5A, count: 4096), memoryBase: 0x1000)
     let before = residentBytes()
     for i in 0..<records {
         if i % 1024 == 0 { ctx = ArrayContext(vcpu: (i / 1024) % 2, registers: (0..<16).map { UInt64($0 + i) }, memory: ctx.memory, memoryBase: 0x1000) }

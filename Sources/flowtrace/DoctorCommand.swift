@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import KVM
 import Machine
+import Sys
 
 struct DoctorCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -21,9 +22,8 @@ struct DoctorCommand: ParsableCommand {
             throw fail(error.description, status: ExitStatus.unavailable)
         }
         printOut("KVM device: \(host.path), API version \(host.apiVersion)")
-        var uname = utsname()
-        uname_wrapper(&uname)
-        printOut("host kernel: \(field(uname.release)) \(field(uname.machine))")
+        let kernel = hostKernel()
+        printOut("host kernel: \(kernel.release) \(kernel.machine)")
         if let module = loadedKVMModule() { printOut("KVM module: \(module)") }
 
         printOut("capabilities:")
@@ -40,8 +40,13 @@ struct DoctorCommand: ParsableCommand {
         ]
         var rows: [[String]] = []
         for (cap, why) in caps {
-            let v = host.capability(cap)
-            let shown = cap == .setGuestDebug2 ? (v == 0 ? "0" : hex(UInt64(v))) : "\(v)"
+            let shown: String
+            do {
+                let v = try host.capability(cap)
+                shown = cap == .setGuestDebug2 ? (v == 0 ? "0" : hex(UInt64(v))) : "\(v)"
+            } catch {
+                shown = "error: \(error.description)"
+            }
             rows.append([cap.description, shown, why])
         }
         printOut(table(rows))
@@ -89,12 +94,5 @@ struct DoctorCommand: ParsableCommand {
             .filter { $0.hasPrefix("kvm") }
         return names.isEmpty ? nil : names.joined(separator: ", ")
     }
-
-    private func field<T>(_ tuple: T) -> String {
-        withUnsafeBytes(of: tuple) { raw in
-            String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
-        }
-    }
 }
 
-private func uname_wrapper(_ u: inout utsname) { _ = uname(&u) }

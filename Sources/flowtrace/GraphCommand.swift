@@ -67,13 +67,14 @@ struct GraphCommand: ParsableCommand {
         }
         let sink: ByteSink
         if let output {
-            do { sink = try ByteSink(path: output) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
+            do throws(SystemError) { sink = try ByteSink(replacing: output) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
         } else {
             sink = ByteSink(fd: STDOUT_FILENO)
         }
         sink.write(text)
-        sink.flush()
-        if let e = sink.error { throw fail("writing the graph to \(output ?? "stdout"): \(e)", status: ExitStatus.ioError) }
+        do throws(SystemError) { try sink.commit() } catch {
+            throw fail("writing the graph to \(output ?? "stdout"): \(error.message)", status: ExitStatus.ioError)
+        }
     }
 }
 

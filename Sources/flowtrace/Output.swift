@@ -1,6 +1,7 @@
 import FlowTrace
-import Foundation
+@preconcurrency import Foundation
 import Locking
+import Sys
 
 
 private let outputLock = Locked(())
@@ -33,14 +34,14 @@ func table(_ rows: [[String]], indent: String = "  ", rightAligned: Set<Int> = [
 
 /// The live progress line on a terminal's stderr: elapsed time, hits, hits/s, records.
 /// Console lines are printed above it. Nothing of it when stderr is not a terminal.
-final class ProgressLine: @unchecked Sendable {  // the timer is only resumed and cancelled
+final class ProgressLine: Sendable {
     private let module: TraceModule
-    private let timer: DispatchSourceTimer
-    private let start = monotonicNow()
+    private let timer: any DispatchSourceTimer
+    private let start = monotonicNanoseconds()
     private let shown = Locked(false)
 
     init?(module: TraceModule) {
-        guard isatty(STDERR_FILENO) == 1 else { return nil }
+        guard isTerminal(STDERR_FILENO) else { return nil }
         self.module = module
         timer = DispatchSource.makeTimerSource(queue: .global())
         timer.schedule(deadline: .now() + .milliseconds(200), repeating: .milliseconds(250))
@@ -50,7 +51,7 @@ final class ProgressLine: @unchecked Sendable {  // the timer is only resumed an
 
     private var text: String {
         let c = module.counters
-        let s = Double(monotonicNow() - start) / 1e9
+        let s = Double(monotonicNanoseconds() - start) / 1e9
         return String(format: "  %.1f s  %llu hits  %@ hits/s  %d records", s, c.hitsSeen, formatRate(s > 0 ? Double(c.hitsSeen) / s : 0), c.recordsKept)
     }
 

@@ -1,10 +1,12 @@
 import ArgumentParser
 import ELF
 import FlowTrace
-import Foundation
+@preconcurrency import Foundation
 import KVM
 import FlowGraph
+import Locking
 import Machine
+import Sys
 import TraceSpec
 
 enum EngineOption: String, ExpressibleByArgument, CaseIterable {
@@ -54,8 +56,10 @@ struct RunCommand: ParsableCommand {
         picks it), csv, chrome (Chrome trace-event JSON for Perfetto UI). While records go to
         stdout the guest's console goes to stderr. A summary per location goes to stderr.
         EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted), 64 bad input,
-        69 KVM unavailable, 70 guest fault, 74 the report could not be written, 124 timeout,
-        130 interrupted. Records taken before a fault, a timeout or Ctrl-C are still written.
+        69 KVM unavailable, 70 guest fault, host failure or internal error, 74 the report
+        could not be written, 124 timeout, 130 interrupted. Records taken before a fault, a
+        timeout or Ctrl-C are still written; -o FILE is replaced only once the records are
+        all written (an existing file stays as it was otherwise).
         """
     )
 
@@ -117,6 +121,10 @@ struct RunCommand: ParsableCommand {
     var output: String?
 
     func run() throws {
+        // Ctrl-C first: before the machine exists it ends the command at once (nothing was
+        // traced); once the guest runs it stops every vCPU and what the run took is reported.
+        let interruption = Interruption()
+        defer { interruption.cancel() }
         let memorySize: UInt64
         do { memorySize = try parseMemorySize(memory) } catch { throw fail(error.description, status: ExitStatus.usage) }
         if let t = timeout, !(t > 0 && t.isFinite) {
@@ -139,19 +147,14 @@ struct RunCommand: ParsableCommand {
             if case .kvm = error { throw fail(error.description, status: ExitStatus.unavailable) }
             throw fail(error.description, status: ExitStatus.usage)
         }
+        if let fault = faultInjection { try inject(fault, into: machine) }
         let tracer = try plan.arm(on: machine, engine: engine.request)
-
-        // Ctrl-C stops every vCPU; what the run produced is still reported.
-        signal(SIGINT, SIG_IGN)
-        let interrupt = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
-        interrupt.setEventHandler { machine.stop() }
-        interrupt.resume()
-        defer { interrupt.cancel() }
+        interruption.stops(machine)
 
         let progress = tracer.flatMap { ProgressLine(module: $0.module) }
         let consoleToStderr = tracer != nil && plan.output == nil
         var result: RunResult
-        let origin = monotonicNow()
+        let origin = monotonicNanoseconds()
         do {
             result = try machine.run(timeout: timeout.map { .milliseconds(Int64($0 * 1000)) }) { line in
                 if let progress {
@@ -162,14 +165,15 @@ struct RunCommand: ParsableCommand {
                     printOut(line.text)
                 }
             }
-            // No debugger to hand a halt to: report it and go on.
+            // No debugger to hand a halt to: report it and go on (within the same --timeout).
             while case let .halted(stop) = result.ending {
                 printError("flowtrace: halt on vCPU \(stop.vcpu) at \(stop.location); resuming")
                 result = try machine.resume()
             }
         } catch {
             progress?.finish()
-            throw fail(error.description, status: ExitStatus.usage)
+            if error.isInternal { throw fail("internal error (a bug of flowtrace, please report it): \(error.description)", status: ExitStatus.software) }
+            throw fail(error.description, status: ExitStatus.unavailable)
         }
         progress?.finish()
 
@@ -196,14 +200,17 @@ struct RunCommand: ParsableCommand {
         case let .fault(f):
             printError("flowtrace: \(name): \(f.description) after \(seconds)")
             printError(f.registerDump)
+            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
             throw ExitCode(ExitStatus.guestFault)
         case .timedOut:
             printError("flowtrace: \(name): timed out after \(seconds) (--timeout \(timeout ?? 0)); every vCPU was stopped")
+            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
             throw ExitCode(ExitStatus.timeout)
         case .halted:
             break
         case .stopped:
             printError("flowtrace: \(name): interrupted after \(seconds); every vCPU was stopped")
+            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
             throw ExitCode(ExitStatus.interrupted)
         }
     }
@@ -257,9 +264,8 @@ struct TracePlan {
     let combination: FilterCombination
     let reverse: Bool
     let format: ReportFormat
-    /// nil: stdout.
+    /// nil: stdout. Checked to be writable; opened only to write the records.
     let output: String?
-    let sink: ByteSink?
 
     init(command c: RunCommand, image: ELFImage, symbols: Symbolizer) throws(ExitCode) {
         var specs: [(ProbeSpec, PlannedProbe)] = []
@@ -397,12 +403,10 @@ struct TracePlan {
         } else if let o = c.output {
             format = ReportFormat.guess(fromPath: o) ?? .jsonl
         } else {
-            format = isatty(STDOUT_FILENO) == 1 ? .table : .jsonl
+            format = isTerminal(STDOUT_FILENO) ? .table : .jsonl
         }
         if let o = c.output, !probes.isEmpty {
-            do { sink = try ByteSink(path: o) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
-        } else {
-            sink = nil
+            do { try ByteSink.checkWritable(o) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
         }
     }
 
@@ -427,12 +431,25 @@ struct TracePlan {
                                         exit: Probe("\(f.graph.name) exit", entries: f.exitItems.map(\.entry)))
             }
             let planned = Dictionary(probes.map { ($0.address, $0) }, uniquingKeysWith: { a, _ in a })
-            let located = module.locations.map { ($0.probe, planned[$0.address]!) }
+            var located: [(Probe, PlannedProbe)] = []
+            for l in module.locations {
+                guard let p = planned[l.address] else {
+                    throw fail("internal error (a bug of flowtrace, please report it): the module has a location at \(hex(l.address)) nobody planned", status: ExitStatus.software)
+                }
+                located.append((l.probe, p))
+            }
             try module.enable(hitLimit: hits, maxRecords: maxRecords)
             let chosen = machine.engine.map { "\($0.engine): \($0.reason)" } ?? "none"
             return Tracer(module: module, probes: located, flows: flows, engine: chosen)
-        } catch {
+        } catch let error as ExitCode {
+            throw error
+        } catch let error as TraceError {
+            // Refusals (capacity, a location that cannot be armed) are input; a KVM call
+            // that failed while arming is the host's.
+            if case .targetFailure = error { throw fail("host failure: \(error.description)", status: ExitStatus.software) }
             throw fail(error.description, status: ExitStatus.usage)
+        } catch {
+            throw fail(error.localizedDescription, status: ExitStatus.software)
         }
     }
 
@@ -449,9 +466,17 @@ struct TracePlan {
                 return "\(s.name)+0x\(String(off, radix: 16))"
             },
             timeOrigin: timeOrigin, title: "flowtrace: \(title)")
-        let out = sink ?? ByteSink(fd: STDOUT_FILENO)
+        let out: ByteSink
+        if let output {
+            do { out = try ByteSink(replacing: output) } catch { return (0, "writing the records to \(output): \(error.message)") }
+        } else {
+            out = ByteSink(fd: STDOUT_FILENO)
+        }
         writer.write(report, to: out)
-        if let e = out.error { return (report.count, "writing the records to \(output ?? "stdout"): \(e)") }
+        do { try out.commit() } catch { return (0, "writing the records to \(output ?? "stdout"): \(error.message)") }
+        if report.missing > 0 {
+            return (report.count, "\(report.missing) records could not be copied for the report (out of memory)")
+        }
         return (report.count, nil)
     }
 
@@ -486,6 +511,7 @@ struct TracePlan {
             lines.append(line)
         }
         var total = "flowtrace: \(c.hitsSeen) hits (\(formatRate(rate)) hits/s), \(c.recordsTaken) records taken, \(c.recordsKept) kept"
+        if c.recordsLost > 0 { total += ", \(c.recordsLost) lost (no memory for them; lower --max-records)" }
         if c.evicted > 0 { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
         if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(hits)" }
         if c.suppressedWrongVCPU > 0 { total += ", \(c.suppressedWrongVCPU) on other vCPUs than --vcpu" }
@@ -507,9 +533,43 @@ func formatRate(_ r: Double) -> String {
     return String(format: "%.0f", r)
 }
 
-/// CLOCK_MONOTONIC in ns, the clock records are stamped with.
-func monotonicNow() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+/// SIGINT for the whole command: exits 130 while nothing runs yet, stops the machine once
+/// there is one. Installed first thing, so no Ctrl-C is lost to the default action.
+final class Interruption: Sendable {
+    private let machine = Locked<Machine?>(nil)
+    private let source: any DispatchSourceSignal
+
+    init() {
+        signal(SIGINT, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
+        let machine = self.machine
+        source.setEventHandler {
+            if let m = machine.withLock({ $0 }) { m.stop(); return }
+            printError("flowtrace: interrupted before the guest ran")
+            exit(ExitStatus.interrupted)
+        }
+        source.resume()
+        self.source = source
+    }
+
+    /// From now on Ctrl-C stops `m`.
+    func stops(_ m: Machine) { machine.withLock { $0 = m } }
+
+    func cancel() { source.cancel() }
+}
+
+/// `FLOWTRACE_FAULT` (see docs/reliability.md): a host call to fail on purpose.
+private var faultInjection: String? { ProcessInfo.processInfo.environment["FLOWTRACE_FAULT"] }
+
+private func inject(_ text: String, into machine: Machine) throws(ExitCode) {
+    let spec: FaultSpec
+    do { spec = try FaultSpec(parsing: text) } catch { throw fail(error.description, status: ExitStatus.usage) }
+    guard spec.vcpu < machine.vcpus.count else {
+        throw fail("FLOWTRACE_FAULT '\(text)': the guest has vCPUs 0 to \(machine.vcpus.count - 1)", status: ExitStatus.usage)
+    }
+    if spec.call == .memoryWrite {
+        machine.memory.faults.fail(.memoryWrite, onCall: spec.nth, errno: spec.errno)
+    } else {
+        machine.vcpus[spec.vcpu].faults.fail(spec.call, onCall: spec.nth, errno: spec.errno)
+    }
 }

@@ -101,7 +101,7 @@ struct CLITests {
     @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
     func vcpusOutOfRange() throws {
         expectOneLineError(try flowtrace("run", Guests.path("fib"), "--vcpus", "0"), "--vcpus 0", "must be between 1 and")
-        let max = try KVMHost().maxVCPUs
+        let max = try KVMHost().maxVCPUs()
         expectOneLineError(try flowtrace("run", Guests.path("fib"), "--vcpus", "\(max + 1)"), "--vcpus \(max + 1)")
     }
 

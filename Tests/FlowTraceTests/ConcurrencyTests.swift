@@ -28,7 +28,10 @@ struct ConcurrencyTests {
         try m.enable(hitLimit: limit, maxRecords: cap)
         let delivered = Atomic<Int>(0)
         onThreads(Self.threads) { k in
-            for _ in 0..<Self.hitsPerThread where t.fire(at: 0x100, vcpu: k) != nil { delivered.add(1, ordering: .relaxed) }
+            // rdi counts each thread's hits, so the records show the order it took them in.
+            for i in 0..<Self.hitsPerThread where t.fire(at: 0x100, vcpu: k, overrides: [.general(7): UInt128(i)]) != nil {
+                delivered.add(1, ordering: .relaxed)
+            }
         }
         let c = m.counters
         #expect(c.recordsTaken == limit)
@@ -41,8 +44,17 @@ struct ConcurrencyTests {
         // Kept: the newest `cap`, unique and contiguous.
         let seqs = m.report().map(\.sequence)
         #expect(seqs == Array((limit - UInt64(cap))..<limit))
-        // Per vCPU, records appear in the order the vCPU took them (sequence order).
-        #expect(Set(m.report().map(\.vcpu)).isSubset(of: Set(0..<Self.threads)))
+        // Per vCPU, records appear in the order the vCPU took them: in sequence order each
+        // vCPU's rdi (its hit counter) strictly increases.
+        var last: [Int: UInt64] = [:]
+        var outOfOrder = 0
+        for r in m.report() {
+            guard case let .register(v)? = r.values.first else { Issue.record("record \(r.sequence) has no rdi"); continue }
+            if let l = last[r.vcpu], v.asUInt64 <= l { outOfOrder += 1 }
+            last[r.vcpu] = v.asUInt64
+        }
+        #expect(outOfOrder == 0)
+        #expect(Set(last.keys).isSubset(of: Set(0..<Self.threads)))
     }
 
     /// Defect 5: reports taken while vCPUs hit are consistent snapshots.

@@ -29,7 +29,10 @@ struct FilterTests {
         #expect(seqs(r.filtered(by: .vcpu(2...2))) == [2, 5, 8])
         let ts = r.map(\.timestamp)
         #expect(ts == ts.sorted())
-        #expect(seqs(r.filtered(by: .timestamp(ts[4]...ts[6]))).allSatisfy { (4...6).contains($0) || ts[Int($0)] == ts[4] || ts[Int($0)] == ts[6] })
+        // Exactly the records stamped inside the range (equal stamps may reach past 4 and 6).
+        let inRange = ts.indices.filter { ts[$0] >= ts[4] && ts[$0] <= ts[6] }.map(UInt64.init)
+        #expect(Set([4, 5, 6]).isSubset(of: Set(inRange)))
+        #expect(seqs(r.filtered(by: .timestamp(ts[4]...ts[6]))) == inRange)
         #expect(seqs(r.filtered(by: .timestamp(0...UInt64.max))) == Array(0..<10))
     }
 

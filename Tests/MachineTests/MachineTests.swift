@@ -143,7 +143,7 @@ private func instructionAddresses(_ path: String, from start: UInt64) throws -> 
 struct BadConfigurationTests {
     @Test func vcpuCountOutOfRange() throws {
         let path = try Guests.path("fib")
-        let max = try KVMHost().maxVCPUs
+        let max = try KVMHost().maxVCPUs()
         #expect(throws: MachineError.vcpuCount(0, maximum: max)) { try Machine(path: path, configuration: .init(vcpuCount: 0)) }
         #expect(throws: MachineError.vcpuCount(max + 1, maximum: max)) {
             try Machine(path: path, configuration: .init(vcpuCount: max + 1))

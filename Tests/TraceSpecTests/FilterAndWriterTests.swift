@@ -102,8 +102,9 @@ struct ReportWriterTests {
         let writer = ReportWriter(format: format, probes: [(probe, ["rdi", "[0x1000]", "gdtr", "xmm0"])], commonKeys: ["CR3"],
                                   describe: { symbols.describe($0) + "+0x0" }, timeOrigin: report[0].timestamp, title: "fixture \"1\"")
         do {
-            let sink = try ByteSink(path: path)
+            let sink = try ByteSink(replacing: path)
             writer.write(report, to: sink)
+            try sink.commit()
         }
         return try String(contentsOfFile: path, encoding: .utf8)
     }
