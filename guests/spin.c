@@ -1,5 +1,6 @@
 /* spin: vCPU 0 never ends: it calls spin_step(0), spin_step(1), ... forever, for timeouts,
- * stop requests and Ctrl-C while tracing. Other vCPUs halt. */
+ * stop requests and Ctrl-C while tracing; it prints a line once spin_step has run 1000
+ * times. Other vCPUs halt. */
 #include "runtime.h"
 
 volatile u64 spins;
@@ -13,5 +14,9 @@ int guest_main(int cpu, int ncpus) {
     (void)ncpus;
     if (cpu != 0) return 0;
     console_puts("spin: looping forever\n");
-    for (u64 i = 0;; i++) spin_step(i);
+    for (u64 i = 0;; i++) {
+        spin_step(i);
+        /* A line to synchronise on: spin_step has run 1000 times by now. */
+        if (i == 999) console_puts("spin: 1000 steps\n");
+    }
 }

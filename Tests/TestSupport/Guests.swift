@@ -51,6 +51,7 @@ public struct ProcessOutput: Sendable {
     public var status: Int32
     public var stdout: String
     public var stderr: String
+    public init(status: Int32, stdout: String, stderr: String) { self.status = status; self.stdout = stdout; self.stderr = stderr }
 }
 
 /// Runs `executable` with `arguments` to completion and captures its output.

@@ -1,0 +1,188 @@
+import Foundation
+import KVM
+import Testing
+import TestSupport
+
+private let kvmUsable = KVMHost.isUsable()
+
+/// Starts `flowtrace args`, waits (on its stdout) for the line `marker`, sends SIGINT, and
+/// returns what it left.
+func interruptAfter(_ marker: String, _ args: [String]) throws -> ProcessOutput {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: Guests.flowtrace)
+    p.arguments = args
+    let out = Pipe(), err = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    p.standardInput = FileHandle.nullDevice
+    try p.run()
+    let errText = LockedBox(Data())
+    let errDone = DispatchSemaphore(value: 0)
+    DispatchQueue.global().async {
+        errText.set(err.fileHandleForReading.readDataToEndOfFile())
+        errDone.signal()
+    }
+    var seen = Data()
+    while !String(decoding: seen, as: UTF8.self).contains(marker + "\n") {
+        let d = out.fileHandleForReading.availableData
+        if d.isEmpty { break }  // the process ended without the marker
+        seen += d
+    }
+    kill(p.processIdentifier, SIGINT)
+    seen += out.fileHandleForReading.readDataToEndOfFile()
+    errDone.wait()
+    p.waitUntilExit()
+    return ProcessOutput(status: p.terminationStatus, stdout: String(decoding: seen, as: UTF8.self),
+                         stderr: String(decoding: errText.get(), as: UTF8.self))
+}
+
+/// The number in `text` before `suffix` (`"1973 records taken"` -> 1973).
+func count(before suffix: String, in text: String) -> Int? {
+    guard let r = text.range(of: suffix) else { return nil }
+    let digits = text[..<r.lowerBound].reversed().prefix { $0.isNumber }
+    return Int(String(digits.reversed()))
+}
+
+@Suite("no output lost or destroyed", .serialized, .timeLimit(.minutes(5)))
+struct OutputSafetyTests {
+    /// A run that cannot start (no KVM) leaves an existing -o file exactly as it was.
+    @Test func anExistingOutputSurvivesARunThatCannotStart() throws {
+        let out = try temporaryFile(Array("previous trace\n".utf8), name: "existing.jsonl")
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "-o", out,
+                              environment: ["FLOWTRACE_KVM_DEVICE": "/nonexistent", "PATH": "/usr/bin:/bin"])
+        expectOneLineError(r, status: 69, "/nonexistent")
+        #expect(try String(contentsOfFile: out, encoding: .utf8) == "previous trace\n")
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: (out as NSString).deletingLastPathComponent)
+            .filter { $0.contains(".flowtrace-") }
+        #expect(leftovers == [])
+    }
+
+    /// A good run replaces the file (with the records), keeping its permissions.
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func aGoodRunReplacesTheOutput() throws {
+        let out = try temporaryFile(Array("previous trace\n".utf8), name: "replaced.jsonl")
+        chmod(out, 0o600)
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "-o", out)
+        #expect(r.status == 0)
+        let records = try parseJSONLines(String(contentsOfFile: out, encoding: .utf8))
+        #expect(records.count == 1973)
+        var st = stat()
+        stat(out, &st)
+        #expect(st.st_mode & 0o777 == 0o600)
+    }
+
+    /// A write error at the end (a full disk) exits 74 with the message.
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func aFullDiskExits74() throws {
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "-o", "/dev/full")
+        #expect(r.status == 74)
+        #expect(r.stderr.contains("flowtrace: error: writing the records to /dev/full: writing '/dev/full': No space left on device"))
+        #expect(r.stderr.contains("1973 records taken"))
+    }
+
+    /// Ctrl-C once the guest is known to be running (it printed a line after 1000 steps):
+    /// exit 130 and every record taken, spin_step(0) ... in order, is written.
+    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    func ctrlCWritesTheRecordsTaken() throws {
+        let out = try temporaryFile([], name: "spin.jsonl")
+        let r = try interruptAfter("spin: 1000 steps", ["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out])
+        #expect(r.status == 130)
+        #expect(r.stderr.contains("interrupted after"))
+        let records = try parseJSONLines(String(contentsOfFile: out, encoding: .utf8))
+        #expect(records.count >= 1000)
+        let rdi = records.map { hexValue(($0["values"] as? [String: Any])?["rdi"]) }
+        #expect(rdi == (0..<records.count).map { Optional(UInt64($0)) })
+        #expect(r.stderr.contains("\(records.count) records written to \(out)"))
+    }
+}
+
+/// One injected failure and what flowtrace did about it.
+struct FaultCase {
+    let fault: String
+    let when: String
+    let extra: [String]
+}
+
+@Suite("fault injection", .serialized, .enabled(if: kvmUsable, "needs a usable /dev/kvm"), .timeLimit(.minutes(5)))
+struct FaultInjectionTests {
+    static let cases: [FaultCase] = [
+        FaultCase(fault: "KVM_SET_GUEST_DEBUG:1", when: "arming the probes", extra: []),
+        FaultCase(fault: "guest-memory write:1", when: "patching the first probe", extra: []),
+        FaultCase(fault: "KVM_RUN:40", when: "mid-run", extra: []),
+        FaultCase(fault: "KVM_RUN:40@1", when: "mid-run, on vCPU 1", extra: []),
+        FaultCase(fault: "KVM_GET_REGS:10", when: "at a probe hit", extra: []),
+        FaultCase(fault: "KVM_SET_REGS:10", when: "at a probe hit", extra: []),
+        FaultCase(fault: "KVM_GET_SREGS:10", when: "stepping over a probe", extra: []),
+        FaultCase(fault: "KVM_SET_GUEST_DEBUG:20", when: "stepping over a probe", extra: []),
+        FaultCase(fault: "guest-memory write:20", when: "stepping over a probe", extra: []),
+        FaultCase(fault: "", when: "writing the records (-o /dev/full)", extra: ["-o", "/dev/full"]),
+    ]
+
+    /// Every case ends (the process exits; its own --timeout is far away), with the
+    /// documented status, one line naming the failed call, the other vCPU released, and
+    /// every record taken written. The table in docs/reliability.md is this test's output
+    /// (FLOWTRACE_UPDATE_DOCS=1 rewrites it).
+    @Test func everyFaultEndsTheRunCleanly() throws {
+        var rows: [String] = []
+        for c in Self.cases {
+            let out = try temporaryFile([], name: "fault.jsonl")
+            var args = ["run", try Guests.path("loop"), "--vcpus", "2", "--engine", "hlt", "--probe", "tick:rdi,rsi", "--timeout", "120"]
+            args += c.extra.isEmpty ? ["-o", out] : c.extra
+            var env = ProcessInfo.processInfo.environment
+            env["FLOWTRACE_FAULT"] = c.fault.isEmpty ? nil : c.fault
+            let r = try run(Guests.flowtrace, args, environment: env)
+            let named = c.fault.isEmpty ? "No space left on device" : String(c.fault.prefix { $0 != ":" }) + " failed"
+            let lines = r.stderr.split(separator: "\n").map(String.init)
+            let failure = lines.filter { $0.contains(named) }
+            #expect(failure.count == 1, "\(c.fault): \(r.stderr)")
+            let taken = count(before: " records taken", in: r.stderr)
+            let written = count(before: " records written to", in: r.stderr)
+            var recordsNote = "none taken"
+            if let taken, c.extra.isEmpty {
+                let onDisk = try parseJSONLines(String(contentsOfFile: out, encoding: .utf8)).count
+                #expect(written == taken && onDisk == taken, "\(c.fault): taken \(taken), written \(written ?? -1), on disk \(onDisk)")
+                recordsNote = written == taken && onDisk == taken ? "all taken written" : "LOST"
+            } else if taken != nil {
+                recordsNote = "write failed, reported"
+            }
+            let expected: Int32 = c.extra.isEmpty ? 70 : 74
+            #expect(r.status == expected, "\(c.fault): \(r.stderr)")
+            var message = failure.first.map(Self.shape) ?? "(none)"
+            // Guest RAM is the machine's: which vCPU's write fails varies.
+            if c.fault.hasPrefix("guest-memory") {
+                message = message.replacingOccurrences(of: #"on vCPU [0-9]+"#, with: "on vCPU N", options: .regularExpression)
+            }
+            rows.append("| `\(c.fault.isEmpty ? "write(2)" : c.fault)` | \(c.when) | \(r.status) | \(message) | \(recordsNote) |")
+        }
+        let table = (["| fault (`FLOWTRACE_FAULT`) | when | exit | the line naming it | records |", "|---|---|---|---|---|"] + rows).joined(separator: "\n")
+        try Self.checkDocument(table)
+    }
+
+    /// The message without the parts that vary from run to run (addresses, symbols, times).
+    static func shape(_ line: String) -> String {
+        var s = line
+        if let r = s.range(of: "; guest at rip") { s = String(s[..<r.lowerBound]) }
+        if let r = s.range(of: " after ", options: .backwards), s.hasPrefix("flowtrace: loop.elf") { s = String(s[..<r.lowerBound]) }
+        s = s.replacingOccurrences(of: #"0x[0-9a-f]+"#, with: "0x…", options: .regularExpression)
+        return s.replacingOccurrences(of: "|", with: "\\|")
+    }
+
+    static let begin = "<!-- fault matrix: generated by FaultInjectionTests (FLOWTRACE_UPDATE_DOCS=1 tools/test) -->"
+    static let end = "<!-- end of fault matrix -->"
+
+    static func checkDocument(_ table: String) throws {
+        let path = Guests.root.appendingPathComponent("docs/reliability.md").path
+        let doc = try String(contentsOfFile: path, encoding: .utf8)
+        guard let b = doc.range(of: begin), let e = doc.range(of: end) else {
+            Issue.record("docs/reliability.md has no fault-matrix markers")
+            return
+        }
+        let current = doc[b.upperBound..<e.lowerBound].trimmingCharacters(in: .whitespacesAndNewlines)
+        if ProcessInfo.processInfo.environment["FLOWTRACE_UPDATE_DOCS"] == "1" {
+            let updated = String(doc[..<b.upperBound]) + "\n" + table + "\n" + String(doc[e.lowerBound...])
+            try updated.write(toFile: path, atomically: true, encoding: .utf8)
+            return
+        }
+        #expect(current == table, "docs/reliability.md differs from what the tests observe; run FLOWTRACE_UPDATE_DOCS=1 tools/test and review. Observed:\n\(table)")
+    }
+}

@@ -1,0 +1,136 @@
+import ELF
+import FlowTrace
+import Foundation
+import Glibc
+import KVM
+@testable import Machine
+import Synchronization
+import Testing
+import TestSupport
+
+/// The names of this process's threads that run vCPUs ("vcpu-N").
+func vcpuThreads() -> [String] {
+    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+    return tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8) }
+        .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }.filter { $0.hasPrefix("vcpu-") }
+}
+
+@Suite("machine reliability", .serialized, .enabled(if: kvmUsable, "needs a usable /dev/kvm"), .timeLimit(.minutes(5)))
+struct MachineReliabilityTests {
+    /// A failed KVM_RUN ends the run as a host failure naming the call and its errno, not
+    /// as "exit reason 4294967295"; the other vCPU is released; records taken are kept.
+    @Test func aFailedRunIsAHostFailure() throws {
+        try withWatchdog(60, "a run whose KVM_RUN fails") {
+            let m = try Machine(path: Guests.path("spin"), configuration: .init(vcpuCount: 2, engine: .engine(.hlt)))
+            let module = try TraceModule(target: m)
+            try module.addProbe(Probe("spin_step", entries: [try .register(named: "rdi")]), at: try #require(m.symbolizer.address(of: "spin_step")))
+            try module.enable()
+            m.vcpus[0].faults.fail(.run, onCall: 40, errno: EIO)
+            let r = try m.run(timeout: .seconds(30))
+            guard case let .fault(f) = r.ending else { Issue.record("expected a fault, got \(r.ending)"); return }
+            #expect(f.vcpu == 0)
+            #expect(f.cause == .host(.ioctl("KVM_RUN", errno: EIO), while: "running the guest"))
+            #expect(f.exit == nil)
+            #expect(f.description.contains("host failure on vCPU 0 while running the guest: KVM_RUN failed: Input/output error (errno 5)"))
+            #expect(!f.description.contains("4294967295"))
+            // Each hit of the hlt engine is one exit for the trap and one for the step:
+            // the 40th run fails after exactly 19 hits (spin_step(0) ... spin_step(18)).
+            let rdi = module.report().map { r -> UInt64 in
+                if case let .register(v)? = r.values.first { return v.asUInt64 }
+                return .max
+            }
+            #expect(rdi == Array(0..<UInt64(rdi.count)))
+            #expect(rdi.count >= 1)
+            #expect(vcpuThreads() == [])
+        }
+    }
+
+    /// `resume()` after a halt keeps the run's time limit: a guest that spins forever after
+    /// the halt still ends at the limit.
+    @Test func resumeKeepsTheTimeout() throws {
+        try withWatchdog(60, "resume() after a halt with a timeout") {
+            let m = try Machine(path: Guests.path("spin"))
+            let module = try TraceModule(target: m)
+            try module.addProbe(Probe("halt", entries: [.halt]), at: try #require(m.symbolizer.address(of: "spin_step")))
+            try module.enable(hitLimit: 1)
+            var r = try m.run(timeout: .milliseconds(800))
+            guard case .halted = r.ending else { Issue.record("expected a halt, got \(r.ending)"); return }
+            r = try m.resume()
+            #expect(r.ending == .timedOut(.milliseconds(800)))
+            #expect(r.elapsed >= .milliseconds(800))
+        }
+    }
+
+    /// Internal errors say they are (the CLI exits 70 for them, 64 only for input).
+    @Test func misuseIsAnInternalError() throws {
+        let m = try Machine(path: Guests.path("status"))
+        #expect(throws: MachineError.notRunning) { try m.resume() }
+        _ = try m.run(timeout: .seconds(10))
+        #expect(throws: MachineError.alreadyRan) { try m.run() }
+        #expect(MachineError.alreadyRan.isInternal && MachineError.notRunning.isInternal)
+        #expect(!MachineError.vcpuCount(0, maximum: 1).isInternal)
+    }
+
+    /// Two machines one after the other, then two side by side: each runs its guest to the
+    /// right end, and no vCPU thread outlives its run.
+    @Test func machinesInSequenceAndSideBySide() throws {
+        try withWatchdog(60, "two machines") {
+            for _ in 0..<2 {
+                let r = try Machine(path: Guests.path("fib")).run(timeout: .seconds(20))
+                #expect(r.console.map(\.text) == ["fib(15) = 610, calls = 1973"])
+                #expect(vcpuThreads() == [])
+            }
+            let results = LockedBox<[String]>([])
+            let group = DispatchGroup()
+            for guest in ["fib", "smp"] {
+                group.enter()
+                Thread {
+                    defer { group.leave() }
+                    do {
+                        let r = try Machine(path: Guests.path(guest), configuration: .init(vcpuCount: 2)).run(timeout: .seconds(20))
+                        let line = r.console.last?.text ?? "\(r.ending)"
+                        results.set(results.get() + [line])
+                    } catch { results.set(results.get() + ["\(error)"]) }
+                }.start()
+            }
+            group.wait()
+            #expect(results.get().sorted() == ["fib(15) = 610, calls = 1973", "total: 300 units on 2 vcpus"])
+            #expect(vcpuThreads() == [])
+        }
+    }
+
+    /// `disable()` from the controller while vCPUs take the last hits of the budget: the
+    /// machine's disarm waits for every vCPU to park, and the vCPU taking the last hit must
+    /// not need a lock the controller holds. Many rounds, 2 vCPUs each hitting.
+    @Test func disableRacesTheHitLimitOnAMachine() throws {
+        try withWatchdog(240, "disable() racing the hit limit on a machine") {
+            let path = try Guests.path("loop")
+            for round in 0..<60 {
+                let m = try Machine(path: path, configuration: .init(vcpuCount: 2, engine: .engine(.hlt)))
+                let module = try TraceModule(target: m)
+                try module.addProbe(Probe("tick", entries: [try .register(named: "rdi")]), at: try #require(m.symbolizer.address(of: "tick")))
+                let limit = UInt64(30 + round % 20)
+                try module.enable(hitLimit: limit)
+                let ended = DispatchSemaphore(value: 0)
+                Thread { _ = try? m.run(timeout: .seconds(60)); ended.signal() }.start()
+                // Disable as the budget runs out (observed, not timed).
+                while module.counters.recordsTaken + UInt64(round % 3) < limit && module.state == .enabled { sched_yield() }
+                try module.disable()
+                m.stop()
+                ended.wait()
+                #expect(module.counters.recordsTaken <= limit, "round \(round)")
+                #expect(module.state == .created)
+            }
+        }
+    }
+
+    /// The kick signal is a real-time signal; SIGUSR1, which programs use, is left alone.
+    @Test func theKickSignalLeavesSIGUSR1Alone() throws {
+        _ = try Machine(path: Guests.path("status")).run(timeout: .seconds(10))
+        let s = VCPU.kickSignal
+        #expect(s >= __libc_current_sigrtmin() && s <= __libc_current_sigrtmax())
+        var usr1 = sigaction()
+        sigaction(SIGUSR1, nil, &usr1)
+        #expect(unsafeBitCast(usr1.__sigaction_handler.sa_handler, to: Int.self) == 0)
+    }
+}
