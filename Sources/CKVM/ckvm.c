@@ -1,5 +1,8 @@
 /* CKVM: one function per ioctl; see include/ckvm.h. ioctl is variadic, which
- * Swift cannot call, hence this file. */
+ * Swift cannot call, hence this file.
+ * SAFETY (whole file): each function passes its caller's pointer straight to one ioctl
+ * whose argument type it names; the Swift KVM target owns every buffer and keeps it alive
+ * for the call, and the struct sizes it relies on are pinned below. */
 #define _GNU_SOURCE
 #include "ckvm.h"
 

@@ -39,6 +39,7 @@ public struct ELFImage: Sendable {
         var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
         var got = 0
         while got < bytes.count {
+            // SAFETY: the read goes into `bytes` at `got`, at most its remaining count.
             let n = bytes.withUnsafeMutableBytes { read(fd, $0.baseAddress! + got, $0.count - got) }
             if n < 0, errno == EINTR { continue }
             guard n > 0 else { throw ELFError.unreadable(path: path, reason: n == 0 ? "short read" : String(cString: strerror(errno))) }
@@ -62,6 +63,7 @@ public struct ELFImage: Sendable {
             throw ELFError.truncated(path: path, detail: "\(bytes.count) bytes, shorter than the 64-byte ELF64 header")
         }
         var storage = bytes
+        // SAFETY: libelf parses `storage`, which outlives the parse; the result copies what it keeps.
         let parsed = storage.withUnsafeMutableBytes { raw -> Result<Parsed, ELFError> in
             Result { () throws(ELFError) in try Parsed.parse(raw, fileSize: bytes.count, path: path) }
         }
@@ -117,6 +119,7 @@ private struct Parsed {
                   !ph.p_paddr.addingReportingOverflow(ph.p_memsz).overflow else {
                 throw ELFError.malformed(path: path, detail: "segment \(i) wraps past the end of the address space")
             }
+            // SAFETY: p_offset..end was checked against the file size above.
             let data = [UInt8](UnsafeRawBufferPointer(rebasing: raw[Int(ph.p_offset) ..< Int(end)]))
             out.segments.append(ELFImage.Segment(
                 virtualAddress: ph.p_vaddr, physicalAddress: ph.p_paddr, fileSize: ph.p_filesz,

@@ -34,6 +34,7 @@ public struct X86Decoder {
         guard !bytes.isEmpty else { return .failure(DecodeError(address: address, reason: "no bytes to decode")) }
         var insn = ZydisDecodedInstruction()
         var ops = [ZydisDecodedOperand](repeating: ZydisDecodedOperand(), count: Int(ZYDIS_MAX_OPERAND_COUNT))
+        // SAFETY: Zydis reads the decoder, `bytes` and writes `ops` only during this call.
         let status = withUnsafePointer(to: decoder) { d in
             bytes.withUnsafeBytes { b in
                 ops.withUnsafeMutableBufferPointer { o in
@@ -47,6 +48,7 @@ public struct X86Decoder {
         let length = Int(insn.length)
         let visible = Int(insn.operand_count_visible)
         var buffer = [CChar](repeating: 0, count: 256)
+        // SAFETY: Zydis reads the formatter and the operands decoded above only during this call.
         let fmt = withUnsafePointer(to: formatter) { f in
             ops.withUnsafeBufferPointer { o in
                 ZydisFormatterFormatInstruction(f, &insn, o.baseAddress, UInt8(visible), &buffer, buffer.count, address, nil)

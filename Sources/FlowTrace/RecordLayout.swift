@@ -90,6 +90,7 @@ final class ReasonTable: Sendable {
 extension ProbeLayout {
     /// Collects every entry into `slot + base`. Returns whether a halt entry asked to stop.
     @inline(__always)
+    // SAFETY: `slot` is a record slot of the layout's size (TraceModule's stack slot); every offset below is the layout's own.
     func collect<C: HitContext>(into slot: UnsafeMutableRawPointer, base: Int, context: C, hit: ProbeHit,
                                 reasons: ReasonTable) -> Bool {
         var halt = false
@@ -136,6 +137,7 @@ extension ProbeLayout {
     }
 
     @inline(__always)
+    // SAFETY: `p` is an entry's offset in a slot, with room for the register's width (the layout).
     private func store(_ v: RegisterValue, width: X86Register.Width, at p: UnsafeMutableRawPointer) {
         switch v {
         case let .u8(x): p.storeBytes(of: x, as: UInt8.self)
@@ -154,6 +156,7 @@ extension ProbeLayout {
 
 extension ProbeLayout {
     /// The values of every entry, decoded from `slot + base`.
+    // SAFETY: `slot` is a record of this layout in a snapshot buffer; offsets are the layout's.
     func decode(from slot: UnsafeRawPointer, base: Int, reasons: ReasonTable) -> [ProbeValue] {
         entries.indices.map { decode(entry: $0, from: slot, base: base, reasons: reasons) }
     }
@@ -170,6 +173,7 @@ extension ProbeLayout {
         case let .register(r):
             return .register(Self.load(width: r.width, from: at))
         case let .constantMemory(address, size):
+            // SAFETY: an entry's `size` bytes lie inside the record slot (the layout).
             return .memory(address: address, bytes: [UInt8](UnsafeRawBufferPointer(start: at, count: size)))
         case let .indirectMemory(_, size):
             return .memory(address: at.loadUnaligned(as: UInt64.self),
@@ -179,6 +183,7 @@ extension ProbeLayout {
         }
     }
 
+    // SAFETY: `p` points at an entry's bytes inside a record slot (unaligned loads).
     static func load(width: X86Register.Width, from p: UnsafeRawPointer) -> RegisterValue {
         switch width {
         case .u8: .u8(p.loadUnaligned(as: UInt8.self))

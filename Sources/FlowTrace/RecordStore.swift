@@ -25,6 +25,7 @@ final class RecordStore: @unchecked Sendable {
     @exclusivity(unchecked) private var capacity: Int = 0
     /// Physical index of the oldest record (non-zero only once a bounded ring has wrapped).
     @exclusivity(unchecked) private var head = 0
+    // SAFETY: the counters below, like the fields above, are touched only under `lock`.
     @exclusivity(unchecked) private var count = 0
     @exclusivity(unchecked) private var nextSequence: UInt64 = 0
     @exclusivity(unchecked) private var takenTotal: UInt64 = 0
@@ -62,6 +63,7 @@ final class RecordStore: @unchecked Sendable {
     /// the lock so the store stays in sequence order. Returns false when the record was
     /// lost (no memory for it).
     @inline(__always) @discardableResult
+    // SAFETY: `record` is a collected slot of `slotSize` bytes; it is copied into a chunk slot under `lock`.
     func append(_ record: UnsafeMutableRawPointer, location: Int, vcpu: Int) -> Bool {
         lock.lock()
         defer { lock.unlock() }
@@ -183,6 +185,7 @@ final class RecordStore: @unchecked Sendable {
             var physical = head
             while done < count {
                 let run = min(count - done, ringEnd - physical, Self.chunkSlots - (physical & (Self.chunkSlots - 1)))
+                // SAFETY: `buffer` holds `count` slots (allocated above); runs stay inside the ring and a chunk.
                 (buffer.base.unsafelyUnwrapped + done * slotSize).copyMemory(from: slot(physical), byteCount: run * slotSize)
                 done += run
                 physical += run

@@ -126,6 +126,7 @@ public final class TraceModule: @unchecked Sendable {
     private let control: Locked<Control>
     /// A control operation (adding probes, enable, disable) is in progress.
     private let operation = Atomic<Bool>(false)
+    // SAFETY: see the type's SAFETY paragraph (replaced only with no hit in flight).
     @exclusivity(unchecked) private var plan: Plan
     private let stateValue = Atomic<UInt8>(0)         // 0 created, 1 enabled
     private let limited = Atomic<Bool>(false)
@@ -338,6 +339,7 @@ public final class TraceModule: @unchecked Sendable {
         let layout = p.layouts[location]
         let timing = p.timings[location]
         let info = ProbeHit(vcpu: vcpu, address: p.addresses[location], timing: timing)
+        // SAFETY: a stack slot of the plan's slot size, used by collect and append only during this hit.
         let halt = withUnsafeTemporaryAllocation(byteCount: p.slotSize, alignment: 8) { raw -> Bool in
             let slot = raw.baseAddress!
             // The common probe's halt answer is OR-ed with the probe's: either may stop.

@@ -126,6 +126,7 @@ public final class GuestMemory: @unchecked Sendable {
     public func read(virtual address: UInt64, count: Int, cr3: UInt64) throws(KVMError) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: count)
         var failure: KVMError?
+        // SAFETY: `out` has `count` bytes, written by the bounds-checked read.
         out.withUnsafeMutableBytes { buf in
             do throws(KVMError) { try read(virtual: address, into: buf, cr3: cr3) } catch { failure = error }
         }
@@ -134,6 +135,7 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     /// Copies guest-virtual memory at `address` into `buffer`, crossing pages as needed.
+    // SAFETY: every byte goes through the bounds-checked physical read into the caller's buffer.
     public func read(virtual address: UInt64, into buffer: UnsafeMutableRawBufferPointer, cr3: UInt64) throws(KVMError) {
         var done = 0
         while done < buffer.count {

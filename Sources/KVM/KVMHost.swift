@@ -64,6 +64,7 @@ public final class KVMHost: Sendable {
         var capacity = 128
         while true {
             let table = CPUIDTable(capacity: capacity)
+            // SAFETY: the table's header and entries live as long as `table`; KVM writes at most its capacity.
             let r = table.withUnsafeMutableHeader { ckvm_get_supported_cpuid(fd, $0) }
             if r == -E2BIG, capacity < 1 << 16 { capacity *= 2; continue }
             _ = try checked(r, "KVM_GET_SUPPORTED_CPUID")

@@ -30,6 +30,7 @@ public final class VCPU: @unchecked Sendable {
     /// Host calls of this vCPU to fail on purpose (the fault-injection suite).
     public let faults = FaultInjector()
 
+    // SAFETY: `run` is the vCPU's kvm_run mapping of `mapSize` bytes, unmapped in deinit.
     init(vm: VirtualMachine, id: Int, fd: Int32, run: UnsafeMutableRawPointer, mapSize: Int, syncRegisters: Bool,
          syncSystemRegisters: Bool) {
         self.vm = vm
@@ -264,6 +265,7 @@ public final class VCPU: @unchecked Sendable {
         var out = FPUState()
         out.fcw = f.fcw
         out.mxcsr = f.mxcsr
+        // SAFETY: xmm is 16 x 16 bytes inside kvm_fpu.
         withUnsafeBytes(of: f.xmm) { raw in
             for i in 0..<16 { out.xmm[i] = raw.loadUnaligned(fromByteOffset: i * 16, as: UInt128.self) }
         }
@@ -276,6 +278,7 @@ public final class VCPU: @unchecked Sendable {
         _ = try checked(ckvm_get_fpu(fd, &f), "KVM_GET_FPU")
         f.fcw = state.fcw
         f.mxcsr = state.mxcsr
+        // SAFETY: xmm is 16 x 16 bytes inside kvm_fpu.
         withUnsafeMutableBytes(of: &f.xmm) { raw in
             for i in 0..<min(16, state.xmm.count) { raw.storeBytes(of: state.xmm[i], toByteOffset: i * 16, as: UInt128.self) }
         }
@@ -322,6 +325,7 @@ public final class VCPU: @unchecked Sendable {
 
     /// Gives the guest these CPUID leaves. Wraps `KVM_SET_CPUID2`.
     public func setCPUID(_ table: CPUIDTable) throws(KVMError) {
+        // SAFETY: the table's header and entries live as long as `table` (KVM only reads them).
         _ = try checked(table.withUnsafeMutableHeader { ckvm_set_cpuid2(fd, $0) }, "KVM_SET_CPUID2")
     }
 

@@ -2,7 +2,8 @@
  *
  * One function per ioctl the project uses. Each returns the ioctl's
  * non-negative result, or -errno on failure. No logic lives here: every
- * decision is made in the Swift `KVM` target. */
+ * decision is made in the Swift `KVM` target.
+ * SAFETY (whole file): declarations only; see ckvm.c. */
 #ifndef FLOWTRACE_CKVM_H
 #define FLOWTRACE_CKVM_H
 
