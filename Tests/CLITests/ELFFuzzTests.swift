@@ -1,0 +1,66 @@
+import Foundation
+import KVM
+import Testing
+import TestSupport
+
+/// Mutated ELF files through `flowtrace inspect` and `flowtrace run --timeout`: no crash, no
+/// hang, a one-line error or a clean run. FLOWTRACE_FUZZ_COUNT files (default 150 here;
+/// tools/fuzz runs 10,000), fixed seed FLOWTRACE_FUZZ_SEED (default 12), so a failure replays.
+@Suite("ELF fuzzing", .serialized, .timeLimit(.minutes(60)))
+struct ELFFuzzTests {
+    static let count = Int(ProcessInfo.processInfo.environment["FLOWTRACE_FUZZ_COUNT"] ?? "") ?? 150
+    static let seed = UInt64(ProcessInfo.processInfo.environment["FLOWTRACE_FUZZ_SEED"] ?? "") ?? 12
+
+    /// One mutation of `good`: a few bytes changed (mostly in the headers), a field set to an
+    /// extreme, or the file cut short.
+    static func mutate(_ good: [UInt8], _ rng: inout SplitMix64) -> [UInt8] {
+        var b = good
+        switch rng.next() % 8 {
+        case 0:
+            b = Array(b.prefix(Int(rng.next() % UInt64(b.count))))
+        case 1:
+            // An extreme value in a header word (offsets, sizes, counts, addresses).
+            let at = Int(rng.next() % 0x100) & ~7
+            let v: UInt64 = [0, .max, 0x8000_0000_0000_0000, 0xFFFF_FFFF, UInt64(b.count), 1][Int(rng.next() % 6)]
+            b.put64(v, at: min(at, b.count - 8))
+        default:
+            for _ in 0..<(1 + rng.next() % 8) {
+                let inHeaders = rng.next() % 4 != 0
+                let at = Int(rng.next() % UInt64(inHeaders ? min(b.count, 0x200) : b.count))
+                b[at] = UInt8(truncatingIfNeeded: rng.next())
+            }
+        }
+        return b
+    }
+
+    @Test func mutatedELFFilesEndCleanly() throws {
+        let good = try [UInt8](Data(contentsOf: URL(fileURLWithPath: Guests.path("fib"))))
+        var rng = SplitMix64(state: Self.seed)
+        let kvm = KVMHost.isUsable()
+        var outcomes: [String: Int] = [:]
+        for i in 0..<Self.count {
+            let file = try temporaryFile(Self.mutate(good, &rng), name: "fuzz.elf")
+            let inspect = try run("/usr/bin/timeout", ["-s", "KILL", "30", Guests.flowtrace, "inspect", file])
+            try Self.check(inspect, i, "inspect", allowed: [0, 64])
+            guard inspect.status == 0, kvm else { outcomes["inspect \(inspect.status)", default: 0] += 1; continue }
+            let r = try run("/usr/bin/timeout", ["-s", "KILL", "60", Guests.flowtrace, "run", file, "--timeout", "2"])
+            try Self.check(r, i, "run", allowed: nil)
+            outcomes["run \(r.status)", default: 0] += 1
+        }
+        print("ELF fuzzing: \(Self.count) files (seed \(Self.seed)):", outcomes.sorted { $0.key < $1.key }.map { "\($0.key): \($0.value)" }.joined(separator: ", "))
+    }
+
+    /// No hang (killed by `timeout`: 137), no crash (a signal, or no line of flowtrace's own),
+    /// errors on one line.
+    static func check(_ r: ProcessOutput, _ i: Int, _ what: String, allowed: Set<Int32>?) throws {
+        let label = "file \(i) (seed \(seed)), \(what): status \(r.status)\n\(r.stderr.prefix(2000))"
+        #expect(r.status != 137, "hang: \(label)")
+        let ours = r.stderr.split(separator: "\n").contains { $0.hasPrefix("flowtrace: ") }
+        #expect(r.status == 0 || ours, "a failure without a message of flowtrace's (a crash?): \(label)")
+        #expect(!r.stderr.contains("Fatal error") && !r.stderr.contains("Crash"), "crash: \(label)")
+        if let allowed { #expect(allowed.contains(r.status), "unexpected status: \(label)") }
+        if r.stderr.contains("flowtrace: error:") {
+            #expect(r.stderr.split(separator: "\n").count == 1, "an error of more than one line: \(label)")
+        }
+    }
+}
