@@ -98,8 +98,10 @@ private struct Parsed {
         var out = Parsed()
         out.entry = ehdr.e_entry
 
-        let phEnd = UInt64(ehdr.e_phoff) + UInt64(ehdr.e_phnum) * UInt64(ehdr.e_phentsize)
-        if phEnd > UInt64(fileSize) {
+        // Overflow-checked: every field here comes from the file.
+        let (phSize, o1) = UInt64(ehdr.e_phnum).multipliedReportingOverflow(by: UInt64(ehdr.e_phentsize))
+        let (phEnd, o2) = UInt64(ehdr.e_phoff).addingReportingOverflow(phSize)
+        if o1 || o2 || phEnd > UInt64(fileSize) {
             throw ELFError.truncated(path: path, detail: "program headers end at byte \(phEnd), file has \(fileSize)")
         }
         var phnum = 0

@@ -33,6 +33,15 @@ struct ELFFuzzTests {
         return b
     }
 
+    /// Found by the 10,000-file run (file 7641): a program-header offset near 2^64 overflowed
+    /// the end computation and trapped.
+    @Test func aProgramHeaderOffsetNear2To64IsAnError() throws {
+        var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: Guests.path("fib"))))
+        b.put64(0xFFFF_FFFF_FFFF_FFF0, at: 0x20)  // e_phoff
+        let r = try flowtrace("inspect", temporaryFile(b, name: "phoff.elf"))
+        expectOneLineError(r, status: 64, "program headers end")
+    }
+
     @Test func mutatedELFFilesEndCleanly() throws {
         let good = try [UInt8](Data(contentsOf: URL(fileURLWithPath: Guests.path("fib"))))
         var rng = SplitMix64(state: Self.seed)

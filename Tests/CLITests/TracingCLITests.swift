@@ -166,7 +166,21 @@ struct TracingCLITests {
         let lines = r.stdout.split(separator: "\n").map(String.init)
         #expect(lines.count == 17)
         #expect(lines[0].hasPrefix("SEQ") && lines[0].contains("LOCATION") && lines[0].hasSuffix("rsi"))
-        #expect(Set(lines.map(\.count)).count == 1 || lines.dropFirst().allSatisfy { $0.contains("element+0x0  before") })
+        // Aligned: every column starts where its heading starts, after a blank, on every row.
+        var starts: [Int] = []
+        for (i, c) in lines[0].enumerated() where c != " " && (i == 0 || Array(lines[0])[i - 1] == " ") { starts.append(i) }
+        #expect(starts.count == 6)
+        for line in lines.dropFirst() {
+            let chars = Array(line)
+            for (k, s) in starts.enumerated() where k > 0 {
+                // Right-aligned number columns end where their heading ends; text columns start there.
+                let heading = Array(lines[0])[s...].prefix { $0 != " " }
+                let headingEnd = s + heading.count - 1
+                let cellStartsHere = s < chars.count && chars[s] != " " && chars[s - 1] == " "
+                let cellEndsHere = headingEnd < chars.count && chars[headingEnd] != " "
+                #expect(cellStartsHere || cellEndsHere, "column \(k) of '\(line)'")
+            }
+        }
         let column = lines[0].range(of: "LOCATION")!.lowerBound.utf16Offset(in: lines[0])
         #expect(lines.dropFirst().allSatisfy { $0.dropFirst(column).hasPrefix("element+0x0") })
         #expect(lines.last!.hasSuffix("0xf"))

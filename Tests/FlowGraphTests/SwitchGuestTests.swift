@@ -113,7 +113,17 @@ func checkInvariants(_ g: FlowGraph, sourceLocation: SourceLocation = #_sourceLo
         case .exit, .incomplete: expected = 0
         case .fallThrough, .jump, .call: expected = 1
         case .conditional: expected = 2
-        case .indirect: expected = b.successors.count
+        case .indirect:
+            // Unresolved: no successor. Resolved: one table edge per distinct target, whose
+            // cases together are the table's indexes 0..<N, each once.
+            if g.unresolvedJumps.contains(where: { $0.jump == b.instructions.last?.address }) {
+                expected = 0
+            } else {
+                #expect(b.successors.allSatisfy { $0.kind == .table && !$0.cases.isEmpty }, "block \(b.id)", sourceLocation: sourceLocation)
+                let cases = b.successors.flatMap(\.cases)
+                #expect(!cases.isEmpty && cases.sorted() == Array(0..<cases.count), "block \(b.id) table cases", sourceLocation: sourceLocation)
+                expected = Set(b.successors.map(\.target)).count
+            }
         }
         #expect(b.successors.count == expected, "block \(b.id) \(b.end.kind)", sourceLocation: sourceLocation)
     }
