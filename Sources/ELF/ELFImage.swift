@@ -143,14 +143,20 @@ private struct Parsed {
             defer { scn = elf_nextscn(elf, s) }
             var sh = GElf_Shdr()
             guard gelf_getshdr(s, &sh) != nil, sh.sh_type == UInt32(SHT_SYMTAB) else { continue }
-            guard sh.sh_offset.addingReportingOverflow(sh.sh_size).partialValue <= UInt64(fileSize) else {
+            let (symtabEnd, overflow) = sh.sh_offset.addingReportingOverflow(sh.sh_size)
+            guard !overflow, symtabEnd <= UInt64(fileSize) else {
                 throw ELFError.truncated(path: path, detail: "symbol table ends past the end of the file")
             }
             guard let data = elf_getdata(s, nil), sh.sh_entsize > 0 else { continue }
             let count = Int(sh.sh_size / sh.sh_entsize)
+            guard count <= Int(Int32.max) else {
+                throw ELFError.malformed(path: path, detail: "symbol table of \(count) entries is too large")
+            }
             for i in 0..<count {
                 var sym = GElf_Sym()
-                guard gelf_getsym(data, Int32(i), &sym) != nil else { continue }
+                guard gelf_getsym(data, Int32(i), &sym) != nil else {
+                    throw ELFError.malformed(path: path, detail: "symbol \(i) of \(count) in .symtab cannot be read: \(libelfMessage())")
+                }
                 let type = Int32(sym.st_info & 0xF)
                 let kind: Symbol.Kind
                 switch type {

@@ -113,6 +113,26 @@ public final class Machine: TraceTarget {
     private let limit = Locked<(deadline: ContinuousClock.Instant, timeout: Duration)?>(nil)
     /// The runner threads, joined when the run ends.
     private let threads = Locked<[JoinableThread]>([])
+    /// Tests only: called on a vCPU's thread (with its id) right after it began an
+    /// out-of-line step, before it runs the copy; lets a test place a disarm exactly there.
+    let outOfLineStepBegun = Locked<(@Sendable (Int) -> Void)?>(nil)
+    private let hasStepHook = Atomic<Bool>(false)
+
+    /// Tests only: sets `outOfLineStepBegun`.
+    func onOutOfLineStepBegun(_ hook: @escaping @Sendable (Int) -> Void) {
+        outOfLineStepBegun.withLock { $0 = hook }
+        hasStepHook.store(true, ordering: .releasing)
+    }
+
+    /// Tests only: whether a vCPU or the controller holds or is taking the rendezvous.
+    var rendezvousIsHeld: Bool { rendezvous.isHeld }
+
+    /// Tests only: vCPU threads still in their loop.
+    var runningVCPUs: Int { events.withLock { $0.running } }
+
+    /// This machine's number in the process: its vCPU threads are named `vcpuN-mSERIAL`.
+    let serial = Machine.machines.add(1, ordering: .relaxed).newValue
+    private static let machines = Atomic<Int>(0)
 
     private struct Events {
         var ending: RunEnding?
@@ -241,7 +261,7 @@ public final class Machine: TraceTarget {
         for vcpu in vcpus {
             do throws(ThreadError) {
                 let thread = try JoinableThread { [self] in
-                    Thread.current.name = "vcpu-\(vcpu.id)"
+                    Thread.current.name = "vcpu\(vcpu.id)-m\(serial)"
                     vcpu.bindToCurrentThread()
                     runLoop(vcpu, console: console)
                     events.withLock { $0.running -= 1 }
@@ -559,6 +579,7 @@ public final class Machine: TraceTarget {
                     return .outOfLine(address: address, slot: slot, displaced: displaced)
                 }
                 outOfLineSteps.add(1, ordering: .relaxed)
+                if hasStepHook.load(ordering: .acquiring), let hook = outOfLineStepBegun.withLock({ $0 }) { hook(vcpu.id) }
                 return .outOfLine(address: address, slot: slot, displaced: displaced)
             }
         }

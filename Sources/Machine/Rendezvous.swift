@@ -93,6 +93,9 @@ final class Rendezvous: Sendable {
         }
     }
 
+    /// Whether anyone holds (or is taking) the rendezvous.
+    var isHeld: Bool { held.load(ordering: .acquiring) }
+
     /// Whether the controller holds the rendezvous (the machine is stopped at a halt).
     var isHeldByController: Bool { state.withLock { $0.holder == .controller } }
 }

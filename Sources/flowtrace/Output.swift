@@ -1,5 +1,5 @@
 import FlowTrace
-@preconcurrency import Foundation
+import Foundation
 import Locking
 import Sys
 
@@ -36,17 +36,20 @@ func table(_ rows: [[String]], indent: String = "  ", rightAligned: Set<Int> = [
 /// Console lines are printed above it. Nothing of it when stderr is not a terminal.
 final class ProgressLine: Sendable {
     private let module: TraceModule
-    private let timer: any DispatchSourceTimer
+    /// Dispatch sources are not Sendable: this one is only touched under its lock.
+    private let timer: Locked<any DispatchSourceTimer>
     private let start = monotonicNanoseconds()
     private let shown = Locked(false)
 
     init?(module: TraceModule) {
         guard isTerminal(STDERR_FILENO) else { return nil }
         self.module = module
-        timer = DispatchSource.makeTimerSource(queue: .global())
-        timer.schedule(deadline: .now() + .milliseconds(200), repeating: .milliseconds(250))
-        timer.setEventHandler { [weak self] in self?.draw() }
-        timer.resume()
+        timer = Locked(DispatchSource.makeTimerSource(queue: .global()))
+        timer.withLock { t in
+            t.schedule(deadline: .now() + .milliseconds(200), repeating: .milliseconds(250))
+            t.setEventHandler { [weak self] in self?.draw() }
+            t.resume()
+        }
     }
 
     private var text: String {
@@ -74,7 +77,7 @@ final class ProgressLine: Sendable {
 
     /// Stops updating and clears the line.
     func finish() {
-        timer.cancel()
+        timer.withLock { $0.cancel() }
         outputLock.withLock { _ in
             if shown.withLock({ $0 }) { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
             shown.withLock { $0 = false }

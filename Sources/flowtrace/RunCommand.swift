@@ -1,7 +1,7 @@
 import ArgumentParser
 import ELF
 import FlowTrace
-@preconcurrency import Foundation
+import Foundation
 import KVM
 import FlowGraph
 import Locking
@@ -537,7 +537,8 @@ func formatRate(_ r: Double) -> String {
 /// there is one. Installed first thing, so no Ctrl-C is lost to the default action.
 final class Interruption: Sendable {
     private let machine = Locked<Machine?>(nil)
-    private let source: any DispatchSourceSignal
+    /// Dispatch sources are not Sendable: this one is only touched under its lock.
+    private let source: Locked<any DispatchSourceSignal>
 
     init() {
         signal(SIGINT, SIG_IGN)
@@ -549,13 +550,13 @@ final class Interruption: Sendable {
             exit(ExitStatus.interrupted)
         }
         source.resume()
-        self.source = source
+        self.source = Locked(source)
     }
 
     /// From now on Ctrl-C stops `m`.
     func stops(_ m: Machine) { machine.withLock { $0 = m } }
 
-    func cancel() { source.cancel() }
+    func cancel() { source.withLock { $0.cancel() } }
 }
 
 /// `FLOWTRACE_FAULT` (see docs/reliability.md): a host call to fail on purpose.

@@ -4,6 +4,8 @@ import Testing
 import TestSupport
 
 private let kvmUsable = KVMHost.isUsable()
+/// Why the KVM tests are skipped, with the error (and its errno) of opening /dev/kvm.
+let kvmSkipReason = Comment(rawValue: "needs a usable /dev/kvm: \(KVMHost.unusableReason() ?? "it is usable")")
 
 /// Runs the built `flowtrace` with `args`.
 func flowtrace(_ args: String..., environment: [String: String]? = nil) throws -> ProcessOutput {
@@ -22,7 +24,7 @@ func expectOneLineError(_ r: ProcessOutput, status: Int32 = 64, _ parts: String.
 
 @Suite("flowtrace run and inspect", .serialized, .timeLimit(.minutes(2)))
 struct CLITests {
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func runFibPrintsTheGuestOutputAndExitsZero() throws {
         let r = try flowtrace("run", Guests.path("fib"))
         #expect(r.status == 0)
@@ -31,7 +33,7 @@ struct CLITests {
         #expect(r.stderr.split(separator: "\n").count == 1)
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func smpOnTwoVCPUs() throws {
         let r = try flowtrace("run", Guests.path("smp"), "--vcpus", "2")
         #expect(r.status == 0)
@@ -40,14 +42,14 @@ struct CLITests {
         #expect(lines.last == "total: 300 units on 2 vcpus")
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func guestExitStatusIsPassedOn() throws {
         let r = try flowtrace("run", Guests.path("status"))
         #expect(r.status == 42)
         #expect(r.stderr.contains("guest exited with status 42"))
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func faultExits70WithRipAndRegisters() throws {
         let r = try flowtrace("run", Guests.path("fault"))
         #expect(r.status == 70)
@@ -57,12 +59,14 @@ struct CLITests {
         #expect(r.stderr.contains("rip    0x"))
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func timeoutExits124() throws {
-        let r = try flowtrace("run", Guests.path("spin"), "--timeout", "0.3")
+        // The guest prints its second line after 1000 steps (milliseconds): the limit is
+        // far enough that both lines are there, and the run still ends by the limit.
+        let r = try flowtrace("run", Guests.path("spin"), "--timeout", "2")
         #expect(r.status == 124)
-        #expect(r.stdout == "spin: looping forever\n")
-        #expect(r.stderr.contains("timed out"))
+        #expect(r.stdout == "spin: looping forever\nspin: 1000 steps\n")
+        #expect(r.stderr.contains("timed out after"))
     }
 
     @Test func inspectListsEntrySegmentsAndSymbols() throws {
@@ -98,14 +102,14 @@ struct CLITests {
         expectOneLineError(try flowtrace("run", p), p, "truncated")
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func vcpusOutOfRange() throws {
         expectOneLineError(try flowtrace("run", Guests.path("fib"), "--vcpus", "0"), "--vcpus 0", "must be between 1 and")
         let max = try KVMHost().maxVCPUs()
         expectOneLineError(try flowtrace("run", Guests.path("fib"), "--vcpus", "\(max + 1)"), "--vcpus \(max + 1)")
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func memoryTooSmall() throws {
         expectOneLineError(try flowtrace("run", Guests.path("fib"), "--memory", "1M"), "--memory 1M", "too small")
         let high = try Guests.path("fib-high")

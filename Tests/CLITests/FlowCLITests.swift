@@ -125,7 +125,7 @@ struct FlowCLITests {
                            "--engine hw arms at most 4 locations")
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func flowSaysWhenTheEntryBlockIsALoopHead() throws {
         let r = try flowtrace("run", Guests.path("shapes"), "--flow", "shape_entry_loop", "--flow", "shape_loop")
         #expect(r.status == 0, "\(r.stderr)")
@@ -140,7 +140,7 @@ struct FlowCLITests {
                            "--probe 'fib+3:rdi': 0x", "is inside the instruction at fib (mov rax, [rip+0x1f54], 7 bytes); probe fib or fib+0x7")
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func flowFibEntriesAreCallsAndExitsAreReturns() throws {
         let r = try flowtrace("run", Guests.path("fib"), "--flow", "fib:rdi", "--flow-exit", "rax", "--format", "jsonl")
         #expect(r.status == 0, "\(r.stderr)")
@@ -154,7 +154,7 @@ struct FlowCLITests {
         #expect(r.stderr.contains("  LOCATION  BLOCK    WHEN    HITS  KEPT  EVICTED  SUPPRESSED"))
     }
 
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func flowSwitchHeatMatchesTheGuestsCounts() throws {
         let path = try Guests.path("switch")
         let trace = try temporaryFile([], name: "switch.jsonl")

@@ -58,7 +58,7 @@ struct OutputSafetyTests {
     }
 
     /// A good run replaces the file (with the records), keeping its permissions.
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func aGoodRunReplacesTheOutput() throws {
         let out = try temporaryFile(Array("previous trace\n".utf8), name: "replaced.jsonl")
         chmod(out, 0o600)
@@ -72,7 +72,7 @@ struct OutputSafetyTests {
     }
 
     /// A write error at the end (a full disk) exits 74 with the message.
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func aFullDiskExits74() throws {
         let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "-o", "/dev/full")
         #expect(r.status == 74)
@@ -82,7 +82,7 @@ struct OutputSafetyTests {
 
     /// Ctrl-C once the guest is known to be running (it printed a line after 1000 steps):
     /// exit 130 and every record taken, spin_step(0) ... in order, is written.
-    @Test(.enabled(if: kvmUsable, "needs a usable /dev/kvm"))
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func ctrlCWritesTheRecordsTaken() throws {
         let out = try temporaryFile([], name: "spin.jsonl")
         let r = try interruptAfter("spin: 1000 steps", ["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out])
@@ -103,7 +103,7 @@ struct FaultCase {
     let extra: [String]
 }
 
-@Suite("fault injection", .serialized, .enabled(if: kvmUsable, "needs a usable /dev/kvm"), .timeLimit(.minutes(5)))
+@Suite("fault injection", .serialized, .enabled(if: kvmUsable, kvmSkipReason), .timeLimit(.minutes(5)))
 struct FaultInjectionTests {
     static let cases: [FaultCase] = [
         FaultCase(fault: "KVM_SET_GUEST_DEBUG:1", when: "arming the probes", extra: []),

@@ -16,6 +16,23 @@ private func nmSymbols(_ path: String) throws -> [String: UInt64] {
     return out
 }
 
+/// readelf's view of `path`: the entry point and each PT_LOAD's (offset, vaddr, filesz, flags).
+private func readelf(_ path: String) throws -> (entry: UInt64?, loads: [(offset: Int, vaddr: UInt64, fileSize: Int, flags: String)]) {
+    let h = try run("/usr/bin/env", ["readelf", "-hlW", path])
+    #expect(h.status == 0, "readelf failed: \(h.stderr)")
+    var entry: UInt64?
+    var loads: [(Int, UInt64, Int, String)] = []
+    for line in h.stdout.split(separator: "\n") {
+        let f = line.split(separator: " ", omittingEmptySubsequences: true)
+        if line.contains("Entry point address:"), let last = f.last { entry = UInt64(last.dropFirst(2), radix: 16) }
+        if f.first == "LOAD", f.count >= 7, let off = Int(f[1].dropFirst(2), radix: 16), let va = UInt64(f[2].dropFirst(2), radix: 16),
+           let size = Int(f[4].dropFirst(2), radix: 16) {
+            loads.append((off, va, size, f[6...].dropLast().joined(separator: " ")))
+        }
+    }
+    return (entry, loads)
+}
+
 @Suite("ELF images of the built guests")
 struct GuestImageTests {
     static let guests = ["counter", "fib", "smp", "fault", "spin", "status", "array"]
@@ -25,17 +42,20 @@ struct GuestImageTests {
         let path = try Guests.path(name)
         let image = try ELFImage(path: path)
         let nm = try nmSymbols(path)
+        let re = try readelf(path)
         #expect(image.entry == nm["_start"])
-        #expect(image.entry == 0x100000)
+        #expect(image.entry == re.entry)
         // Every section symbol nm lists is present at the same address, and nothing else.
         let ours = Dictionary(image.symbols.map { ($0.name, $0.address) }, uniquingKeysWith: { a, _ in a })
         #expect(ours == nm)
         let exec = image.segments.filter(\.isExecutable)
         #expect(exec.count == 1)
         #expect(exec[0].range.contains(image.entry))
-        // The code bytes are the file's bytes at the segment's offset.
+        // The code bytes are the file's bytes at the offset readelf gives the executable PT_LOAD.
+        let load = try #require(re.loads.first { $0.flags.contains("E") })
+        #expect(load.vaddr == exec[0].virtualAddress && UInt64(load.fileSize) == exec[0].fileSize)
         let file = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
-        #expect(Array(file[0x1000 ..< 0x1000 + Int(exec[0].fileSize)]) == exec[0].data)
+        #expect(Array(file[load.offset ..< load.offset + load.fileSize]) == exec[0].data)
     }
 
     @Test("function sizes and kinds come from .symtab")

@@ -1,6 +1,8 @@
 import KVM
 import Testing
 
+private let kvmSkipReason = Comment(rawValue: "needs a usable /dev/kvm: \(KVMHost.unusableReason() ?? "it is usable")")
+
 /// Page-table walks over RAM we lay out by hand; no /dev/kvm needed.
 @Suite("guest memory and page walks")
 struct GuestMemoryTests {
@@ -90,7 +92,7 @@ struct KVMHostTests {
         #expect(p.description.contains("usermod -aG kvm"))
     }
 
-    @Test(.enabled(if: KVMHost.isUsable(), "needs a usable /dev/kvm"))
+    @Test(.enabled(if: KVMHost.isUsable(), kvmSkipReason))
     func opensAndReportsCapabilities() throws {
         let host = try KVMHost()
         #expect(host.apiVersion == 12)
@@ -105,7 +107,7 @@ struct KVMHostTests {
 
     /// Both register paths reach KVM: the ioctls (KVM_SET_REGS, then KVM_GET_REGS), and the
     /// sync area, flushed with KVM_SET_REGS and read back from the kernel with KVM_GET_REGS.
-    @Test(.enabled(if: KVMHost.isUsable(), "needs a usable /dev/kvm"), arguments: [false, true])
+    @Test(.enabled(if: KVMHost.isUsable(), kvmSkipReason), arguments: [false, true])
     func registerRoundTrips(syncRegisters: Bool) throws {
         let host = try KVMHost()
         let vm = try host.makeVirtualMachine()

@@ -10,7 +10,7 @@ import TestSupport
 let switchOps: [UInt64] = (0..<240).map { i in (5 * i + i / 3) % 10 }
 
 /// Flow-graph modules on real guests: block hits against what the guests compute.
-@Suite("flow graphs of running guests", .serialized, .enabled(if: kvmUsable, "needs a usable /dev/kvm"), .timeLimit(.minutes(5)))
+@Suite("flow graphs of running guests", .serialized, .enabled(if: kvmUsable, kvmSkipReason), .timeLimit(.minutes(5)))
 struct FlowTracingTests {
     @Test("fib: entry hits = calls (rdi in call order), exit hits = returns (rax in return order)", arguments: workingEngines)
     func fibFlow(_ engine: BreakpointEngine) throws { try checkFibFlow(engine) }

@@ -8,14 +8,15 @@ import Synchronization
 import Testing
 import TestSupport
 
-/// The names of this process's threads that run vCPUs ("vcpu-N").
-func vcpuThreads() -> [String] {
+/// The names of this process's threads that run `m`'s vCPUs (`vcpuN-mSERIAL`), as the
+/// kernel lists them.
+func vcpuThreads(of m: Machine) -> [String] {
     let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
     return tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8) }
-        .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }.filter { $0.hasPrefix("vcpu-") }
+        .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }.filter { $0.hasSuffix("-m\(m.serial)") }
 }
 
-@Suite("machine reliability", .serialized, .enabled(if: kvmUsable, "needs a usable /dev/kvm"), .timeLimit(.minutes(5)))
+@Suite("machine reliability", .serialized, .enabled(if: kvmUsable, kvmSkipReason), .timeLimit(.minutes(5)))
 struct MachineReliabilityTests {
     /// A failed KVM_RUN ends the run as a host failure naming the call and its errno, not
     /// as "exit reason 4294967295"; the other vCPU is released; records taken are kept.
@@ -41,7 +42,7 @@ struct MachineReliabilityTests {
             }
             #expect(rdi == Array(0..<UInt64(rdi.count)))
             #expect(rdi.count >= 1)
-            #expect(vcpuThreads() == [])
+            #expect(vcpuThreads(of: m) == [])
         }
     }
 
@@ -76,26 +77,31 @@ struct MachineReliabilityTests {
     @Test func machinesInSequenceAndSideBySide() throws {
         try withWatchdog(60, "two machines") {
             for _ in 0..<2 {
-                let r = try Machine(path: Guests.path("fib")).run(timeout: .seconds(20))
+                let m = try Machine(path: Guests.path("fib"))
+                // The threads are there while it runs (seen from the guest's console callback).
+                let seen = LockedBox<[String]>([])
+                let r = try m.run(timeout: .seconds(20)) { _ in seen.set(vcpuThreads(of: m)) }
                 #expect(r.console.map(\.text) == ["fib(15) = 610, calls = 1973"])
-                #expect(vcpuThreads() == [])
+                #expect(seen.get() == ["vcpu0-m\(m.serial)"])
+                #expect(vcpuThreads(of: m) == [])
             }
             let results = LockedBox<[String]>([])
+            let machines = try ["fib", "smp"].map { try Machine(path: Guests.path($0), configuration: .init(vcpuCount: 2)) }
             let group = DispatchGroup()
-            for guest in ["fib", "smp"] {
+            for m in machines {
                 group.enter()
                 Thread {
                     defer { group.leave() }
                     do {
-                        let r = try Machine(path: Guests.path(guest), configuration: .init(vcpuCount: 2)).run(timeout: .seconds(20))
+                        let r = try m.run(timeout: .seconds(20))
                         let line = r.console.last?.text ?? "\(r.ending)"
-                        results.set(results.get() + [line])
-                    } catch { results.set(results.get() + ["\(error)"]) }
+                        results.modify { $0.append(line) }
+                    } catch { results.modify { $0.append("\(error)") } }
                 }.start()
             }
             group.wait()
             #expect(results.get().sorted() == ["fib(15) = 610, calls = 1973", "total: 300 units on 2 vcpus"])
-            #expect(vcpuThreads() == [])
+            for m in machines { #expect(vcpuThreads(of: m) == []) }
         }
     }
 

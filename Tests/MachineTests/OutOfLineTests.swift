@@ -2,7 +2,9 @@ import ELF
 import FlowGraph
 import FlowTrace
 import KVM
-import Machine
+@testable import Machine
+import Synchronization
+import Glibc
 import Testing
 import TestSupport
 
@@ -118,15 +120,31 @@ struct OutOfLineStepTests {
     }
 
     @Test func disarmingWhileAnotherVCPUStepsOutOfLine() throws {
-        // A hit limit disarms the module from one vCPU while the other is, most of the
-        // time, in the middle of an out-of-line step: that step must still finish as a step.
+        // A hit limit disarms the module from vCPU 1 while vCPU 0 is in the middle of an
+        // out-of-line step: that step must still finish as a step. The interleaving is
+        // forced: vCPU 0 (the one with less work), right after beginning a step, waits until
+        // the disarm's rendezvous is being taken, and only then goes on (to park for it);
+        // vCPU 1 meanwhile takes the rest of the budget.
         for round in 0..<8 {
             let m = try Machine(path: Guests.path("smp"), configuration: .init(vcpuCount: 2, engine: .engine(.hlt)))
             let module = try TraceModule(target: m)
             let g = try FlowGraph.build(function: "work_unit", in: m.image)
             try module.addProbes(g.blocks.flatMap(\.instructions).map { (Probe("p"), $0.address, ProbeTiming.before) })
-            try module.enable(hitLimit: 150 + UInt64(round) * 37)
+            let limit = 150 + UInt64(round) * 37
+            let waited = Atomic<Bool>(false)
+            m.onOutOfLineStepBegun { [weak m, weak module] id in
+                guard id == 0, let m, let module, module.counters.recordsTaken >= limit / 2,
+                      !waited.exchange(true, ordering: .acquiringAndReleasing) else { return }
+                // vCPU 1 goes on hitting until the limit, then takes the rendezvous to disarm.
+                // (Were vCPU 1 to end first, nobody would disarm: then give up, and the
+                // expectation below says the interleaving did not happen.)
+                while !m.rendezvousIsHeld && m.runningVCPUs == 2 { sched_yield() }
+                if !m.rendezvousIsHeld { waited.store(false, ordering: .relaxed) }
+            }
+            try module.enable(hitLimit: limit)
             let r = try m.run(timeout: .seconds(60))
+            let forced = waited.load(ordering: .relaxed)
+            #expect(forced, "round \(round): the forced interleaving did not happen")
             #expect(r.ending == .exited(status: 0), "round \(round)")
             #expect(Set(r.console.map(\.text)) == ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"], "round \(round)")
             #expect(module.counters.recordsTaken == 150 + UInt64(round) * 37)
@@ -174,7 +192,7 @@ func everyInstructionSteppedOutOfLine(_ guest: String, _ functions: [String], vc
 /// dispatch and finish of the switch guest, every instruction: a rip-relative lea of the
 /// jump table, movsxd, the jump through a register, the loops, the tail jump.
 func switchEveryInstructionSteppedOutOfLine(engine: BreakpointEngine) throws {
-    let ops: [UInt64] = (0..<240).map { i in (5 * i + i / 3) % 10 }
+    let ops = switchOps
     let perCase = (0..<8).map { k in ops.filter { $0 == k }.count }
     let total = ops.enumerated().reduce(UInt64(0)) { $0 + dispatchResult(op: $1.element, x: UInt64($1.offset)) }
     _ = try everyInstructionSteppedOutOfLine("switch", ["dispatch", "finish"], engine: engine, console: [

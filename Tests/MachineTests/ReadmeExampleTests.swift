@@ -8,7 +8,7 @@ import TestSupport
 
 /// The README's library example, compiled and run here so it cannot rot. The lines between
 /// the markers must equal the README's code block (the guest's path aside).
-@Suite("README example", .enabled(if: KVMHost.isUsable(), "needs a usable /dev/kvm"))
+@Suite("README example", .enabled(if: KVMHost.isUsable(), kvmSkipReason))
 struct ReadmeExampleTests {
     @Test func exampleRunsAndMatchesTheREADME() throws {
         // README-EXAMPLE-BEGIN

@@ -1,20 +1,18 @@
 import Foundation
 
-/// Runs `body` on its own thread and waits for it at most `seconds`. A body still running
-/// then (a deadlock) ends the whole test process with a message naming `what`, instead of
-/// hanging the suite. Errors thrown by `body` are rethrown.
-public func withWatchdog(_ seconds: Double, _ what: String, _ body: @escaping @Sendable () throws -> Void) throws {
+/// Runs `body` on the calling thread (so its expectations belong to the test) while a
+/// watchdog thread waits at most `seconds` for it. A body still running then (a deadlock)
+/// ends the whole test process with a message naming `what`, instead of hanging the suite.
+public func withWatchdog<R>(_ seconds: Double, _ what: String, _ body: () throws -> R) rethrows -> R {
     let done = DispatchSemaphore(value: 0)
-    let failure = LockedBox<(any Error)?>(nil)
     Thread {
-        do { try body() } catch { failure.set(error) }
-        done.signal()
+        if done.wait(timeout: .now() + seconds) == .timedOut {
+            FileHandle.standardError.write(Data("watchdog: \(what) still running after \(seconds) s: deadlock\n".utf8))
+            abort()
+        }
     }.start()
-    if done.wait(timeout: .now() + seconds) == .timedOut {
-        FileHandle.standardError.write(Data("watchdog: \(what) still running after \(seconds) s: deadlock\n".utf8))
-        abort()
-    }
-    if let e = failure.get() { throw e }
+    defer { done.signal() }
+    return try body()
 }
 
 /// A value shared between threads under a lock.
@@ -25,4 +23,5 @@ public final class LockedBox<T>: @unchecked Sendable {
     public init(_ v: T) { value = v }
     public func get() -> T { lock.lock(); defer { lock.unlock() }; return value }
     public func set(_ v: T) { lock.lock(); value = v; lock.unlock() }
+    public func modify(_ f: (inout T) -> Void) { lock.lock(); f(&value); lock.unlock() }
 }
