@@ -172,8 +172,9 @@ struct RunCommand: ParsableCommand {
             }
         } catch {
             progress?.finish()
+            // Nothing the user typed gets here: a bug, or the host refusing something.
             if error.isInternal { throw fail("internal error (a bug of flowtrace, please report it): \(error.description)", status: ExitStatus.software) }
-            throw fail(error.description, status: ExitStatus.unavailable)
+            throw fail("host failure: \(error.description)", status: ExitStatus.software)
         }
         progress?.finish()
 

@@ -96,6 +96,16 @@ struct OutputSafetyTests {
     }
 }
 
+@Suite("input that used to crash")
+struct CrashRegressionTests {
+    /// Fullwidth digits pass Character.isHexDigit but not UInt8(_:radix:): the filter
+    /// parser force-unwrapped the conversion and trapped.
+    @Test func fullwidthHexDigitsInAFilterAreAnError() throws {
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[rsp]:1", "--filter", "value:[rsp]:1=ａａ")
+        expectOneLineError(r, status: 64, "'ａａ' is not hex bytes")
+    }
+}
+
 /// One injected failure and what flowtrace did about it.
 struct FaultCase {
     let fault: String
