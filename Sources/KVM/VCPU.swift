@@ -151,7 +151,7 @@ public final class VCPU: @unchecked Sendable {
         try kickSetup.withLock { (r: inout Result<Int32, KVMError>?) throws(KVMError) in
             if let r { _ = try r.get(); return }
             let low = __libc_current_sigrtmin() + 2, high = __libc_current_sigrtmax()
-            for s in low...high where isUnhandled(s) {
+            for s in low ..< max(low, high + 1) where isUnhandled(s) {
                 r = install(s)
                 _ = try r!.get()
                 return
