@@ -127,8 +127,8 @@ struct RunCommand: ParsableCommand {
         defer { interruption.cancel() }
         let memorySize: UInt64
         do { memorySize = try parseMemorySize(memory) } catch { throw fail(error.description, status: ExitStatus.usage) }
-        if let t = timeout, !(t > 0 && t.isFinite) {
-            throw fail("--timeout \(t): must be a positive number of seconds", status: ExitStatus.usage)
+        if let t = timeout, !(t > 0 && t <= 1e9) {
+            throw fail("--timeout \(t): must be a positive number of seconds, at most 1e9", status: ExitStatus.usage)
         }
         guard maxRecords >= 0 else { throw fail("--max-records \(maxRecords): must be 0 (no limit) or more", status: ExitStatus.usage) }
         // The image is checked first so a bad file is reported as such even without KVM.

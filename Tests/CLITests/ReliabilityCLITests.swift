@@ -100,6 +100,11 @@ struct OutputSafetyTests {
 struct CrashRegressionTests {
     /// Fullwidth digits pass Character.isHexDigit but not UInt8(_:radix:): the filter
     /// parser force-unwrapped the conversion and trapped.
+    /// A timeout too large for the run's clock trapped converting to Int64 milliseconds.
+    @Test func aHugeTimeoutIsAnError() throws {
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--timeout", "1e20"), status: 64, "--timeout 1e+20", "at most 1e9")
+    }
+
     @Test func fullwidthHexDigitsInAFilterAreAnError() throws {
         let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[rsp]:1", "--filter", "value:[rsp]:1=ａａ")
         expectOneLineError(r, status: 64, "'ａａ' is not hex bytes")
