@@ -62,6 +62,27 @@ struct MachineReliabilityTests {
         }
     }
 
+    /// A KVM_SET_GUEST_DEBUG that fails while disarming is reported, naming the call and
+    /// the vCPU, instead of being dropped; the other work of the disarm is still done.
+    @Test func aFailedDisarmIsReported() throws {
+        let m = try Machine(path: Guests.path("counter"), configuration: .init(vcpuCount: 2, engine: .engine(.hlt)))
+        let module = try TraceModule(target: m)
+        let tick = try #require(m.symbolizer.address(of: "tick"))
+        try module.addProbe(Probe("tick", entries: [try .register(named: "rdi")]), at: tick)
+        try module.enable()
+        m.vcpus[1].faults.fail(.setGuestDebug, onCall: 1, errno: EINVAL)
+        #expect(throws: TraceError.targetFailure("KVM_SET_GUEST_DEBUG failed: Invalid argument (errno 22) while disarming vCPU 1's breakpoints")) {
+            try module.disable()
+        }
+        // The trap byte is gone all the same: the guest's code is as it was, and it runs to
+        // its own end with nothing recorded.
+        let original = try m.image.segments.first { $0.range.contains(tick) }.map { $0.data[Int(tick - $0.virtualAddress)] }
+        #expect(try m.read(virtual: tick, count: 1) == [try #require(original)])
+        let r = try m.run(timeout: .seconds(20))
+        #expect(r.ending == .exited(status: 0))
+        #expect(module.report().count == 0)
+    }
+
     /// Internal errors say they are (the CLI exits 70 for them, 64 only for input).
     @Test func misuseIsAnInternalError() throws {
         let m = try Machine(path: Guests.path("status"))
