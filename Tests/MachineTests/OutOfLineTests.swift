@@ -122,24 +122,31 @@ struct OutOfLineStepTests {
     @Test func disarmingWhileAnotherVCPUStepsOutOfLine() throws {
         // A hit limit disarms the module from vCPU 1 while vCPU 0 is in the middle of an
         // out-of-line step: that step must still finish as a step. The interleaving is
-        // forced: vCPU 0 (the one with less work), right after beginning a step, waits until
-        // the disarm's rendezvous is being taken, and only then goes on (to park for it);
-        // vCPU 1 meanwhile takes the rest of the budget.
+        // forced through the machine's test hook: vCPU 0, right after beginning its first
+        // step, waits until the disarm's rendezvous is being taken, and only then goes on (to
+        // park for it); vCPU 1 takes no step before vCPU 0 is waiting, then the whole budget.
         for round in 0..<8 {
             let m = try Machine(path: Guests.path("smp"), configuration: .init(vcpuCount: 2, engine: .engine(.hlt)))
             let module = try TraceModule(target: m)
             let g = try FlowGraph.build(function: "work_unit", in: m.image)
             try module.addProbes(g.blocks.flatMap(\.instructions).map { (Probe("p"), $0.address, ProbeTiming.before) })
-            let limit = 150 + UInt64(round) * 37
+            // At most 359: below vCPU 1's 400 hits (200 units, 2 instructions each), which it
+            // takes alone once vCPU 0 waits.
+            let limit = 100 + UInt64(round) * 37
+            let engaged = Atomic<Bool>(false)
             let waited = Atomic<Bool>(false)
-            m.onOutOfLineStepBegun { [weak m, weak module] id in
-                guard id == 0, let m, let module, module.counters.recordsTaken >= limit / 2,
-                      !waited.exchange(true, ordering: .acquiringAndReleasing) else { return }
-                // vCPU 1 goes on hitting until the limit, then takes the rendezvous to disarm.
-                // (Were vCPU 1 to end first, nobody would disarm: then give up, and the
-                // expectation below says the interleaving did not happen.)
+            m.onOutOfLineStepBegun { [weak m] id in
+                guard let m else { return }
+                if id == 1 {
+                    // Not ahead of vCPU 0 (unless a rendezvous or an ending says otherwise).
+                    while !engaged.load(ordering: .acquiring) && !m.rendezvousIsHeld && m.runningVCPUs == 2 { sched_yield() }
+                    return
+                }
+                guard !engaged.exchange(true, ordering: .acquiringAndReleasing) else { return }
+                // vCPU 1 goes on hitting until the limit, then takes the rendezvous to disarm;
+                // it cannot finish it before this vCPU parks.
                 while !m.rendezvousIsHeld && m.runningVCPUs == 2 { sched_yield() }
-                if !m.rendezvousIsHeld { waited.store(false, ordering: .relaxed) }
+                waited.store(m.rendezvousIsHeld, ordering: .releasing)
             }
             try module.enable(hitLimit: limit)
             let r = try m.run(timeout: .seconds(60))
@@ -147,7 +154,7 @@ struct OutOfLineStepTests {
             #expect(forced, "round \(round): the forced interleaving did not happen")
             #expect(r.ending == .exited(status: 0), "round \(round)")
             #expect(Set(r.console.map(\.text)) == ["vcpu 0: 100 units", "vcpu 1: 200 units", "total: 300 units on 2 vcpus"], "round \(round)")
-            #expect(module.counters.recordsTaken == 150 + UInt64(round) * 37)
+            #expect(module.counters.recordsTaken == 100 + UInt64(round) * 37)
         }
     }
 
