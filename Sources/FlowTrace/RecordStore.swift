@@ -106,6 +106,23 @@ final class RecordStore: @unchecked Sendable {
         return true
     }
 
+    /// Collects the common probe's and the probe's entries into a stack slot and appends it
+    /// (or counts it lost). Returns whether either asked to halt.
+    @inline(__always)
+    func record<C: HitContext>(slotSize: Int, common: ProbeLayout, commonBase: Int, probe: ProbeLayout, probeBase: Int,
+                               context: C, hit: ProbeHit, commonHit: ProbeHit, location: Int, vcpu: Int,
+                               reasons: ReasonTable) -> Bool {
+        // SAFETY: a stack slot of the plan's slot size, used by collect and append only during this call.
+        withUnsafeTemporaryAllocation(byteCount: slotSize, alignment: 8) { raw -> Bool in
+            let slot = raw.baseAddress.unsafelyUnwrapped
+            // The common probe's halt answer is OR-ed with the probe's: either may stop.
+            var halt = common.collect(into: slot, base: commonBase, context: context, hit: commonHit, reasons: reasons)
+            halt = probe.collect(into: slot, base: probeBase, context: context, hit: hit, reasons: reasons) || halt
+            append(slot, location: location, vcpu: vcpu)
+            return halt
+        }
+    }
+
     /// Makes room for per-location counters of `locations` locations.
     func ensureLocations(_ locations: Int) {
         lock.withLock {

@@ -68,8 +68,8 @@ public struct TraceCounters: Sendable, Equatable {
 ///
 /// States: `created` (probes can be added) -> `enable` -> `enabled` -> `disable` or the hit
 /// limit -> `created` ... ; `targetGone` once the machine it traces no longer exists.
-public final class TraceModule: @unchecked Sendable {
-    // SAFETY: `plan` is the only member not protected by a lock or an atomic. It is
+public final class TraceModule: Sendable {
+    // The plan (in `planBox`) is the only member not protected by a lock or an atomic. It is
     // replaced only under `control`, by the one control operation in progress (`operation`),
     // while the module is not enabled and after every hit in flight has drained
     // (`inFlight` == 0); hits read it only after a load saw `enabled`, which was stored
@@ -126,8 +126,9 @@ public final class TraceModule: @unchecked Sendable {
     private let control: Locked<Control>
     /// A control operation (adding probes, enable, disable) is in progress.
     private let operation = Atomic<Bool>(false)
-    // SAFETY: see the type's SAFETY paragraph (replaced only with no hit in flight).
-    @exclusivity(unchecked) private var plan: Plan
+    /// Read by hits without a lock; replaced only with no hit in flight (see above).
+    private let planBox: QuiescentBox<Plan>
+    private var plan: Plan { planBox.current }
     private let stateValue = Atomic<UInt8>(0)         // 0 created, 1 enabled
     private let limited = Atomic<Bool>(false)
     private let hitsLeft = Atomic<UInt64>(0)
@@ -155,8 +156,8 @@ public final class TraceModule: @unchecked Sendable {
         commonLayout = ProbeLayout(entries: commonProbe?.retain() ?? [])
         self.target = target
         control = Locked(Control())
-        plan = Plan(locations: [], commonLayout: commonLayout, carrying: nil)
-        store = RecordStore(slotSize: plan.slotSize, allocator: allocator)
+        planBox = QuiescentBox(Plan(locations: [], commonLayout: commonLayout, carrying: nil))
+        store = RecordStore(slotSize: planBox.current.slotSize, allocator: allocator)
     }
 
     deinit {
@@ -195,7 +196,7 @@ public final class TraceModule: @unchecked Sendable {
             // Hits that saw `enabled` before a self-disable may still read the plan.
             drainHitsInFlight()
             control.withLock { _ in
-                plan = Plan(locations: plan.locations + locations, commonLayout: commonLayout, carrying: plan)
+                planBox.replace(Plan(locations: plan.locations + locations, commonLayout: commonLayout, carrying: plan))
             }
             store.ensureLocations(plan.locations.count)
         }
@@ -336,19 +337,12 @@ public final class TraceModule: @unchecked Sendable {
             }
             lastHit = left == 1
         }
-        let layout = p.layouts[location]
         let timing = p.timings[location]
-        let info = ProbeHit(vcpu: vcpu, address: p.addresses[location], timing: timing)
-        // SAFETY: a stack slot of the plan's slot size, used by collect and append only during this hit.
-        let halt = withUnsafeTemporaryAllocation(byteCount: p.slotSize, alignment: 8) { raw -> Bool in
-            let slot = raw.baseAddress!
-            // The common probe's halt answer is OR-ed with the probe's: either may stop.
-            var halt = commonLayout.collect(into: slot, base: p.commonBase, context: context,
-                                            hit: ProbeHit(vcpu: vcpu, address: nil, timing: timing), reasons: reasons)
-            halt = layout.collect(into: slot, base: p.probeBase, context: context, hit: info, reasons: reasons) || halt
-            store.append(slot, location: location, vcpu: vcpu)
-            return halt
-        }
+        let halt = store.record(slotSize: p.slotSize, common: commonLayout, commonBase: p.commonBase,
+                                probe: p.layouts[location], probeBase: p.probeBase, context: context,
+                                hit: ProbeHit(vcpu: vcpu, address: p.addresses[location], timing: timing),
+                                commonHit: ProbeHit(vcpu: vcpu, address: nil, timing: timing),
+                                location: location, vcpu: vcpu, reasons: reasons)
         if lastHit, stateValue.compareExchange(expected: 1, desired: 0, ordering: .sequentiallyConsistent).exchanged {
             target?.moduleReachedHitLimit(self)
         }

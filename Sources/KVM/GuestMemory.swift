@@ -106,7 +106,8 @@ public final class GuestMemory: @unchecked Sendable {
         let top = Int64(bitPattern: virtual) >> 47
         guard top == 0 || top == -1 else { throw KVMError.unmapped(virtual: virtual, cr3: cr3, level: 4) }
         var table = cr3 & Self.frameMask
-        for level in stride(from: 4, through: 1, by: -1) {
+        var level = 4
+        while true {
             let shift = UInt64(12 + 9 * (level - 1))
             let index = (virtual >> shift) & 0x1FF
             let entry = try readUInt64(physical: table + index * 8)
@@ -118,8 +119,8 @@ public final class GuestMemory: @unchecked Sendable {
                 return Translation(physical: frame | (virtual & (pageSize - 1)), pageSize: pageSize)
             }
             table = entry & Self.frameMask
+            level -= 1
         }
-        preconditionFailure("unreachable: level 1 always returns")
     }
 
     /// Reads `count` bytes at guest-virtual `address`, crossing pages as needed.

@@ -10,10 +10,16 @@ import TestSupport
 
 /// The names of this process's threads that run `m`'s vCPUs (`vcpuN-mSERIAL`), as the
 /// kernel lists them.
-func vcpuThreads(of m: Machine) -> [String] {
-    let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
-    return tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8) }
-        .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }.filter { $0.hasSuffix("-m\(m.serial)") }
+/// A thread that ends between the listing and the read is skipped (it is not running).
+func vcpuThreads(of m: Machine) throws -> [String] {
+    var names: [String] = []
+    for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task") {
+        let comm = "/proc/self/task/\(task)/comm"
+        guard FileManager.default.fileExists(atPath: comm), let data = FileManager.default.contents(atPath: comm) else { continue }
+        let name = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if name.hasSuffix("-m\(m.serial)") { names.append(name) }
+    }
+    return names
 }
 
 @Suite("machine reliability", .serialized, .enabled(if: kvmUsable, kvmSkipReason), .timeLimit(.minutes(5)))
@@ -42,7 +48,7 @@ struct MachineReliabilityTests {
             }
             #expect(rdi == Array(0..<UInt64(rdi.count)))
             #expect(rdi.count >= 1)
-            #expect(vcpuThreads(of: m) == [])
+            #expect(try vcpuThreads(of: m) == [])
         }
     }
 
@@ -101,10 +107,12 @@ struct MachineReliabilityTests {
                 let m = try Machine(path: Guests.path("fib"))
                 // The threads are there while it runs (seen from the guest's console callback).
                 let seen = LockedBox<[String]>([])
-                let r = try m.run(timeout: .seconds(20)) { _ in seen.set(vcpuThreads(of: m)) }
+                let r = try m.run(timeout: .seconds(20)) { _ in
+                    do { seen.set(try vcpuThreads(of: m)) } catch { seen.set(["\(error)"]) }
+                }
                 #expect(r.console.map(\.text) == ["fib(15) = 610, calls = 1973"])
                 #expect(seen.get() == ["vcpu0-m\(m.serial)"])
-                #expect(vcpuThreads(of: m) == [])
+                #expect(try vcpuThreads(of: m) == [])
             }
             let results = LockedBox<[String]>([])
             let machines = try ["fib", "smp"].map { try Machine(path: Guests.path($0), configuration: .init(vcpuCount: 2)) }
@@ -122,7 +130,7 @@ struct MachineReliabilityTests {
             }
             group.wait()
             #expect(results.get().sorted() == ["fib(15) = 610, calls = 1973", "total: 300 units on 2 vcpus"])
-            for m in machines { #expect(vcpuThreads(of: m) == []) }
+            for m in machines { #expect(try vcpuThreads(of: m) == []) }
         }
     }
 
@@ -140,12 +148,17 @@ struct MachineReliabilityTests {
                 let limit = UInt64(30 + round % 20)
                 try module.enable(hitLimit: limit)
                 let ended = DispatchSemaphore(value: 0)
-                Thread { _ = try? m.run(timeout: .seconds(60)); ended.signal() }.start()
+                let ending = LockedBox<String>("not run")
+                Thread {
+                    do { ending.set("\(try m.run(timeout: .seconds(60)).ending)") } catch { ending.set("\(error)") }
+                    ended.signal()
+                }.start()
                 // Disable as the budget runs out (observed, not timed).
                 while module.counters.recordsTaken + UInt64(round % 3) < limit && module.state == .enabled { sched_yield() }
                 try module.disable()
                 m.stop()
                 ended.wait()
+                #expect(ending.get() == "stopped" || ending.get().hasPrefix("guest exited with status 0"), "round \(round): \(ending.get())")
                 #expect(module.counters.recordsTaken <= limit, "round \(round)")
                 // disable() came once the budget was at most 2 short of the limit.
                 #expect(module.counters.recordsTaken + 2 >= limit, "round \(round)")
