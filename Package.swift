@@ -27,8 +27,10 @@ let package = Package(
         .target(name: "Locking"),
         // File output that never destroys what it replaces, clocks, terminals: the CLI's and
         // the report writer's system calls.
-        .target(name: "Sys"),
+        .target(name: "Sys", dependencies: ["Locking"]),
         .target(name: "KVM", dependencies: ["CKVM", "Locking"]),
+        // The guest's devices on port-I/O and MMIO buses: pure Swift, no KVM.
+        .target(name: "Devices", dependencies: ["Locking"]),
         // "Did you mean" for symbol and register names.
         .target(name: "NameSuggestions"),
         .target(name: "ELF", dependencies: ["CLibElf", "NameSuggestions"]),
@@ -37,13 +39,13 @@ let package = Package(
         .target(name: "FlowTrace", dependencies: ["Locking", "NameSuggestions", "FlowGraph"]),
         // A TraceTarget without a machine: for tests and the core benchmark.
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
-        .target(name: "Machine", dependencies: ["KVM", "ELF", "FlowTrace", "FlowGraph", "Locking"]),
+        .target(name: "Machine", dependencies: ["KVM", "Devices", "ELF", "FlowTrace", "FlowGraph", "Locking"]),
         // The command line's languages: probe specs, filters, report formats.
         .target(name: "TraceSpec", dependencies: ["FlowTrace", "ELF", "NameSuggestions", "Sys"]),
         .executableTarget(
             name: "flowtrace",
             dependencies: [
-                "Machine", "ELF", "KVM", "FlowTrace", "FlowGraph", "Locking", "TraceSpec", "Sys",
+                "Machine", "Devices", "ELF", "KVM", "FlowTrace", "FlowGraph", "Locking", "TraceSpec", "Sys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -53,6 +55,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["Locking"], path: "Tests/TestSupport"),
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Locking"]),
         .testTarget(name: "FlowGraphTests", dependencies: ["FlowGraph", "ELF", "TestSupport"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "FlowGraph", "TestSupport"]),
         .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "Locking", "TestSupport"]),

@@ -73,6 +73,12 @@ public final class KVMHost: Sendable {
     }
 
     /// Creates a VM with no memory and no vCPUs. Wraps `KVM_CREATE_VM`.
+    /// Whether `KVM_SET_GUEST_DEBUG` takes `KVM_GUESTDBG_BLOCKIRQ` (in the flags mask
+    /// `KVM_CAP_SET_GUEST_DEBUG2` reports).
+    public func blocksInterruptsWhileStepping() throws(KVMError) -> Bool {
+        UInt32(truncatingIfNeeded: try capability(.setGuestDebug2)) & ckvm_guestdbg_blockirq != 0
+    }
+
     public func makeVirtualMachine() throws(KVMError) -> VirtualMachine {
         let vmfd = try checked(ckvm_create_vm(fd), "KVM_CREATE_VM")
         return VirtualMachine(host: self, fd: vmfd)
@@ -91,6 +97,12 @@ public enum Capability: Int32, Sendable, CaseIterable, CustomStringConvertible {
     case immediateExit = 136
     case x86RobustSinglestep = 51
     case setGuestDebug2 = 195
+    case irqchip = 0
+    case setTSSAddress = 4
+    case mpState = 14
+    case pit2 = 33
+    case setIdentityMapAddress = 37
+    case tscDeadlineTimer = 72
 
     public var description: String {
         switch self {
@@ -104,6 +116,12 @@ public enum Capability: Int32, Sendable, CaseIterable, CustomStringConvertible {
         case .immediateExit: "KVM_CAP_IMMEDIATE_EXIT"
         case .x86RobustSinglestep: "KVM_CAP_X86_ROBUST_SINGLESTEP"
         case .setGuestDebug2: "KVM_CAP_SET_GUEST_DEBUG2"
+        case .irqchip: "KVM_CAP_IRQCHIP"
+        case .setTSSAddress: "KVM_CAP_SET_TSS_ADDR"
+        case .mpState: "KVM_CAP_MP_STATE"
+        case .pit2: "KVM_CAP_PIT2"
+        case .setIdentityMapAddress: "KVM_CAP_SET_IDENTITY_MAP_ADDR"
+        case .tscDeadlineTimer: "KVM_CAP_TSC_DEADLINE_TIMER"
         }
     }
 }

@@ -153,6 +153,11 @@ public struct GuestDebug: Sendable, Equatable {
     public var hardwareBreakpoints = false
     /// Inject a #BP into the guest on the next entry (re-delivers a guest's own int3).
     public var injectBreakpoint = false
+    /// Inject a #DB into the guest on the next entry (re-delivers a guest's own #DB).
+    public var injectDebug = false
+    /// No interrupt is taken while single-stepping (`KVM_GUESTDBG_BLOCKIRQ`; only where
+    /// `KVM_CAP_SET_GUEST_DEBUG2` offers it).
+    public var blockInterrupts = false
     /// DR0 ... DR3 addresses, used with `hardwareBreakpoints`.
     public var addresses: [UInt64] = [0, 0, 0, 0]
     /// DR7, used with `hardwareBreakpoints`.
@@ -161,7 +166,7 @@ public struct GuestDebug: Sendable, Equatable {
     public init() {}
 
     /// True when any debug feature is on.
-    public var isEnabled: Bool { singleStep || softwareBreakpoints || hardwareBreakpoints || injectBreakpoint }
+    public var isEnabled: Bool { singleStep || softwareBreakpoints || hardwareBreakpoints || injectBreakpoint || injectDebug }
 }
 
 /// Pending-exception state of a vCPU (part of `struct kvm_vcpu_events`).
@@ -173,4 +178,26 @@ public struct VCPUEvents: Sendable, Equatable {
     public var interruptShadow: UInt8 = 0
     public var nmiPending = false
     public init() {}
+}
+
+/// A local APIC's 1 KiB register page as `KVM_GET_LAPIC` gives it (registers at their MMIO
+/// offsets, 32 bits each at 16-byte spacing).
+public struct LocalAPICState: Sendable, Equatable {
+    public static let size = 1024
+    public var bytes = [UInt8](repeating: 0, count: LocalAPICState.size)
+    public init() {}
+
+    public static let lvtLINT0 = 0x350, lvtLINT1 = 0x360
+    /// LVT delivery modes (bits 8-10).
+    public static let deliveryExtINT: UInt32 = 7, deliveryNMI: UInt32 = 4
+
+    public subscript(register offset: Int) -> UInt32 {
+        get { (0..<4).reduce(0) { $0 | UInt32(bytes[offset + $1]) << (8 * UInt32($1)) } }
+        set { for i in 0..<4 { bytes[offset + i] = UInt8(truncatingIfNeeded: newValue >> (8 * UInt32(i))) } }
+    }
+
+    /// Sets an LVT entry's delivery mode, unmasked (mask bit 16 clear), the rest kept.
+    public mutating func setDelivery(_ mode: UInt32, lvt offset: Int) {
+        self[register: offset] = self[register: offset] & ~0x1_0700 | mode << 8
+    }
 }

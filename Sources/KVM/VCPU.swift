@@ -72,14 +72,19 @@ public final class VCPU: @unchecked Sendable {
         case KVM_EXIT_IO:
             let size = Int(k.io.size), count = Int(k.io.count)
             if k.io.direction == UInt8(KVM_EXIT_IO_OUT) {
-                // SAFETY: KVM puts size*count bytes at data_offset inside the kvm_run mapping.
-                let p = UnsafeRawPointer(shared) + Int(k.io.data_offset)
-                let n = min(size * count, mapSize - Int(k.io.data_offset))
-                return .ioOut(port: k.io.port, size: size, data: [UInt8](UnsafeRawBufferPointer(start: p, count: n)))
+                return .ioOut(port: k.io.port, size: size, count: count, value: ioOutValue(at: 0))
             }
             return .ioIn(port: k.io.port, size: size, count: count)
         case KVM_EXIT_MMIO:
-            return .mmio(address: k.mmio.phys_addr, isWrite: k.mmio.is_write != 0, length: Int(k.mmio.len))
+            var value: UInt64 = 0
+            let n = min(Int(k.mmio.len), 8)
+            if k.mmio.is_write != 0 {
+                // SAFETY: mmio.data is 8 bytes inside kvm_run; at most `len` (<= 8) are read.
+                withUnsafeBytes(of: k.mmio.data) { raw in
+                    for i in 0..<n { value |= UInt64(raw[i]) << (8 * UInt64(i)) }
+                }
+            }
+            return .mmio(address: k.mmio.phys_addr, isWrite: k.mmio.is_write != 0, length: n, value: value)
         case KVM_EXIT_HLT:
             return .hlt
         case KVM_EXIT_DEBUG:
@@ -96,13 +101,34 @@ public final class VCPU: @unchecked Sendable {
         }
     }
 
-    /// Supplies the bytes a pending `.ioIn` exit reads; call before the next `run()`.
-    public func completeIOIn(_ bytes: [UInt8]) {
-        let k = shared.pointee
-        let n = min(bytes.count, Int(k.io.size) * Int(k.io.count), mapSize - Int(k.io.data_offset))
-        // SAFETY: the destination is the I/O data area inside the kvm_run mapping, clamped above.
-        let p = UnsafeMutableRawPointer(shared) + Int(k.io.data_offset)
-        bytes.withUnsafeBytes { if let s = $0.baseAddress { p.copyMemory(from: s, byteCount: n) } }
+    /// Element `index` of the pending port-output exit (0 for a plain `out`), read in place;
+    /// 0 past the data KVM provided.
+    public func ioOutValue(at index: Int) -> UInt32 {
+        let size = Int(shared.pointee.io.size), offset = Int(shared.pointee.io.data_offset) + index * size
+        guard size <= 4, index >= 0, index < Int(shared.pointee.io.count), offset + size <= mapSize else { return 0 }
+        // SAFETY: `size` bytes at data_offset + index * size, inside the kvm_run mapping (checked above).
+        let p = UnsafeRawPointer(shared) + offset
+        var v: UInt32 = 0
+        for i in 0..<size { v |= UInt32(p.load(fromByteOffset: i, as: UInt8.self)) << (8 * UInt32(i)) }
+        return v
+    }
+
+    /// Answers element `index` of a pending `.ioIn` exit (little-endian, `size` bytes); call
+    /// for each element before the next `run()`.
+    public func completeIOIn(at index: Int, value: UInt32) {
+        let size = Int(shared.pointee.io.size), offset = Int(shared.pointee.io.data_offset) + index * size
+        guard size <= 4, index >= 0, index < Int(shared.pointee.io.count), offset + size <= mapSize else { return }
+        // SAFETY: `size` bytes at data_offset + index * size, inside the kvm_run mapping (checked above).
+        let p = UnsafeMutableRawPointer(shared) + offset
+        for i in 0..<size { p.storeBytes(of: UInt8(truncatingIfNeeded: value >> (8 * UInt32(i))), toByteOffset: i, as: UInt8.self) }
+    }
+
+    /// Answers a pending `.mmio` read with `value` (its low `length` bytes).
+    public func completeMMIORead(_ value: UInt64) {
+        // SAFETY: mmio.data is 8 bytes inside kvm_run, written whole.
+        withUnsafeMutableBytes(of: &shared.pointee.mmio.data) { raw in
+            for i in 0..<8 { raw[i] = UInt8(truncatingIfNeeded: value >> (8 * UInt64(i))) }
+        }
     }
 
     /// Records the calling thread as the one that drives this vCPU, for `kick()`, and
@@ -315,6 +341,8 @@ public final class VCPU: @unchecked Sendable {
         if debug.softwareBreakpoints { control |= ckvm_guestdbg_use_sw_bp }
         if debug.hardwareBreakpoints { control |= ckvm_guestdbg_use_hw_bp }
         if debug.injectBreakpoint { control |= ckvm_guestdbg_inject_bp }
+        if debug.blockInterrupts { control |= ckvm_guestdbg_blockirq }
+        if debug.injectDebug { control |= ckvm_guestdbg_inject_db }
         g.control = control
         if debug.hardwareBreakpoints {
             let a = debug.addresses
@@ -327,6 +355,51 @@ public final class VCPU: @unchecked Sendable {
     public func setCPUID(_ table: CPUIDTable) throws(KVMError) {
         // SAFETY: the table's header and entries live as long as `table` (KVM only reads them).
         _ = try checked(table.withUnsafeMutableHeader { ckvm_set_cpuid2(fd, $0) }, "KVM_SET_CPUID2")
+    }
+
+    /// The local APIC's register page. Wraps `KVM_GET_LAPIC` (in-kernel irqchip only).
+    public func localAPIC() throws(KVMError) -> LocalAPICState {
+        var s = kvm_lapic_state()
+        _ = try checked(ckvm_get_lapic(fd, &s), "KVM_GET_LAPIC")
+        var out = LocalAPICState()
+        // SAFETY: regs is KVM_APIC_REG_SIZE (1024) bytes inside kvm_lapic_state.
+        withUnsafeBytes(of: &s.regs) { raw in for i in 0..<LocalAPICState.size { out.bytes[i] = raw[i] } }
+        return out
+    }
+
+    /// Sets the local APIC's register page. Wraps `KVM_SET_LAPIC`.
+    public func setLocalAPIC(_ state: LocalAPICState) throws(KVMError) {
+        var s = kvm_lapic_state()
+        // SAFETY: regs is KVM_APIC_REG_SIZE (1024) bytes inside kvm_lapic_state.
+        withUnsafeMutableBytes(of: &s.regs) { raw in for i in 0..<LocalAPICState.size { raw[i] = state.bytes[i] } }
+        _ = try checked(ckvm_set_lapic(fd, &s), "KVM_SET_LAPIC")
+    }
+
+    /// The vCPU's multiprocessing state (`KVM_MP_STATE_*`: 0 runnable, 1 waiting for
+    /// INIT/SIPI, 3 halted). Wraps `KVM_GET_MP_STATE`.
+    public func mpState() throws(KVMError) -> UInt32 {
+        var s = kvm_mp_state()
+        _ = try checked(ckvm_get_mp_state(fd, &s), "KVM_GET_MP_STATE")
+        return s.mp_state
+    }
+
+    /// Writes model-specific registers. Wraps `KVM_SET_MSRS`; every entry must be taken.
+    public func setMSRs(_ msrs: [(index: UInt32, value: UInt64)]) throws(KVMError) {
+        guard !msrs.isEmpty else { return }
+        let header = MemoryLayout<kvm_msrs>.size, entry = MemoryLayout<kvm_msr_entry>.stride
+        // SAFETY: a buffer sized for the header and its entries, alive for the ioctl; entries
+        // written through the typed pointer at their offsets.
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: header + msrs.count * entry, alignment: 8)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: header + msrs.count * entry)
+        let h = buffer.assumingMemoryBound(to: kvm_msrs.self)
+        h.pointee.nmsrs = UInt32(msrs.count)
+        let entries = (buffer + header).assumingMemoryBound(to: kvm_msr_entry.self)
+        for (i, m) in msrs.enumerated() { entries[i].index = m.index; entries[i].data = m.value }
+        let n = try checked(ckvm_set_msrs(fd, h), "KVM_SET_MSRS")
+        guard n == msrs.count else {
+            throw KVMError.invalidArgument("KVM_SET_MSRS took \(n) of \(msrs.count) MSRs: MSR 0x\(String(msrs[Int(n)].index, radix: 16)) was refused")
+        }
     }
 
     /// Pending exception and interrupt-shadow state. Wraps `KVM_GET_VCPU_EVENTS`.

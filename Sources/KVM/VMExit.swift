@@ -1,11 +1,16 @@
 /// Why `KVM_RUN` returned, decoded from `struct kvm_run`.
 public enum VMExit: Sendable, Equatable {
-    /// The guest wrote `data` to `port` (`KVM_EXIT_IO`, direction out).
-    case ioOut(port: UInt16, size: Int, data: [UInt8])
-    /// The guest reads `size * count` bytes from `port`; answer with `VCPU.completeIOIn`.
+    /// The guest wrote `count` elements of `size` bytes to `port` (`KVM_EXIT_IO`, direction
+    /// out; `count` > 1 for `rep outs`). `value` is the first element; the others are read
+    /// with `VCPU.ioOutValue(at:)`, in place in `kvm_run` (nothing is copied).
+    case ioOut(port: UInt16, size: Int, count: Int, value: UInt32)
+    /// The guest reads `count` elements of `size` bytes from `port`; answer each with
+    /// `VCPU.completeIOIn(at:value:)` before the next run.
     case ioIn(port: UInt16, size: Int, count: Int)
-    /// The guest accessed guest-physical memory that is not RAM (`KVM_EXIT_MMIO`).
-    case mmio(address: UInt64, isWrite: Bool, length: Int)
+    /// The guest accessed guest-physical memory that is not RAM (`KVM_EXIT_MMIO`): `length`
+    /// bytes, `value` the data of a write (little-endian); answer a read with
+    /// `VCPU.completeMMIORead(_:)`.
+    case mmio(address: UInt64, isWrite: Bool, length: Int, value: UInt64)
     /// The guest executed `hlt` (`KVM_EXIT_HLT`); rip is past the instruction.
     case hlt
     /// A debug event (`KVM_EXIT_DEBUG`): breakpoint, single-step, or hardware breakpoint.
@@ -24,9 +29,9 @@ public enum VMExit: Sendable, Equatable {
     /// A short name for messages: `KVM_EXIT_HLT`, `KVM_EXIT_DEBUG (exception 3)`, ...
     public var name: String {
         switch self {
-        case let .ioOut(port, _, _): "KVM_EXIT_IO (out to port 0x\(String(port, radix: 16)))"
+        case let .ioOut(port, _, _, _): "KVM_EXIT_IO (out to port 0x\(String(port, radix: 16)))"
         case let .ioIn(port, _, _): "KVM_EXIT_IO (in from port 0x\(String(port, radix: 16)))"
-        case let .mmio(address, w, _): "KVM_EXIT_MMIO (\(w ? "write" : "read") at 0x\(String(address, radix: 16)))"
+        case let .mmio(address, w, _, _): "KVM_EXIT_MMIO (\(w ? "write" : "read") at 0x\(String(address, radix: 16)))"
         case .hlt: "KVM_EXIT_HLT"
         case let .debug(e, _, _, _): "KVM_EXIT_DEBUG (exception \(e))"
         case .shutdown: "KVM_EXIT_SHUTDOWN (triple fault)"

@@ -94,6 +94,25 @@ public final class ByteSink {
         }
     }
 
+    /// Writes to `path` directly, truncating it: for output that streams while a run goes
+    /// on (the serial port's file), opened only once the run starts.
+    public init(overwriting path: String) throws(SystemError) {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw .errno("cannot write '\(path)'") }
+        target = .direct(path: path, fd: fd)
+        buffer.reserveCapacity(1 << 12)
+    }
+
+    public func write(bytes: some Sequence<UInt8>) {
+        buffer.append(contentsOf: bytes)
+        if buffer.count >= 1 << 16 { flush() }
+    }
+
+    public func write(byte: UInt8) {
+        buffer.append(byte)
+        if buffer.count >= 1 << 16 { flush() }
+    }
+
     public func write(_ s: String) {
         buffer.append(contentsOf: s.utf8)
         if buffer.count >= 1 << 16 { flush() }

@@ -5,6 +5,7 @@ import Foundation
 import KVM
 import FlowGraph
 import Locking
+import Devices
 import Machine
 import Sys
 import TraceSpec
@@ -19,6 +20,40 @@ enum EngineOption: String, ExpressibleByArgument, CaseIterable {
         case .hlt: .engine(.hlt)
         case .hw: .engine(.hw)
         case .step: .engine(.step)
+        }
+    }
+}
+
+enum PlatformOption: String, ExpressibleByArgument, CaseIterable {
+    case auto, payload, pc
+
+    var request: PlatformRequest {
+        switch self {
+        case .auto: .auto
+        case .payload: .platform(.payload)
+        case .pc: .platform(.pc)
+        }
+    }
+}
+
+/// What --serial asks for.
+enum SerialMode: Equatable {
+    /// Output to the console, no input.
+    case none
+    /// Output to the console, standard input to the guest.
+    case stdio
+    /// Output to a file, no input.
+    case file(String)
+
+    init(parsing text: String) throws(ExitCode) {
+        switch text {
+        case "none": self = .none
+        case "stdio": self = .stdio
+        default:
+            guard text.hasPrefix("file:"), text.count > 5 else {
+                throw fail("--serial '\(text)': expected none, stdio or file:PATH", status: ExitStatus.usage)
+            }
+            self = .file(String(text.dropFirst(5)))
         }
     }
 }
@@ -55,7 +90,15 @@ struct RunCommand: ParsableCommand {
         a terminal), jsonl (default otherwise; for -o, the file's extension .jsonl/.csv/.json/.txt
         picks it), csv, chrome (Chrome trace-event JSON for Perfetto UI). While records go to
         stdout the guest's console goes to stderr. A summary per location goes to stderr.
-        EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted), 64 bad input,
+        PLATFORM: payload (flowtrace's ELF payloads: no interrupt controller, hlt ends a vCPU) or
+        pc (KVM's in-kernel PIC, IOAPIC, LAPIC and PIT: interrupts, hlt waits for one; the hlt
+        engine cannot work there). Both have the debug console 0xE9, the exit port 0xF4, a
+        16550A UART on COM1 (0x3F8, IRQ 4), i8042, CMOS/RTC, port 0x80 and empty PCI ports;
+        ports no device answers read all ones and are listed in the summary.
+        SERIAL: none (COM1's output goes to the console, no input; default), stdio (also
+        standard input to the guest, a pipe or a terminal in raw mode), file:PATH (output to PATH).
+        EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted), 0 when the guest
+        reset the machine (i8042 command 0xFE; a triple fault on the pc platform), 64 bad input,
         69 KVM unavailable, 70 guest fault, host failure or internal error, 74 the report
         could not be written, 124 timeout, 130 interrupted. Records taken before a fault, a
         timeout or Ctrl-C are still written; -o FILE is replaced only once the records are
@@ -77,6 +120,12 @@ struct RunCommand: ParsableCommand {
 
     @Option(help: "Breakpoint engine: auto picks the fastest that works here for the probe count.")
     var engine: EngineOption = .auto
+
+    @Option(help: "Platform: payload, pc, or auto (what the image needs: payload for flowtrace's ELF payloads); see PLATFORM.")
+    var platform: PlatformOption = .auto
+
+    @Option(help: ArgumentHelp("The serial port COM1: none, stdio or file:PATH; see SERIAL.", valueName: "mode"))
+    var serial: String = "none"
 
     @Option(name: .customLong("vcpu"), help: ArgumentHelp("Trace only this vCPU, or any.", valueName: "id|any"))
     var vcpuSelection: String = "any"
@@ -136,20 +185,35 @@ struct RunCommand: ParsableCommand {
         do { image = try ELFImage(path: guest) } catch { throw fail(error.description, status: ExitStatus.usage) }
         let symbols = Symbolizer(image: image)
         let plan = try TracePlan(command: self, image: image, symbols: symbols)
+        let serialMode = try SerialMode(parsing: serial)
+        if case let .file(path) = serialMode {
+            do { try ByteSink.checkWritable(path) } catch { throw fail("--serial file:\(path): \(error.description)", status: ExitStatus.usage) }
+            if let o = plan.output, o == path { throw fail("--serial file:\(path): the same file as -o", status: ExitStatus.usage) }
+        }
         for w in plan.warnings { printError(w) }
 
         let host: KVMHost
         do { host = try KVMHost(path: kvmDevicePath) } catch { throw fail(error.description, status: ExitStatus.unavailable) }
+        // The serial file is opened (truncated) only once everything else checked out.
+        let serialFile = SerialFile()
+        let destination: SerialDestination = if case .file = serialMode { .sink(SerialSink { serialFile.write($0) }) } else { .console }
         let machine: Machine
         do {
-            machine = try Machine(image: image, configuration: MachineConfiguration(vcpuCount: vcpus, memorySize: memorySize, engine: engine.request), host: host)
+            let configuration = MachineConfiguration(vcpuCount: vcpus, memorySize: memorySize, engine: engine.request,
+                                                     platform: platform.request, serial: destination)
+            machine = try Machine(image: image, configuration: configuration, host: host)
         } catch {
             if case .kvm = error { throw fail(error.description, status: ExitStatus.unavailable) }
             throw fail(error.description, status: ExitStatus.usage)
         }
         if let fault = faultInjection { try inject(fault, into: machine) }
         let tracer = try plan.arm(on: machine, engine: engine.request)
+        if case let .file(path) = serialMode {
+            do { try serialFile.open(path) } catch { throw fail("--serial file:\(path): \(error.description)", status: ExitStatus.usage) }
+        }
         interruption.stops(machine)
+        let input = serialMode == .stdio ? try SerialInput(uart: machine.uart) : nil
+        defer { input?.stop() }
 
         let progress = tracer.flatMap { ProgressLine(module: $0.module) }
         let consoleToStderr = tracer != nil && plan.output == nil
@@ -177,6 +241,8 @@ struct RunCommand: ParsableCommand {
             throw fail("host failure: \(error.description)", status: ExitStatus.software)
         }
         progress?.finish()
+        input?.stop()
+        let serialFailure = serialFile.close()
 
         // Records first, whatever the ending, then the summary, then the status.
         var writeFailure: String?
@@ -193,7 +259,19 @@ struct RunCommand: ParsableCommand {
         let cpus = "\(vcpus) vCPU\(vcpus == 1 ? "" : "s")"
         if let tracer { printError(plan.summary(tracer, written: written, elapsed: elapsed, stepOvers: machine.stepOvers)) }
         if let writeFailure { printError("flowtrace: error: \(writeFailure)") }
+        if let serialFailure { printError("flowtrace: error: --serial: \(serialFailure)") }
+        let unknown = machine.unknownAccesses
+        if !unknown.isEmpty {
+            let ports = unknown.filter { $0.space == .port }.count, mmio = unknown.count - ports
+            let what = [ports > 0 ? "\(ports) port\(ports == 1 ? "" : "s")" : nil, mmio > 0 ? "\(mmio) MMIO address\(mmio == 1 ? "" : "es")" : nil]
+                .compactMap { $0 }.joined(separator: " and ")
+            printError("flowtrace: the guest touched \(what) no device answers (reads gave all ones, writes went nowhere):")
+            for a in unknown { printError("  " + describe(a, symbols: symbols)) }
+        }
         switch result.ending {
+        case let .reset(why):
+            printError("flowtrace: \(name): guest reset (\(why)) after \(seconds) (\(cpus))")
+            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
         case let .exited(status):
             printError("flowtrace: \(name): guest exited with status \(status) after \(seconds) (\(cpus))")
             if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
@@ -214,6 +292,72 @@ struct RunCommand: ParsableCommand {
             if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
             throw ExitCode(ExitStatus.interrupted)
         }
+    }
+}
+
+/// An unknown access for the summary, its rip symbolized.
+func describe(_ a: UnknownAccesses.Access, symbols: Symbolizer) -> String {
+    let what = a.space == .port ? "port \(hex(a.address))" : "MMIO \(hex(a.address))"
+    let at = symbols.describe(a.rip)
+    let rip = at.hasPrefix("0x") ? hex(a.rip) : "\(hex(a.rip)) (\(at))"
+    return "\(what): first \(a.isWrite ? "write" : "read") (\(a.size) byte\(a.size == 1 ? "" : "s")) on vCPU \(a.vcpu) at \(rip), \(a.count) access\(a.count == 1 ? "" : "es")"
+}
+
+/// The serial port's output file: opened once the run is about to start, written by vCPU
+/// threads (a line at a time reaches the file), closed at the end.
+final class SerialFile: Sendable {
+    private let sink = Locked<ByteSink?>(nil)
+    func open(_ path: String) throws(SystemError) {
+        let s = try ByteSink(overwriting: path)
+        sink.withLock { $0 = s }
+    }
+    func write(_ byte: UInt8) {
+        sink.withLock { s in
+            s?.write(byte: byte)
+            if byte == 0x0A { s?.flush() }
+        }
+    }
+    /// Writes the rest out; the error, if writing failed.
+    func close() -> String? {
+        guard let s = sink.withLock({ s -> ByteSink? in defer { s = nil }; return s }) else { return nil }
+        do { try s.commit() } catch { return error.description }
+        return nil
+    }
+}
+
+/// Standard input fed to the guest's UART (`--serial stdio`): a pump thread hands what it
+/// reads to the receiver, waiting while the FIFO is full; a terminal is put in raw mode.
+final class SerialInput: Sendable {
+    private let pump: InputPump
+    private let uart: UART16550
+    private let stopped: Locked<Bool>
+    private let terminal: RawTerminal?
+
+    init(uart: UART16550) throws(ExitCode) {
+        self.uart = uart
+        let stopped = Locked(false)
+        self.stopped = stopped
+        terminal = RawTerminal(fd: 0)
+        do {
+            pump = try InputPump(fd: 0) { bytes in
+                var rest = bytes[...]
+                while !rest.isEmpty {
+                    rest = rest.dropFirst(uart.receive(rest))
+                    if rest.isEmpty || !uart.waitForRoom(orUntil: { stopped.withLock { $0 } }) { return }
+                }
+            }
+        } catch {
+            terminal?.restore()
+            throw fail("--serial stdio: \(error.description)", status: ExitStatus.software)
+        }
+    }
+
+    /// Stops the pump and restores the terminal; once (later calls do nothing).
+    func stop() {
+        guard stopped.withLock({ s -> Bool in defer { s = true }; return !s }) else { return }
+        uart.wake()
+        pump.stop()
+        terminal?.restore()
     }
 }
 

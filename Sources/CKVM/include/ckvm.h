@@ -21,6 +21,11 @@ int ckvm_get_supported_cpuid(int kvm_fd, struct kvm_cpuid2 *cpuid);
 /* VM ioctls. */
 int ckvm_set_user_memory_region(int vm_fd, const struct kvm_userspace_memory_region *region);
 int ckvm_create_vcpu(int vm_fd, unsigned long vcpu_id);
+int ckvm_create_irqchip(int vm_fd);
+int ckvm_create_pit2(int vm_fd, const struct kvm_pit_config *config);
+int ckvm_set_tss_addr(int vm_fd, unsigned long address);
+int ckvm_set_identity_map_addr(int vm_fd, const uint64_t *address);
+int ckvm_irq_line(int vm_fd, const struct kvm_irq_level *level);
 
 /* vCPU ioctls. */
 int ckvm_run(int vcpu_fd);
@@ -36,6 +41,10 @@ int ckvm_set_guest_debug(int vcpu_fd, const struct kvm_guest_debug *debug);
 int ckvm_set_cpuid2(int vcpu_fd, const struct kvm_cpuid2 *cpuid);
 int ckvm_get_vcpu_events(int vcpu_fd, struct kvm_vcpu_events *events);
 int ckvm_set_vcpu_events(int vcpu_fd, const struct kvm_vcpu_events *events);
+int ckvm_get_lapic(int vcpu_fd, struct kvm_lapic_state *lapic);
+int ckvm_set_lapic(int vcpu_fd, const struct kvm_lapic_state *lapic);
+int ckvm_get_mp_state(int vcpu_fd, struct kvm_mp_state *state);
+int ckvm_set_msrs(int vcpu_fd, const struct kvm_msrs *msrs);
 
 /* kvm_run.immediate_exit is written by a kicking thread and cleared by the vCPU thread:
  * an atomic store, which Swift cannot do on a field of a C struct. */
@@ -50,5 +59,8 @@ extern const uint32_t ckvm_guestdbg_singlestep;
 extern const uint32_t ckvm_guestdbg_use_sw_bp;
 extern const uint32_t ckvm_guestdbg_use_hw_bp;
 extern const uint32_t ckvm_guestdbg_inject_bp;
+extern const uint32_t ckvm_guestdbg_blockirq;
+extern const uint32_t ckvm_guestdbg_inject_db;
+extern const uint32_t ckvm_pit_speaker_dummy;
 
 #endif

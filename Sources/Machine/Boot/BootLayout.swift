@@ -12,7 +12,8 @@ import KVM
 /// ...      image segments (identity-mapped: loaded at their virtual address)
 /// top      one 64 KiB stack per vCPU, vCPU 0 at the very top
 /// ```
-/// All of RAM is identity-mapped with 2 MiB pages, so RAM is a multiple of 2 MiB, at most 4 GiB.
+/// All of RAM is identity-mapped with 2 MiB pages, so RAM is a multiple of 2 MiB, at most 4 GiB
+/// (on the pc platform the whole low 4 GiB, device pages included).
 public struct BootLayout: Sendable, Equatable {
     public static let gdtAddress: UInt64 = 0x1000
     public static let pml4Address: UInt64 = 0x2000
@@ -78,19 +79,21 @@ public struct BootLayout: Sendable, Equatable {
         }
     }
 
-    /// Writes the GDT and the identity page tables into `memory`.
-    func writeTables(into memory: GuestMemory) throws(KVMError) {
+    /// Writes the GDT and the identity page tables into `memory`: RAM only, or with
+    /// `mapLow4G` all of the first 4 GiB (RAM and the device pages above it; the pc platform).
+    func writeTables(into memory: GuestMemory, mapLow4G: Bool = false) throws(KVMError) {
         try memory.writeUInt64(physical: Self.gdtAddress, 0)
         try memory.writeUInt64(physical: Self.gdtAddress + 8, 0x00AF_9A00_0000_FFFF)   // code: L=1, P, DPL0, exec/read
         try memory.writeUInt64(physical: Self.gdtAddress + 16, 0x00CF_9200_0000_FFFF)  // data: P, DPL0, read/write
-        let gib = Int((memorySize + (1 << 30) - 1) >> 30)
+        let mapped = mapLow4G ? Self.maximumMemory : memorySize
+        let gib = Int((mapped + (1 << 30) - 1) >> 30)
         try memory.writeUInt64(physical: Self.pml4Address, Self.pdptAddress | 0x3)
         for g in 0..<gib {
             let pd = Self.pageDirectoriesAddress + UInt64(g) * 0x1000
             try memory.writeUInt64(physical: Self.pdptAddress + UInt64(g) * 8, pd | 0x3)
             for e in 0..<512 {
                 let phys = (UInt64(g) << 30) | (UInt64(e) << 21)
-                guard phys < memorySize else { break }
+                guard phys < mapped else { break }
                 try memory.writeUInt64(physical: pd + UInt64(e) * 8, phys | 0x83)  // P, RW, PS (2 MiB)
             }
         }

@@ -17,12 +17,14 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
     case notRunning
     /// A runner thread could not be started.
     case thread(String)
+    /// Two of flowtrace's own devices claim the same address (a bug).
+    case deviceMap(String)
 
     /// Whether this is a bug of the caller or of flowtrace (a run started twice, a resume
     /// without a halt), not bad input nor a host without KVM.
     public var isInternal: Bool {
         switch self {
-        case .alreadyRan, .notRunning, .thread: true
+        case .alreadyRan, .notRunning, .thread, .deviceMap: true
         default: false
         }
     }
@@ -45,11 +47,15 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
             return "this machine has already run; create a new Machine to run the guest again"
         case let .engineUnavailable(e, reason, working):
             let alt = working.isEmpty ? "no engine works on this host" : "engines that work here: \(working.joined(separator: ", "))"
+            // A platform's restriction says where ("on the pc platform: ...").
+            if reason.hasPrefix("on the ") { return "--engine \(e): does not work \(reason); \(alt)" }
             return "--engine \(e): does not work on this host (\(reason)); \(alt)"
         case let .tooManyLocations(e, count, capacity):
             return "--engine \(e) arms at most \(capacity) locations, \(count) asked for; use --engine auto, hlt, int3 or step"
         case .notRunning:
             return "the machine is not stopped at a halt: nothing to resume"
+        case let .deviceMap(why):
+            return "the device map is inconsistent: \(why)"
         case let .thread(why):
             return "cannot start a vCPU thread: \(why)"
         }

@@ -5,7 +5,7 @@ public enum BreakpointEngine: String, Sendable, CaseIterable, CustomStringConver
     /// Patch 0xCC; `KVM_GUESTDBG_USE_SW_BP`; `KVM_EXIT_DEBUG` exception 3 at the address.
     case int3
     /// The same patching engine with 0xF4: `KVM_EXIT_HLT` one past the address. Needs the
-    /// code at CPL0 and no in-kernel irqchip (flowtrace creates none).
+    /// code at CPL0 and no in-kernel irqchip (the payload platform).
     case hlt
     /// DR0-DR3 execute breakpoints (`KVM_GUESTDBG_USE_HW_BP`): at most 4 locations.
     case hw
@@ -80,6 +80,15 @@ public struct EngineSupport: Sendable, Equatable {
     public init(statuses: [BreakpointEngine: Status]) { self.statuses = statuses }
 
     public func status(_ e: BreakpointEngine) -> Status { statuses[e] ?? .unavailable("not tested") }
+
+    /// What works on `platform`: the host's results, less what the platform rules out.
+    public func restricted(to platform: Platform) -> EngineSupport {
+        var s = self
+        for e in BreakpointEngine.allCases {
+            if let why = platform.restriction(e) { s.statuses[e] = .unavailable(why) }
+        }
+        return s
+    }
     public func works(_ e: BreakpointEngine) -> Bool { status(e) == .works }
 }
 

@@ -3,7 +3,7 @@ import KVM
 
 /// The machine's armed probe locations: who owns which address, with which engine.
 /// Changed only while every vCPU is parked (the rendezvous), read by vCPU threads at exits.
-struct Breakpoints {
+struct Breakpoints: Sendable {
     struct Owner {
         let module: TraceModule
         let index: Int

@@ -1,0 +1,43 @@
+import ELF
+import KVM
+
+/// flowtrace's payload boot protocol: a static x86-64 ELF executable loaded at its
+/// segments' addresses, every vCPU started at the entry in 64-bit mode at CPL0 with
+/// interrupts off, on the loader's identity page tables, with its own stack, rdi = its
+/// index and rsi = the vCPU count (see `BootLayout` for where everything goes).
+struct PayloadBoot {
+    let image: ELFImage
+    let layout: BootLayout
+
+    /// The platform this protocol needs.
+    let platform = Platform.payload
+
+    init(image: ELFImage, memorySize: UInt64, vcpuCount: Int) throws(MachineError) {
+        let layout = try BootLayout(memorySize: memorySize, vcpuCount: vcpuCount)
+        try layout.check(image)
+        self.image = image
+        self.layout = layout
+    }
+
+    /// Writes the loader's tables and the image's segments. On the pc platform the page
+    /// tables identity-map all of the low 4 GiB, so the LAPIC and IOAPIC pages are reachable.
+    func load(into memory: GuestMemory, platform: Platform) throws(KVMError) {
+        try layout.writeTables(into: memory, mapLow4G: platform == .pc)
+        for seg in image.segments {
+            try memory.write(physical: seg.virtualAddress, bytes: seg.data)
+            try memory.fill(physical: seg.virtualAddress + seg.fileSize, count: Int(seg.memorySize - seg.fileSize))
+        }
+    }
+
+    /// vCPU `index`'s state at the entry.
+    func setInitialState(of vcpu: VCPU, index: Int) throws(KVMError) {
+        try vcpu.setSpecialRegisters(layout.specialRegisters(from: vcpu.specialRegisters()))
+        var regs = Registers()
+        regs.rip = image.entry
+        regs.rsp = layout.stackTop(for: index)
+        regs.rdi = UInt64(index)
+        regs.rsi = UInt64(layout.vcpuCount)
+        try vcpu.setRegisters(regs)
+        try vcpu.setFPU(FPUState())
+    }
+}

@@ -1,0 +1,2 @@
+// The devices are part of what a Machine user sees (console lines, the UART).
+@_exported import Devices

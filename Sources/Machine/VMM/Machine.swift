@@ -1,0 +1,333 @@
+import Devices
+import ELF
+import FlowTrace
+import Foundation
+import KVM
+import Locking
+import Synchronization
+
+/// The armed breakpoints as one immutable value: replaced whole while every vCPU is
+/// parked (arming, disarming), read by vCPU threads at exits without a lock.
+final class BreakpointTable: Sendable {
+    let value: Breakpoints
+    init(_ value: Breakpoints) { self.value = value }
+}
+
+/// A runnable guest: a VM with its RAM, devices and vCPUs, booted from an image; the target
+/// trace modules arm their probes on. A thin façade over the parts (see the README's
+/// folder map): `Boot` made its memory and vCPU state, `Platform` its irqchip, CPUID and
+/// devices, `VMM` runs one thread per vCPU and turns exits into outcomes, `Debug` arms the
+/// breakpoint engines and steps over probed instructions.
+///
+/// Ports on both platforms: bytes written to 0xE9 are console output; a 32-bit write to
+/// 0xF4 ends the guest with that status; COM1 (0x3F8) is a 16550A UART; 0x64 command 0xFE
+/// resets. On the payload platform there is no interrupt controller and `hlt` ends the
+/// vCPU that executes it (the guest ends with status 0 when all have); on the pc platform
+/// KVM's irqchip and PIT deliver interrupts and `hlt` waits for one inside KVM.
+public final class Machine: TraceTarget {
+    public let image: ELFImage
+    public let configuration: MachineConfiguration
+    public let layout: BootLayout
+    public let platform: Platform
+    public let symbolizer: Symbolizer
+    public let vm: VirtualMachine
+    public let memory: GuestMemory
+    public let vcpus: [VCPU]
+    /// Which engines work on this host and platform (the per-process self-test, then the
+    /// platform's restrictions).
+    public let engineSupport: EngineSupport
+    /// Whether single steps block interrupts (`KVM_GUESTDBG_BLOCKIRQ`); see `docs/engines.md`.
+    public let blocksInterruptsWhileStepping: Bool
+
+    public static let consolePort: UInt16 = DebugConsole.port
+    public static let exitPort: UInt16 = ExitPort.port
+
+    let devices: PlatformDevices
+    let exits: ExitHandler
+    let console: Console
+    private let consoleSink = Locked<(@Sendable (ConsoleLine) -> Void)?>(nil)
+
+    let events = ConditionLock(Events())
+    let stopRequested = Atomic<Bool>(false)
+    private let started = Atomic<Bool>(false)
+    /// The breakpoint table vCPU threads read; replaced only while every vCPU is parked.
+    let table = QuiescentBox(BreakpointTable(Breakpoints()))
+    /// The same table for other threads, and the lock arming holds while it patches guest
+    /// bytes, so `readCode` sees bytes and patches that agree.
+    let published = Locked(BreakpointTable(Breakpoints()))
+    let pendingDisarms = Locked<[TraceModule]>([])
+    let hasPendingDisarms = Atomic<Bool>(false)
+    let outOfLineSteps = Atomic<UInt64>(0)
+    let inPlaceSteps = Atomic<UInt64>(0)
+    /// Per vCPU: the step engine was just armed; check the current rip for a before-hit.
+    let ripChecks: Locked<[Bool]>
+    let rendezvous: Rendezvous
+    let snapshots: [VCPUSnapshot]
+    private let clock = ContinuousClock()
+    private let startTime = Locked<ContinuousClock.Instant?>(nil)
+    /// The run's time limit: when it ends (on the monotonic clock) and the limit given.
+    private let limit = Locked<(deadline: ContinuousClock.Instant, timeout: Duration)?>(nil)
+    /// The runner threads, joined when the run ends.
+    private let threads = Locked<[JoinableThread]>([])
+    /// Tests only: called on a vCPU's thread (with its id) right after it began an
+    /// out-of-line step, before it runs the copy; lets a test place a disarm exactly there.
+    let outOfLineStepBegun = Locked<(@Sendable (Int) -> Void)?>(nil)
+    let hasStepHook = Atomic<Bool>(false)
+
+    /// Tests only: sets `outOfLineStepBegun`.
+    func onOutOfLineStepBegun(_ hook: @escaping @Sendable (Int) -> Void) {
+        outOfLineStepBegun.withLock { $0 = hook }
+        hasStepHook.store(true, ordering: .releasing)
+    }
+
+    /// Tests only: whether a vCPU or the controller holds or is taking the rendezvous.
+    var rendezvousIsHeld: Bool { rendezvous.isHeld }
+
+    /// Tests only: vCPU threads still in their loop.
+    var runningVCPUs: Int { events.withLock { $0.running } }
+
+    /// This machine's number in the process: its vCPU threads are named `vcpuN-mSERIAL`.
+    let serial = Machine.machines.add(1, ordering: .relaxed).newValue
+    private static let machines = Atomic<Int>(0)
+
+    struct Events {
+        var ending: RunEnding?
+        var halt: HaltStop?
+        /// vCPU threads still in their loop.
+        var running = 0
+        /// vCPUs that ended with the guest's own hlt.
+        var halted = 0
+    }
+
+    /// The serial port on COM1: `receive` feeds it input (`--serial stdio`).
+    public var uart: UART16550 { devices.uart }
+
+    /// Ports and MMIO addresses the guest touched where no device answers, each with its
+    /// first access.
+    public var unknownAccesses: [UnknownAccesses.Access] { devices.unknown.all }
+
+    /// Boots `image` in a new VM. Errors name the offending file or value.
+    public init(image: ELFImage, configuration: MachineConfiguration = .init(), host: KVMHost? = nil) throws(MachineError) {
+        let kvmHost: KVMHost
+        if let host { kvmHost = host } else {
+            do throws(KVMError) { kvmHost = try KVMHost() } catch { throw .kvm(error) }
+        }
+        let host = kvmHost
+        let n = configuration.vcpuCount
+        let maximum: Int
+        do throws(KVMError) { maximum = try host.maxVCPUs() } catch { throw .kvm(error) }
+        guard n >= 1, n <= maximum else { throw MachineError.vcpuCount(n, maximum: maximum) }
+        let boot = try PayloadBoot(image: image, memorySize: configuration.memorySize, vcpuCount: n)
+        let platform = configuration.platform.resolve(needed: boot.platform)
+        let support = EngineSelfTest.support(host: host).restricted(to: platform)
+        if case let .engine(e) = configuration.engine, case let .unavailable(why) = support.status(e) {
+            throw MachineError.engineUnavailable(e, reason: why, working: BreakpointEngine.allCases.filter { support.works($0) }.map(\.rawValue))
+        }
+        let vm: VirtualMachine, memory: GuestMemory
+        var vcpus: [VCPU] = []
+        do throws(KVMError) {
+            blocksInterruptsWhileStepping = try host.blocksInterruptsWhileStepping()
+            vm = try host.makeVirtualMachine()
+            try PlatformSetup.configure(vm, for: platform)
+            memory = try GuestMemory(size: configuration.memorySize)
+            try boot.load(into: memory, platform: platform)
+            try vm.map(memory)
+            // VMX/SVM hosts refuse long mode unless the guest's CPUID says it has it.
+            let cpuid = try host.supportedCPUID().entries
+            for i in 0..<n {
+                let v = try vm.makeVCPU(id: i)
+                try PlatformSetup.configure(v, index: i, count: n, hostCPUID: cpuid, platform: platform)
+                try boot.setInitialState(of: v, index: i)
+                vcpus.append(v)
+            }
+        } catch {
+            throw .kvm(error)
+        }
+        let sink = consoleSink
+        let console = Console(vcpuCount: n) { line in sink.withLock { $0 }?(line) }
+        let devices = try PlatformDevices(platform: platform, console: console, serial: configuration.serial,
+                                          memorySize: configuration.memorySize, vm: vm)
+        self.image = image
+        self.configuration = configuration
+        self.layout = boot.layout
+        self.platform = platform
+        self.symbolizer = Symbolizer(image: image)
+        self.vm = vm
+        self.memory = memory
+        self.vcpus = vcpus
+        self.engineSupport = support
+        self.console = console
+        self.devices = devices
+        exits = ExitHandler(platform: platform, ports: devices.ports, mmio: devices.mmio, unknown: devices.unknown,
+                            interruptLines: devices.interruptLines)
+        snapshots = vcpus.map { VCPUSnapshot(vcpu: $0, memory: memory) }
+        ripChecks = Locked(Array(repeating: false, count: n))
+        let kickable = vcpus
+        rendezvous = Rendezvous(vcpus: n) { kickable[$0].kick() }
+    }
+
+    /// Loads the ELF file at `path` and builds a machine for it.
+    public convenience init(path: String, configuration: MachineConfiguration = .init(), host: KVMHost? = nil) throws(MachineError) {
+        let image: ELFImage
+        do { image = try ELFImage(path: path) } catch { throw MachineError.image(error) }
+        try self.init(image: image, configuration: configuration, host: host)
+    }
+
+    /// Reads guest-virtual memory through the boot page tables.
+    public func read(virtual address: UInt64, count: Int) throws(KVMError) -> [UInt8] {
+        try memory.read(virtual: address, count: count, cr3: layout.cr3)
+    }
+
+    /// Guest-virtual memory as the guest's code is without probes: the original bytes where
+    /// the patching engines put a trap byte.
+    public func readCode(virtual address: UInt64, count: Int) throws(KVMError) -> [UInt8] {
+        // Under the lock arming holds while it patches, so bytes and patch table agree.
+        try published.withLock { (t: inout BreakpointTable) throws(KVMError) -> [UInt8] in
+            var bytes = try memory.read(virtual: address, count: count, cr3: layout.cr3)
+            for k in bytes.indices {
+                if let original = t.value.patches.original(at: address &+ UInt64(k)) { bytes[k] = original }
+            }
+            return bytes
+        }
+    }
+
+    /// The breakpoint table as the vCPU threads see it (they, and a controller holding
+    /// the rendezvous, may read it this way).
+    var current: Breakpoints { table.current.value }
+
+    /// Replaces the breakpoint table (`updateTable` holds `published` and passes its value):
+    /// only while every vCPU is parked.
+    func publish(_ b: Breakpoints, into p: inout BreakpointTable) {
+        let t = BreakpointTable(b)
+        table.replace(t)
+        p = t
+    }
+
+    /// How the patching engines stepped over probed instructions so far: out of line (the
+    /// other vCPUs ran on) or in place (the other vCPUs were held for the step).
+    public var stepOvers: (outOfLine: UInt64, inPlace: UInt64) {
+        (outOfLineSteps.load(ordering: .relaxed), inPlaceSteps.load(ordering: .relaxed))
+    }
+
+    /// The engine armed probes use and why it was chosen (nil while none is armed).
+    public var engine: (engine: BreakpointEngine, reason: String)? {
+        published.withLock { t in t.value.engine.map { ($0, t.value.engineReason) } }
+    }
+
+    // MARK: Running
+
+    /// Runs every vCPU from the entry until the guest ends, faults, halts at a probe,
+    /// `timeout` passes or `stop()` is called. `console` gets each whole line as it
+    /// completes (debug port and serial), on the writing vCPU's thread. A machine runs once; after a `.halted`
+    /// ending, `resume` goes on.
+    /// The vCPU threads are joined before a final ending is returned (not after `.halted`:
+    /// they wait parked for `resume` or `stop`). Kicks use `VCPU.kickSignal`, a real-time
+    /// signal no handler of the program's owns (see `VCPU.installKickHandler`).
+    public func run(timeout: Duration? = nil,
+                    console sink: @escaping @Sendable (ConsoleLine) -> Void = { _ in }) throws(MachineError) -> RunResult {
+        guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw MachineError.alreadyRan }
+        do throws(KVMError) { try VCPU.installKickHandler() } catch { throw .kvm(error) }
+        consoleSink.withLock { $0 = sink }
+        let now = clock.now
+        startTime.withLock { $0 = now }
+        if let timeout { limit.withLock { $0 = (now + timeout, timeout) } }
+        events.withLock { $0.running = vcpus.count }
+        for vcpu in vcpus {
+            do throws(ThreadError) {
+                let thread = try JoinableThread { [self] in
+                    Thread.current.name = "vcpu\(vcpu.id)-m\(serial)"
+                    vcpu.bindToCurrentThread()
+                    runLoop(vcpu)
+                    events.withLock { $0.running -= 1 }
+                }
+                threads.withLock { $0.append(thread) }
+            } catch {
+                // The threads started so far see the stop; the others never ran.
+                events.withLock { $0.running -= vcpus.count - vcpu.id }
+                finish(.stopped)
+                events.wait(until: { $0.running == 0 })
+                joinThreads()
+                throw .thread(error.description)
+            }
+        }
+        return waitForEnding()
+    }
+
+    /// Goes on after a `.halted` ending: releases every vCPU and waits for the next ending.
+    /// `timeout` replaces the run's time limit, counted from now; without it the limit
+    /// `run` was given still holds (time spent halted counts).
+    public func resume(timeout: Duration? = nil) throws(MachineError) -> RunResult {
+        let halted = events.withLock { e -> Bool in
+            guard e.halt != nil, rendezvous.isHeldByController else { return false }
+            e.halt = nil
+            return true
+        }
+        guard halted else { throw MachineError.notRunning }
+        if let timeout { limit.withLock { $0 = (clock.now + timeout, timeout) } }
+        rendezvous.release()
+        return waitForEnding()
+    }
+
+    private func waitForEnding() -> RunResult {
+        let limit = self.limit.withLock { $0 }
+        let timedOut = !events.wait(until: { $0.running == 0 || $0.halt != nil },
+                                    timeout: limit.map { $0.deadline - clock.now })
+        let stop = events.withLock { $0.halt }
+        if timedOut {
+            finish(.timedOut(limit?.timeout ?? .zero))
+            events.wait(until: { $0.running == 0 })
+        }
+        let elapsed = clock.now - (startTime.withLock { $0 } ?? clock.now)
+        if let stop, !timedOut {
+            return RunResult(ending: .halted(stop), console: console.allLines, elapsed: elapsed)
+        }
+        joinThreads()
+        console.flush()
+        let ending = events.withLock { $0.ending } ?? .stopped
+        return RunResult(ending: ending, console: console.allLines, elapsed: elapsed)
+    }
+
+    /// Waits for every runner thread to end (each has left its loop or is about to).
+    private func joinThreads() {
+        let all = threads.withLock { t in
+            defer { t.removeAll() }
+            return t
+        }
+        for t in all { t.join() }
+    }
+
+    /// Ends a run from any thread: every vCPU leaves `KVM_RUN` and the run returns `.stopped`.
+    public func stop() { finish(.stopped) }
+
+    /// Records the first ending and gets every vCPU out of the guest.
+    func finish(_ ending: RunEnding) {
+        events.withLock { e in
+            if e.ending == nil { e.ending = ending }
+        }
+        stopRequested.store(true, ordering: .releasing)
+        for v in vcpus { v.kick() }
+        // A machine stopped at a halt has every vCPU parked: let them see the stop.
+        if rendezvous.isHeldByController { rendezvous.release() }
+    }
+
+    /// A host call failed on `vcpu`'s thread: the run ends, naming the call and what it was for.
+    func hostFailure(_ vcpu: VCPU, _ error: KVMError, while doing: String) {
+        finish(vcpu, .host(error, while: doing))
+    }
+
+    /// Ends the run with a fault of `vcpu` (the registers, when readable, go into the dump).
+    func finish(_ vcpu: VCPU, _ cause: GuestFault.Cause) {
+        let regs: Registers?
+        do { regs = try vcpu.registers() } catch { regs = nil }
+        let rip = regs?.rip ?? 0
+        finish(.fault(GuestFault(vcpu: vcpu.id, cause: cause, rip: rip, location: symbolizer.describe(rip), registers: regs)))
+    }
+
+    func vcpuHalted() {
+        let all = events.withLock { e -> Bool in
+            e.halted += 1
+            return e.halted == vcpus.count
+        }
+        if all { finish(.exited(status: 0)) }
+    }
+}

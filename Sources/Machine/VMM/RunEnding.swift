@@ -1,0 +1,81 @@
+import Devices
+import FlowTrace
+
+/// How to build a machine.
+public struct MachineConfiguration: Sendable, Equatable {
+    /// Number of vCPUs (each runs on its own OS thread).
+    public var vcpuCount: Int
+    /// Guest RAM in bytes (a multiple of 2 MiB).
+    public var memorySize: UInt64
+    /// The breakpoint engine probes use.
+    public var engine: EngineRequest
+    /// The platform around the guest (auto: what the image's boot protocol needs).
+    public var platform: PlatformRequest
+    /// Where the serial port's (COM1) output goes.
+    public var serial: SerialDestination
+
+    public static let defaultMemorySize: UInt64 = 64 << 20
+
+    public init(vcpuCount: Int = 1, memorySize: UInt64 = MachineConfiguration.defaultMemorySize, engine: EngineRequest = .auto,
+                platform: PlatformRequest = .auto, serial: SerialDestination = .console) {
+        self.vcpuCount = vcpuCount
+        self.memorySize = memorySize
+        self.engine = engine
+        self.platform = platform
+        self.serial = serial
+    }
+}
+
+/// Where a machine stopped for a halt entry.
+public struct HaltStop: Sendable, Equatable {
+    public var vcpu: Int
+    /// The probe location's address.
+    public var address: UInt64
+    public var timing: ProbeTiming
+    /// `rip` when stopped: `address` before execution, the next instruction after.
+    public var rip: UInt64
+    /// `rip` as `symbol+0xoff`.
+    public var location: String
+
+    public init(vcpu: Int, address: UInt64, timing: ProbeTiming, rip: UInt64, location: String) {
+        self.vcpu = vcpu; self.address = address; self.timing = timing; self.rip = rip; self.location = location
+    }
+}
+
+/// How a run ended.
+public enum RunEnding: Sendable, Equatable, CustomStringConvertible {
+    /// The guest wrote `status` to port 0xF4, or (payload platform) every vCPU halted
+    /// (status 0).
+    case exited(status: UInt32)
+    /// The guest reset the machine: `why` is "i8042" (command 0xFE on port 0x64) or
+    /// "triple fault" (`KVM_EXIT_SHUTDOWN` on the pc platform). How kernels reboot.
+    case reset(String)
+    /// A vCPU stopped on something the guest did not ask for.
+    case fault(GuestFault)
+    /// The run went past its time limit and every vCPU was stopped.
+    case timedOut(Duration)
+    /// `Machine.stop()` ended the run (e.g. on SIGINT).
+    case stopped
+    /// A probe's halt entry stopped every vCPU; inspect, then `Machine.resume()`.
+    case halted(HaltStop)
+
+    public var description: String {
+        switch self {
+        case let .exited(s): "guest exited with status \(s)"
+        case let .reset(why): "guest reset (\(why))"
+        case let .fault(f): f.description
+        case let .timedOut(d): "timed out after \(d.formatted(.units(allowed: [.seconds, .milliseconds])))"
+        case .stopped: "stopped"
+        case let .halted(h): "halted on vCPU \(h.vcpu) at \(h.location) (\(h.timing) execution)"
+        }
+    }
+}
+
+/// The outcome of `Machine.run`.
+public struct RunResult: Sendable {
+    public var ending: RunEnding
+    /// Every console line so far (debug port and serial), in the order they completed.
+    public var console: [ConsoleLine]
+    /// Wall time from starting the first vCPU until this result.
+    public var elapsed: Duration
+}

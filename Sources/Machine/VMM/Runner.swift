@@ -1,0 +1,147 @@
+import FlowTrace
+import KVM
+
+// The runner: one thread per vCPU entering the guest, handing each exit to the exit
+// handler and performing the outcome.
+extension Machine {
+    func runLoop(_ vcpu: VCPU) {
+        let id = vcpu.id
+        rendezvous.gate(id, starting: true)
+        defer { rendezvous.finished(id) }
+        var stepping: Stepping?
+        var previousRip: UInt64?   // step engine: the instruction just executed
+        var reinjected = false
+        defer {
+            if case let .over(address, held)? = stepping { endStepOver(vcpu, address: address, held: held) }
+            if case .outOfLine? = stepping { _ = abandonOutOfLine(vcpu, stepping) }
+        }
+        while !stopRequested.load(ordering: .acquiring) {
+            if stepping == nil, hasPendingDisarms.load(ordering: .acquiring) { processPendingDisarms(from: vcpu) }
+            if rendezvous.gate(id), case .outOfLine? = stepping {
+                // Whoever held the rendezvous may have set every vCPU's debug state (arming,
+                // disarming): this one is in the middle of stepping a copy, which must still
+                // end after one instruction, or it would run on past the copy.
+                do { try vcpu.setGuestDebug(stepDebug(current, id)) } catch {
+                    hostFailure(vcpu, error, while: "re-arming the single step of an out-of-line step-over")
+                    return
+                }
+            }
+            if stopRequested.load(ordering: .acquiring) { break }
+            if stepping == nil, ripChecks.withLock({ c in defer { c[id] = false }; return c[id] }) {
+                // The step engine was just armed: the instruction at rip runs next.
+                previousRip = nil
+                if let regs = registers(vcpu), case .halt = probeHits(vcpu, at: nil, .before, regs: regs) {
+                    haltHere(vcpu, address: regs.rip, .before, rip: regs.rip)
+                }
+            }
+            let exit: VMExit
+            do { exit = try vcpu.run() } catch {
+                stepping = abandonOutOfLine(vcpu, stepping)
+                hostFailure(vcpu, error, while: "running the guest")
+                return
+            }
+            if reinjected {
+                reinjected = false
+                applyBaseDebug(vcpu)
+            }
+            switch exits.handle(exit, vcpu: vcpu, table: current, stepping: stepping) {
+            case .resume:
+                continue
+            case let .end(ending):
+                stepping = abandonOutOfLine(vcpu, stepping)
+                finish(ending)
+                return
+            case .vcpuHalted:
+                // The guest's own hlt ends this vCPU (after finishing a step-over of it).
+                if case let .over(a, held)? = stepping {
+                    stepping = nil
+                    endStepOver(vcpu, address: a, held: held)
+                }
+                vcpuHalted()
+                return
+            case let .fault(cause):
+                stepping = abandonOutOfLine(vcpu, stepping)
+                finish(vcpu, cause)
+                return
+            case let .hostFailure(error, doing):
+                stepping = abandonOutOfLine(vcpu, stepping)
+                hostFailure(vcpu, error, while: doing)
+                return
+            case let .trapHit(address, regs):
+                // Our trap: back to the probed instruction, hit, then step over it.
+                var r = regs
+                r.rip = address
+                guard setRegisters(vcpu, r) else { return }
+                if case .halt = probeHits(vcpu, at: address, .before, regs: r) { haltHere(vcpu, address: address, .before, rip: address) }
+                stepping = beginStepOver(vcpu, address: address)
+            case let .hardwareHit(address, regs):
+                if case .halt = probeHits(vcpu, at: address, .before, regs: regs) { haltHere(vcpu, address: address, .before, rip: address) }
+                stepping = beginStepOver(vcpu, address: address)
+            case .stepAgain:
+                continue
+            case let .outOfLineDone(address, slot, displaced, regs):
+                stepping = nil
+                var r = regs
+                r.rip = displaced.relocated(rip: regs.rip, slot: slot)
+                if let (pushed, real) = displaced.returnAddresses(slot: slot) {
+                    guard fixReturnAddress(vcpu, rsp: r.rsp, from: pushed, to: real) else { return }
+                }
+                guard setRegisters(vcpu, r) else { return }
+                let action = probeHits(vcpu, at: address, .after, regs: r)
+                applyBaseDebug(vcpu)
+                if case .halt = action { haltHere(vcpu, address: address, .after, rip: r.rip) }
+            case let .stepOverDone(address, held, regs):
+                // The single step over a probed instruction is done: after-exec hits.
+                stepping = nil
+                let action = probeHits(vcpu, at: address, .after, regs: regs)
+                let halted = executedHalt(vcpu, at: address, rip: regs.rip)
+                guard endStepOver(vcpu, address: address, held: held), let halted else { return }
+                if case .halt = action { haltHere(vcpu, address: address, .after, rip: regs.rip) }
+                if halted, platform == .payload { vcpuHalted(); return }
+            case let .stepEngine(regs):
+                // rip is the next instruction; previousRip the one just executed (if it
+                // retired: a restarted instruction leaves rip in place).
+                if regs.rip == previousRip { continue }
+                if let p = previousRip, case .halt = probeHits(vcpu, at: p, .after, regs: regs) { haltHere(vcpu, address: p, .after, rip: regs.rip) }
+                if let p = previousRip, platform == .payload {
+                    guard let halted = executedHalt(vcpu, at: p, rip: regs.rip) else { return }
+                    if halted { vcpuHalted(); return }
+                }
+                if case .halt = probeHits(vcpu, at: regs.rip, .before, regs: regs) { haltHere(vcpu, address: regs.rip, .before, rip: regs.rip) }
+                previousRip = regs.rip
+            case .reinjectBreakpoint:
+                // Not ours: deliver it to the guest as if we were not there.
+                var d = current.baseDebug(for: id)
+                d.injectBreakpoint = true
+                do { try vcpu.setGuestDebug(d) } catch {
+                    finish(vcpu, .exitFailed(exit, error, while: "re-injecting the guest's own #BP"))
+                    return
+                }
+                reinjected = true
+            case .reinjectDebug:
+                var d = current.baseDebug(for: id)
+                d.injectDebug = true
+                do { try vcpu.setGuestDebug(d) } catch {
+                    finish(vcpu, .exitFailed(exit, error, while: "re-injecting the guest's own #DB"))
+                    return
+                }
+                reinjected = true
+            }
+        }
+    }
+
+    func registers(_ vcpu: VCPU) -> Registers? {
+        do { return try vcpu.registers() } catch {
+            hostFailure(vcpu, error, while: "reading the registers at an exit")
+            return nil
+        }
+    }
+
+    /// false: it failed and the run ends.
+    func setRegisters(_ vcpu: VCPU, _ regs: Registers) -> Bool {
+        do { try vcpu.setRegisters(regs); return true } catch {
+            hostFailure(vcpu, error, while: "setting the registers at a probe hit")
+            return false
+        }
+    }
+}
