@@ -34,6 +34,7 @@ public final class CPUIDTable: @unchecked Sendable {
 
     deinit { buffer.deallocate() }
 
+    // SAFETY: hands the header (with its entries after it) to one ioctl call.
     func withUnsafeMutableHeader<R>(_ body: (UnsafeMutablePointer<kvm_cpuid2>) -> R) -> R {
         body(buffer.assumingMemoryBound(to: kvm_cpuid2.self))
     }
