@@ -63,6 +63,9 @@ public final class UART16550: PortDevice {
         var msrDeltas: UInt8 = 0
         var line = false
         var transmitted: UInt64 = 0
+        /// The guest's driver is set up to receive (see `receive`).
+        var receiving = false
+        var lcrWritten = false
 
         var loopback: Bool { mcr & MCR.loop != 0 }
         var capacity: Int { fifos ? UART16550.fifoSize : 1 }
@@ -130,6 +133,7 @@ public final class UART16550: PortDevice {
             switch offset {
             case Register.rbrTHR:
                 if dlab { return UInt8(truncatingIfNeeded: s.divisor) }
+                s.receiving = true
                 return s.rx.isEmpty ? 0 : s.rx.removeFirst()
             case Register.ier:
                 return dlab ? UInt8(truncatingIfNeeded: s.divisor >> 8) : s.ier
@@ -141,6 +145,7 @@ public final class UART16550: PortDevice {
             case Register.lcr: return s.lcr
             case Register.mcr: return s.mcr
             case Register.lsr:
+                if s.lcrWritten { s.receiving = true }
                 var v = LSR.thrEmpty | LSR.transmitterEmpty
                 if !s.rx.isEmpty { v |= LSR.dataReady }
                 if s.overrun { v |= LSR.overrun; s.overrun = false }
@@ -174,6 +179,7 @@ public final class UART16550: PortDevice {
                 if dlab { s.divisor = s.divisor & 0x00FF | UInt16(v) << 8; return nil }
                 let before = s.ier
                 s.ier = v & 0x0F
+                if s.ier & IER.rda != 0 { s.receiving = true }
                 // Enabling the THR-empty interrupt with the holding register empty raises it.
                 if before & IER.thre == 0, s.ier & IER.thre != 0 { s.thrEmptyPending = true }
             case Register.iirFCR:
@@ -182,7 +188,7 @@ public final class UART16550: PortDevice {
                 s.fifos = enable
                 if v & 0x02 != 0 { s.rx.removeAll() }
                 s.trigger = enable ? [1, 4, 8, 14][Int(v >> 6)] : 1
-            case Register.lcr: s.lcr = v
+            case Register.lcr: s.lcr = v; s.lcrWritten = true
             case Register.mcr: s.setMCR(v)
             case Register.lsr, Register.msr: break   // read-only (factory test modes not modelled)
             default: s.scr = v
@@ -200,10 +206,14 @@ public final class UART16550: PortDevice {
     }
 
     /// Offers `bytes` to the receiver; returns how many the FIFO took (it never overruns
-    /// for input from here: the rest waits for room, see `waitForRoom`).
+    /// for input from here: the rest waits for room, see `waitForRoom`). Nothing is taken
+    /// before the guest's driver is set up to receive: it enabled received-data interrupts,
+    /// read the receive register, or programmed the line and then polls its status. Bytes
+    /// arriving earlier would be lost when the driver clears the FIFO, as it does at start.
     @discardableResult
     public func receive(_ bytes: some Collection<UInt8>) -> Int {
         update { s in
+            guard s.receiving else { return 0 }
             var n = 0
             for b in bytes {
                 guard s.rx.count < s.capacity else { break }
@@ -214,12 +224,12 @@ public final class UART16550: PortDevice {
         }
     }
 
-    /// Waits until the receive FIFO has room or `give up` says so (checked whenever the
+    /// Waits until the receiver takes bytes (set up, with room in the FIFO) or `giveUp` says so (checked whenever the
     /// FIFO changes and on `wake()`); true when there is room.
     public func waitForRoom(orUntil giveUp: @escaping () -> Bool) -> Bool {
         var room = false
         _ = state.wait(until: { s in
-            room = s.rx.count < s.capacity
+            room = s.receiving && s.rx.count < s.capacity
             return room || giveUp()
         })
         return room

@@ -129,6 +129,7 @@ struct Port {
     /// at it received data; RBR returns them in order; the FIFO holds 16.
     @Test func receiveThroughTheFIFO() {
         let p = makePort()
+        #expect(p.uart.receive(Array("early".utf8)) == 0)   // no driver set up to receive yet
         p.outb(2, 0x81)      // FIFOs on, trigger 8
         p.outb(4, 0x08)
         p.outb(1, 0x01)      // received-data interrupts
@@ -178,6 +179,8 @@ struct Port {
     @Test func waitForRoomReleasedByARead() async {
         let p = makePort()
         p.outb(2, 0x01)
+        p.outb(3, 0x03)
+        _ = p.inb(5)          // a polled driver: line programmed, status read
         #expect(p.uart.receive([UInt8](repeating: 1, count: 16)) == 16)
         let uart = p.uart
         async let released = Task.detached { uart.waitForRoom(orUntil: { false }) }.value

@@ -55,7 +55,8 @@ public struct ProcessOutput: Sendable {
 }
 
 /// Runs `executable` with `arguments` to completion and captures its output.
-public func run(_ executable: String, _ arguments: [String], environment: [String: String]? = nil) throws -> ProcessOutput {
+/// `input`: bytes for its standard input (else /dev/null).
+public func run(_ executable: String, _ arguments: [String], environment: [String: String]? = nil, input: Data? = nil) throws -> ProcessOutput {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = arguments
@@ -63,8 +64,13 @@ public func run(_ executable: String, _ arguments: [String], environment: [Strin
     let out = Pipe(), err = Pipe()
     p.standardOutput = out
     p.standardError = err
-    p.standardInput = FileHandle.nullDevice
+    let inPipe = Pipe()
+    p.standardInput = input == nil ? FileHandle.nullDevice : inPipe
     try p.run()
+    if let input {
+        inPipe.fileHandleForWriting.write(input)
+        try inPipe.fileHandleForWriting.close()
+    }
     // Read both pipes before waiting so a chatty child cannot block on a full pipe.
     let errData = Locked<Data>(Data())
     let errDone = DispatchSemaphore(value: 0)

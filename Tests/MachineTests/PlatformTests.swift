@@ -1,0 +1,159 @@
+import ELF
+import FlowTrace
+import Foundation
+import KVM
+import Machine
+import Testing
+import TestSupport
+
+/// The engines that can work on the pc platform here (the host's, less hlt).
+let pcEngines: [BreakpointEngine] = workingEngines.filter { Platform.pc.restriction($0) == nil }
+
+func pcMachine(_ guest: String, engine: EngineRequest = .auto, vcpus: Int = 1) throws -> Machine {
+    try Machine(path: Guests.path(guest), configuration: .init(vcpuCount: vcpus, engine: engine, platform: .platform(.pc)))
+}
+
+@Suite("the pc platform: interrupts, timers, serial port, resets", .serialized, .enabled(if: kvmUsable, kvmSkipReason), .timeLimit(.minutes(3)))
+struct PlatformTests {
+    /// The guest's own count (its console line) is the ground truth: 20 ticks, sum 1..20.
+    @Test func picAndPITTimerTicks() throws {
+        let m = try pcMachine("timer")
+        #expect(m.platform == .pc)
+        let r = try m.run(timeout: .seconds(20))
+        #expect(r.ending == .exited(status: 0x54))
+        #expect(r.console == [ConsoleLine(vcpu: 0, text: "timer: 20 ticks, sum 210", source: .serial)])
+    }
+
+    @Test func localAPICTimerThroughItsMMIOPage() throws {
+        let r = try pcMachine("apic-timer").run(timeout: .seconds(20))
+        #expect(r.ending == .exited(status: 0x41))
+        #expect(r.console.map(\.text) == ["apic-timer: 20 ticks, sum 210, spurious 0, apic id 0"])
+    }
+
+    /// A probe inside the interrupt handler sees every tick, in order, on every engine the
+    /// host offers on this platform; the guest still counts 20.
+    @Test("probes in an interrupt handler count exactly", .enabled(if: !pcEngines.isEmpty, "no engine works on the pc platform here"),
+          arguments: pcEngines)
+    func probesInTheTimerHandler(_ engine: BreakpointEngine) throws {
+        for (guest, function) in [("timer", "timer_tick"), ("apic-timer", "apic_tick")] {
+            let m = try pcMachine(guest, engine: .engine(engine))
+            let module = try TraceModule(target: m)
+            let address = try #require(m.symbolizer.address(of: function))
+            try module.addProbe(Probe(function, entries: [reg("rdi")]), at: address)
+            try module.enable()
+            let r = try m.run(timeout: .seconds(60))
+            #expect(r.ending == .exited(status: guest == "timer" ? 0x54 : 0x41))
+            #expect(r.console.first?.text.hasPrefix("\(guest): 20 ticks, sum 210") == true)
+            let ticks = module.report().map { u64($0.values[0]) }
+            #expect(ticks == (1...20).map { UInt64($0) }, "\(guest) under \(engine)")
+        }
+    }
+
+    /// The guest's driver finds a 16550A (Linux's checks) and sends its message a byte per
+    /// THR-empty interrupt; a probe on the handler agrees with the guest's interrupt count.
+    @Test func serialPortProbeAndInterruptDrivenOutput() throws {
+        let m = try pcMachine("serial")
+        let module = try TraceModule(target: m)
+        try module.addProbe(Probe("irq", entries: [reg("rdi")]), at: try #require(m.symbolizer.address(of: "uart_interrupt_hit")))
+        try module.enable()
+        let r = try m.run(timeout: .seconds(20))
+        #expect(r.ending == .exited(status: 0x53))
+        let lines = r.console.map(\.text)
+        #expect(lines.count == 3)
+        #expect(lines.prefix(2) == ["serial: scratch ok, loopback ok, 16550A", "interrupt-driven output on COM1"])
+        let message = "interrupt-driven output on COM1\n"
+        let interrupts = module.report().count
+        #expect(interrupts >= 1)
+        #expect(lines.last == "serial: sent \(message.utf8.count) bytes from \(interrupts) interrupts")
+        #expect(module.report().map { u64($0.values[0]) } == (1...interrupts).map { UInt64($0) })
+        #expect(m.unknownAccesses == [])
+    }
+
+    /// Input through the receiver interrupt: bytes given to the UART arrive in order.
+    @Test func serialInputThroughReceiveInterrupts() throws {
+        let m = try pcMachine("echo")
+        let text = Array("typed on the host\n".utf8)
+        let uart = m.uart
+        // Fed from another thread as --serial stdio does: taken once the driver is ready.
+        let feeder = Thread {
+            var rest = text[...]
+            while !rest.isEmpty {
+                rest = rest.dropFirst(uart.receive(rest))
+                if !rest.isEmpty { _ = uart.waitForRoom(orUntil: { false }) }
+            }
+        }
+        feeder.start()
+        let r = try m.run(timeout: .seconds(20))
+        #expect(r.ending == .exited(status: 0x45))
+        #expect(r.console.map(\.text) == ["echo: ready", "echo: 17 bytes: typed on the host"])
+    }
+
+    @Test func i8042ResetEndsTheRun() throws {
+        for platform in Platform.allCases {
+            let m = try Machine(path: Guests.path("reset"), configuration: .init(platform: .platform(platform)))
+            let r = try m.run(timeout: .seconds(10))
+            #expect(r.ending == .reset("i8042"))
+            #expect(r.ending.description == "guest reset (i8042)")
+            #expect(r.console == [ConsoleLine(vcpu: 0, text: "reset: rebooting through the i8042", source: .serial)])
+        }
+    }
+
+    /// A triple fault resets a PC; on the payload platform it stays a fault (see BootTests).
+    @Test func tripleFaultResetsThePC() throws {
+        let r = try pcMachine("fault").run(timeout: .seconds(10))
+        #expect(r.ending == .reset("triple fault"))
+        #expect(r.console.map(\.text) == ["fault: executing ud2"])
+    }
+
+    /// Reads of absent devices give all ones (the guest prints them) and the machine lists
+    /// each address once with its first access and the count.
+    @Test func unknownPortsAndMMIOAreListed() throws {
+        let m = try pcMachine("unknown")
+        let r = try m.run(timeout: .seconds(10))
+        #expect(r.ending == .exited(status: 0x55))
+        #expect(r.console.map(\.text) == ["unknown: com2 255 255, game port 255, hpet 4294967295"])
+        let u = m.unknownAccesses
+        #expect(u.map(\.address) == [0x201, 0x2F8, 0x2FD, 0xFED0_0000])
+        #expect(u.map(\.space) == [.port, .port, .port, .mmio])
+        #expect(u.map(\.count) == [1, 1, 2, 1])
+        #expect(u.map(\.isWrite) == [false, true, false, false])
+        let main = try #require(m.symbolizer.address(of: "guest_main"))
+        let size = try #require(m.image.symbol(named: "guest_main")).size
+        #expect(u.allSatisfy { $0.rip >= main && $0.rip < main + size && $0.vcpu == 0 })
+    }
+
+    /// COM1 output without any set-up prints on both platforms.
+    @Test func polledCOM1OutputOnBothPlatforms() throws {
+        for platform in Platform.allCases {
+            let m = try Machine(path: Guests.path("com1"), configuration: .init(platform: .platform(platform)))
+            let r = try m.run(timeout: .seconds(10))
+            #expect(r.ending == .exited(status: 0))
+            #expect(r.console == [ConsoleLine(vcpu: 0, text: "hello on COM1", source: .serial),
+                                  ConsoleLine(vcpu: 0, text: "second line", source: .serial)])
+        }
+    }
+
+    @Test func serialOutputToASink() throws {
+        let bytes = LockedBox<[UInt8]>([])
+        let sink = SerialSink { b in bytes.modify { $0.append(b) } }
+        let m = try Machine(path: Guests.path("com1"), configuration: .init(serial: .sink(sink)))
+        let r = try m.run(timeout: .seconds(10))
+        #expect(r.ending == .exited(status: 0))
+        #expect(r.console == [])
+        #expect(String(decoding: bytes.get(), as: UTF8.self) == "hello on COM1\r\nsecond line\r\n")
+    }
+
+    /// hlt never exits with the in-kernel irqchip: the engine is refused there, by name,
+    /// and auto never picks it.
+    @Test func hltEngineIsUnavailableOnThePC() throws {
+        let e = #expect(throws: MachineError.self) { try pcMachine("fib", engine: .engine(.hlt)) }
+        #expect(e?.description.hasPrefix("--engine hlt: does not work on the pc platform: KVM's in-kernel irqchip handles hlt itself") == true)
+        let m = try pcMachine("fib")
+        #expect(m.engineSupport.status(.hlt) == .unavailable(Platform.pc.restriction(.hlt)!))
+        if let (e, _) = try? EngineRequest.auto.resolve(locations: 1, support: m.engineSupport) { #expect(e != .hlt) }
+        // The payload platform keeps whatever the host gives it.
+        let p = try Machine(path: Guests.path("fib"))
+        #expect(p.platform == .payload)
+        #expect(p.engineSupport == hostSupport)
+    }
+}

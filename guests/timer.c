@@ -1,0 +1,39 @@
+/* The PC timer: installs its own IDT, programs the PIC and the PIT at 1 kHz, and idles in
+ * hlt with interrupts on while its handler counts TICKS ticks; then prints the count on COM1
+ * and exits through port 0xF4 with status 0x54 ('T'). timer_tick(n) runs once per tick with
+ * the tick number: probes on it see 1, 2, ..., TICKS. Needs --platform pc. */
+#include "pc.h"
+
+#define TICKS 20
+
+volatile u64 ticks;
+volatile u64 tick_sum;
+
+__attribute__((noinline)) void timer_tick(u64 n) {
+    tick_sum += n;
+    __asm__ volatile("" ::: "memory");
+}
+
+__attribute__((used)) void timer_interrupt(void) {
+    ticks++;
+    timer_tick(ticks);
+    pic_eoi(0);
+}
+
+INTERRUPT_ENTRY(timer_entry, timer_interrupt);
+
+int guest_main(int cpu, int ncpus) {
+    (void)ncpus;
+    if (cpu != 0) return 0;
+    idt_set(0x20, timer_entry);
+    idt_load();
+    pic_init(1 << 0);
+    pit_start(1000);
+    while (ticks < TICKS) __asm__ volatile("sti; hlt; cli");
+    serial_puts("timer: ");
+    serial_u64(ticks);
+    serial_puts(" ticks, sum ");
+    serial_u64(tick_sum);
+    serial_puts("\n");
+    return 0x54;
+}
