@@ -10,7 +10,9 @@ struct DoctorCommand: ParsableCommand {
         abstract: "Check this host's KVM: API version, capabilities, and which breakpoint engines work.",
         discussion: """
         Runs the engine self-test (a four-instruction guest per engine) and shows what each \
-        engine did, and which engine 'auto' picks for 1, 4 and 5 probe locations. \
+        engine did, which engines each platform (payload, pc) can use, whether the pc platform's \
+        in-kernel irqchip and PIT and interrupt-free single steps (BLOCKIRQ) are there, and \
+        which engine 'auto' picks for 1, 4 and 5 probe locations on each platform. \
         Exit status 0 when at least one engine works, 69 when KVM is unavailable or none does.
         """
     )
@@ -35,6 +37,9 @@ struct DoctorCommand: ParsableCommand {
             (.debugRegs, "reading dr0-dr7 in probes"),
             (.vcpuEvents, "re-injecting a guest's own #BP"),
             (.x86RobustSinglestep, "single-step over instructions that exit"),
+            (.irqchip, "the pc platform's in-kernel PIC, IOAPIC and LAPIC"),
+            (.pit2, "the pc platform's in-kernel PIT"),
+            (.tscDeadlineTimer, "LAPIC TSC-deadline timer mode"),
             (.nrVCPUs, "recommended vCPUs"),
             (.maxVCPUs, "maximum vCPUs"),
         ]
@@ -62,14 +67,36 @@ struct DoctorCommand: ParsableCommand {
         }
         printOut(table(rows))
 
+        printOut("platforms:")
+        let blockIRQ: String
+        do { blockIRQ = try host.blocksInterruptsWhileStepping() ? "yes" : "no (KVM_GUESTDBG_BLOCKIRQ not offered)" } catch {
+            blockIRQ = "unknown (\(error.description))"
+        }
+        let irqchip = (try? host.capability(.irqchip)) ?? 0, pit = (try? host.capability(.pit2)) ?? 0
+        rows = [["PLATFORM", "ENGINES", "NOTES"]]
+        for p in Platform.allCases {
+            let s = support.restricted(to: p)
+            let engines = BreakpointEngine.allCases.filter(s.works).map(\.rawValue)
+            let note = switch p {
+            case .payload: "no interrupt controller; hlt ends a vCPU"
+            case .pc: "irqchip \(irqchip == 0 ? "missing" : "yes"), PIT \(pit == 0 ? "missing" : "yes"), step-overs block interrupts: \(blockIRQ)"
+                + (s.works(.hlt) ? "" : "; no hlt engine (KVM handles hlt itself)")
+            }
+            rows.append([p.rawValue, engines.isEmpty ? "none" : engines.joined(separator: ", "), note])
+        }
+        printOut(table(rows))
+
         printOut("auto chooses:")
         rows = []
-        for n in [1, 4, 5] {
-            do {
-                let (e, why) = try EngineRequest.auto.resolve(locations: n, support: support)
-                rows.append(["\(n) location\(n == 1 ? "" : "s")", e.rawValue, why])
-            } catch {
-                rows.append(["\(n) location\(n == 1 ? "" : "s")", "none", error.description])
+        for p in Platform.allCases {
+            for n in [1, 4, 5] {
+                let label = "\(p.rawValue), \(n) location\(n == 1 ? "" : "s")"
+                do {
+                    let (e, why) = try EngineRequest.auto.resolve(locations: n, support: support.restricted(to: p))
+                    rows.append([label, e.rawValue, why])
+                } catch {
+                    rows.append([label, "none", error.description])
+                }
             }
         }
         printOut(table(rows))
