@@ -7,6 +7,7 @@ let package = Package(
     products: [
         .executable(name: "flowtrace", targets: ["flowtrace"]),
         .library(name: "FlowTrace", targets: ["FlowTrace"]),
+        .library(name: "FlowTraceGraphs", targets: ["FlowTraceGraphs"]),
         .library(name: "Machine", targets: ["Machine"]),
     ],
     dependencies: [
@@ -36,7 +37,10 @@ let package = Package(
         .target(name: "ELF", dependencies: ["CLibElf", "NameSuggestions"]),
         // x86-64 decoding and control-flow graphs of guest code.
         .target(name: "FlowGraph", dependencies: ["CZydis", "ELF", "NameSuggestions"]),
-        .target(name: "FlowTrace", dependencies: ["Locking", "NameSuggestions", "FlowGraph"]),
+        // Probes, trace modules, records, reports, filters: pure Swift over TraceTarget.
+        .target(name: "FlowTrace", dependencies: ["Locking", "NameSuggestions"]),
+        // The bridge from control-flow graphs to probes (TraceModule.addFlowGraph).
+        .target(name: "FlowTraceGraphs", dependencies: ["FlowTrace", "FlowGraph"]),
         // A TraceTarget without a machine: for tests and the core benchmark.
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
         .target(name: "Machine", dependencies: ["KVM", "Devices", "ELF", "FlowTrace", "FlowGraph", "Locking"]),
@@ -45,7 +49,7 @@ let package = Package(
         .executableTarget(
             name: "flowtrace",
             dependencies: [
-                "Machine", "Devices", "ELF", "KVM", "FlowTrace", "FlowGraph", "Locking", "TraceSpec", "Sys",
+                "Machine", "Devices", "ELF", "KVM", "FlowTrace", "FlowTraceGraphs", "FlowGraph", "Locking", "TraceSpec", "Sys",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -57,8 +61,8 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Locking"]),
         .testTarget(name: "FlowGraphTests", dependencies: ["FlowGraph", "ELF", "TestSupport"]),
-        .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "FlowGraph", "TestSupport"]),
-        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "Locking", "TestSupport"]),
+        .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "FlowGraph", "FlowTraceGraphs", "TestSupport"]),
+        .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "FlowTraceGraphs", "Locking", "TestSupport"]),
         // Depends on the executable so `swift test` always runs the current flowtrace binary.
         .testTarget(name: "CLITests", dependencies: ["KVM", "Machine", "FlowGraph", "ELF", "TestSupport", "flowtrace"]),
         .testTarget(name: "TraceSpecTests", dependencies: ["TraceSpec", "FlowTrace", "FlowTraceSimulation", "ELF", "TestSupport", "Sys"]),

@@ -1,6 +1,7 @@
 import ArgumentParser
 import ELF
 import FlowTrace
+import FlowTraceGraphs
 import Foundation
 import KVM
 import FlowGraph

@@ -1,5 +1,6 @@
 import FlowGraph
 import FlowTrace
+import FlowTraceGraphs
 import FlowTraceSimulation
 import Testing
 

@@ -1,6 +1,7 @@
 import ELF
 import FlowGraph
 import FlowTrace
+import FlowTraceGraphs
 import KVM
 import Machine
 import Testing

@@ -1,5 +1,6 @@
 import FlowGraph
 import FlowTrace
+import FlowTraceGraphs
 import Foundation
 import KVM
 import Machine
@@ -62,7 +63,7 @@ struct ReadmeExampleTests {
         let readme = try String(contentsOf: Guests.root.appendingPathComponent("README.md"), encoding: .utf8)
         let example = try #require(block(source, from: "// README-FLOW-BEGIN", to: "// README-FLOW-END"))
         let documented = try #require(block(readme, from: "```swift", to: "```", occurrence: 2))
-        #expect(documented == "import FlowGraph\n\n" + example)
+        #expect(documented == "import FlowGraph\nimport FlowTraceGraphs\n\n" + example)
     }
 
     /// The lines strictly between the `occurrence`th `from` line and the next `to`, de-indented.

@@ -1,4 +1,5 @@
 import FlowGraph
+import FlowTrace
 
 extension TraceModule {
     /// Probes a function's control-flow graph, as `FlowGraph.probePlacements` says: `entry`
