@@ -5,11 +5,14 @@
  * mechanism, but does nothing per hit: for `hlt` it patches 0xF4 at ADDRESS and, at each
  * hit, puts the byte back, single-steps the instruction and patches again; for `hw` it
  * arms DR0 at ADDRESS and steps over on each hit; for `int3` it patches 0xCC with
- * KVM_GUESTDBG_USE_SW_BP; `none` runs untraced. It prints one line:
+ * KVM_GUESTDBG_USE_SW_BP; `none` runs untraced; `io` runs untraced and answers the guest's
+ * COM1 port exits the least a UART can (bytes written to 0x3F8 collected and written to
+ * /dev/null a line at a time, 0x3FD reads "transmitter empty"), counting them as hits: the
+ * limit for flowtrace's port-I/O path (part `io`, guest uart-burst.elf). It prints one line:
  *   hits=N elapsed_ns=T exit=STATUS
  * Used by tools/bench (flowtrace-bench part `exits`). Needs /dev/kvm.
  *
- * Usage: raw-exits GUEST.elf ADDRESS none|hlt|hw|int3 */
+ * Usage: raw-exits GUEST.elf ADDRESS none|hlt|hw|int3|io */
 #define _GNU_SOURCE
 #include <elf.h>
 #include <errno.h>
@@ -37,7 +40,7 @@ static void die(const char *what) {
 }
 
 static void usage(const char *why) {
-    fprintf(stderr, "raw-exits: %s\nusage: raw-exits GUEST.elf ADDRESS none|hlt|hw|int3\n", why);
+    fprintf(stderr, "raw-exits: %s\nusage: raw-exits GUEST.elf ADDRESS none|hlt|hw|int3|io\n", why);
     exit(64);
 }
 
@@ -100,8 +103,11 @@ int main(int argc, char **argv) {
     uint64_t address = strtoull(argv[2], &end, 0);
     if (*end != 0) usage("ADDRESS is not a number");
     const char *engine = argv[3];
-    int hlt = !strcmp(engine, "hlt"), hw = !strcmp(engine, "hw"), int3 = !strcmp(engine, "int3");
-    if (!hlt && !hw && !int3 && strcmp(engine, "none")) usage("unknown engine");
+    int hlt = !strcmp(engine, "hlt"), hw = !strcmp(engine, "hw"), int3 = !strcmp(engine, "int3"), io = !strcmp(engine, "io");
+    if (!hlt && !hw && !int3 && !io && strcmp(engine, "none")) usage("unknown engine");
+    int sink = io ? open("/dev/null", O_WRONLY | O_CLOEXEC) : -1;
+    char line[4096];
+    size_t used = 0;
     if ((hlt || int3) && (address < 0x10000 || address >= RAM)) usage("ADDRESS is outside guest RAM");
 
     int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
@@ -170,6 +176,21 @@ int main(int argc, char **argv) {
         }
         switch (run->exit_reason) {
         case KVM_EXIT_IO:
+            if (io && run->io.port == 0x3F8 && run->io.direction == KVM_EXIT_IO_OUT) {
+                char c = *((char *)run + run->io.data_offset);
+                hits++;
+                if (used < sizeof line) line[used++] = c;
+                if (c == '\n' || used == sizeof line) {
+                    if (write(sink, line, used) < 0) die("write");
+                    used = 0;
+                }
+                break;
+            }
+            if (io && run->io.port == 0x3FD && run->io.direction == KVM_EXIT_IO_IN) {
+                *((uint8_t *)run + run->io.data_offset) = 0x60;
+                hits++;
+                break;
+            }
             if (run->io.port == 0xF4 && run->io.direction == KVM_EXIT_IO_OUT)
                 status = (int)*(uint32_t *)((uint8_t *)run + run->io.data_offset);
             break; /* console output (0xE9) is dropped */

@@ -127,6 +127,38 @@ func exits() throws -> [Figure] {
     return figures
 }
 
+/// Part `io`: ns per port-I/O exit of `uart-burst.elf` (100,000 bytes to COM1's THR, one
+/// exit each): flowtrace (its 16550A model, output to a file, `--serial file:/dev/null`)
+/// next to the raw exit loop answering the same exits (`raw-exits ... io`), alternating.
+func io() throws -> [Figure] {
+    let env = ProcessInfo.processInfo.environment
+    guard let rawExits = env["RAW_EXITS"], let flowtrace = env["FLOWTRACE"] else {
+        throw BenchError("the io part needs RAW_EXITS and FLOWTRACE: run it through tools/bench")
+    }
+    let guest = (env["GUESTS"] ?? "guests/build") + "/uart-burst.elf"
+    let bytes = 100_000
+    var raw: [Double] = [], ft: [Double] = [], ratios: [Double] = []
+    for _ in 0..<runs {
+        let line = try runProgram(rawExits, [guest, "0", "io"]).out
+        guard let h = line.split(separator: " ").first(where: { $0.hasPrefix("hits=") }), Int(h.dropFirst(5)) == bytes,
+              let t = line.split(separator: " ").first(where: { $0.hasPrefix("elapsed_ns=") }), let ns = Double(t.dropFirst(11)) else {
+            throw BenchError("raw-exits io printed '\(line)'")
+        }
+        let err = try runProgram(flowtrace, ["run", guest, "--serial", "file:/dev/null"]).err
+        guard let after = err.range(of: "guest exited with status 0 after "),
+              let secs = Double(err[after.upperBound...].prefix { $0 != " " }) else {
+            throw BenchError("flowtrace run printed: \(err)")
+        }
+        let r = ns / Double(bytes), f = secs * 1e9 / Double(bytes)
+        raw.append(r); ft.append(f); ratios.append(f / r)
+    }
+    let rm = median(raw), fm = median(ft), q = median(ratios)
+    return [Figure(
+        label: "io: raw / flowtrace ns per port exit (UART, 100,000 bytes), ratio (median of \(runs); ratio min-max)",
+        value: "\(Int(rm.rounded())) / \(Int(fm.rounded())), \(String(format: "%.3f", q)) [\(String(format: "%.3f", ratios.min()!))-\(String(format: "%.3f", ratios.max()!))]",
+        json: #"{"bench":"io.ratio","raw_ns_per_exit":\#(Int(rm.rounded())),"flowtrace_ns_per_exit":\#(Int(fm.rounded())),"ratio":\#(String(format: "%.3f", q)),"ratio_min":\#(String(format: "%.3f", ratios.min()!)),"ratio_max":\#(String(format: "%.3f", ratios.max()!)),"exits":\#(bytes),"runs":\#(runs)}"#)]
+}
+
 /// Part `scaling`: traced hits/s of the loop guest on 1 and 2 vCPUs, per engine.
 func scaling() throws -> [Figure] {
     let s = try ExitBenchSetup.fromEnvironment()
