@@ -97,7 +97,7 @@ extension Machine {
                         let current = try memory.read(physical: p, count: 1)[0]
                         if let trap = b.patches.insert(l.address, physical: p, current: current) {
                             // Decoded before the trap byte goes in, for out-of-line stepping.
-                            if let d = displacedInstruction(at: l.address, cr3: cr3) { b.displaced[l.address] = d }
+                            if let d = stepOver.displacedInstruction(at: l.address, cr3: cr3) { b.displaced[l.address] = d }
                             try memory.write(physical: p, bytes: [trap])
                         }
                     } catch {

@@ -29,26 +29,11 @@ struct Breakpoints: Sendable {
 
     /// What `KVM_SET_GUEST_DEBUG` should say for `vcpu` when it is not stepping over a probe.
     func baseDebug(for vcpu: Int) -> GuestDebug {
-        var d = GuestDebug()
-        switch engine {
-        case .int3?:
-            d.softwareBreakpoints = true
-        case .hw? where traces(vcpu):
-            let addresses = owners.keys.sorted()
-            d.hardwareBreakpoints = true
-            for (slot, a) in addresses.prefix(4).enumerated() {
-                d.addresses[slot] = a
-                d.dr7 |= 1 << (2 * UInt64(slot))  // L0..L3; R/W = 00 (execute), LEN = 00
-            }
-        case .step? where traces(vcpu):
-            d.singleStep = true
-        default:
-            break
-        }
-        return d
+        engine?.mechanism.baseDebug(self, vcpu: vcpu) ?? GuestDebug()
     }
 
-    /// The debug setting while `vcpu` single-steps over the instruction at a probe.
+    /// The debug setting while `vcpu` single-steps over the instruction at a probe
+    /// (`StepOver.debug` adds BLOCKIRQ where it applies).
     func stepOverDebug(for vcpu: Int) -> GuestDebug {
         var d = GuestDebug()
         d.singleStep = true

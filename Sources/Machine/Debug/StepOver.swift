@@ -1,9 +1,185 @@
 import FlowGraph
 import FlowTrace
 import KVM
+import Locking
+import Synchronization
 
-// Stepping over probed instructions (out of line in a slot, or in place with the other
-// vCPUs held), probe hits, halting at a probe: what the runner does for the debug outcomes.
+/// A host call that failed while stepping over a probe: the run ends with it.
+struct StepFailure: Error, Equatable {
+    let error: KVMError
+    let doing: String
+}
+
+/// Stepping over probed instructions, the patching engines' and the hw engine's second
+/// half: one single step of the instruction at a probe, then the trap (or DRs) back.
+///
+/// Out of line where it can: a copy of the instruction (see `DisplacedInstruction`) runs in
+/// the vCPU's slot, the trap byte stays, the other vCPUs run on. In place otherwise (an
+/// instruction that depends on where it runs, code off the boot page tables, bytes the
+/// guest rewrote): the original byte goes back for the step and, for the patching engines,
+/// the other vCPUs are held out of the guest meanwhile. Each step blocks interrupts where
+/// the host offers it on a platform that has them (`KVM_GUESTDBG_BLOCKIRQ`).
+final class StepOver: Sendable {
+    let memory: GuestMemory
+    let layout: BootLayout
+    let rendezvous: Rendezvous
+    /// Whether single steps set BLOCKIRQ.
+    let blocksInterrupts: Bool
+    let outOfLine = Atomic<UInt64>(0)
+    let inPlace = Atomic<UInt64>(0)
+    /// Tests only: called on a vCPU's thread right after it began an out-of-line step.
+    let begun = Locked<(@Sendable (Int) -> Void)?>(nil)
+    let hasHook = Atomic<Bool>(false)
+
+    init(memory: GuestMemory, layout: BootLayout, rendezvous: Rendezvous, blocksInterrupts: Bool) {
+        self.memory = memory
+        self.layout = layout
+        self.rendezvous = rendezvous
+        self.blocksInterrupts = blocksInterrupts
+    }
+
+    /// The debug state for one step of `vcpu` over a probed instruction.
+    func debug(_ b: Breakpoints, vcpu: Int) -> GuestDebug {
+        var d = b.stepOverDebug(for: vcpu)
+        d.blockInterrupts = blocksInterrupts
+        return d
+    }
+
+    /// Starts the step over the instruction at `address` (rip is on it). `table` reads the
+    /// current breakpoint table (again after waiting for the rendezvous). Returns the
+    /// stepping state, also on failure, so the caller ends it properly.
+    func begin(_ vcpu: VCPU, address: UInt64, table: () -> Breakpoints) -> (Stepping?, StepFailure?) {
+        let b = table()
+        let hex = "0x\(String(address, radix: 16))"
+        if let displaced = b.displaced[address], b.engine?.mechanism.trapByte != nil,
+           let slot = BootLayout.outOfLineSlot(for: vcpu.id), let bytes = displaced.bytes(at: slot) {
+            let cr3: UInt64
+            do { cr3 = try vcpu.specialRegisters().cr3 } catch {
+                return (nil, StepFailure(error: error, doing: "reading cr3 to step over the probe at \(hex)"))
+            }
+            if cr3 == layout.cr3, unchanged(displaced) {
+                let stepping = Stepping.outOfLine(address: address, slot: slot, displaced: displaced)
+                var regs: Registers
+                do { regs = try vcpu.registers() } catch { return (nil, StepFailure(error: error, doing: "reading the registers at an exit")) }
+                do { try memory.write(physical: slot, bytes: bytes) } catch {
+                    return (nil, StepFailure(error: error, doing: "writing the out-of-line copy of \(hex) at guest-physical 0x\(String(slot, radix: 16))"))
+                }
+                regs.rip = slot
+                do { try vcpu.setRegisters(regs) } catch { return (nil, StepFailure(error: error, doing: "setting the registers at a probe hit")) }
+                do {
+                    try vcpu.flushRegisters()
+                    try vcpu.setGuestDebug(debug(b, vcpu: vcpu.id))
+                } catch {
+                    return (stepping, StepFailure(error: error, doing: "arming the out-of-line step over \(hex)"))
+                }
+                outOfLine.add(1, ordering: .relaxed)
+                if hasHook.load(ordering: .acquiring), let hook = begun.withLock({ $0 }) { hook(vcpu.id) }
+                return (stepping, nil)
+            }
+        }
+        // With the trap byte gone, another vCPU could run through the location unseen:
+        // hold them all out of the guest for the one step.
+        let held = b.engine?.mechanism.trapByte != nil
+        if held {
+            inPlace.add(1, ordering: .relaxed)
+            rendezvous.acquire(.vcpu(vcpu.id))
+        }
+        let stepping = Stepping.over(address: address, held: held)
+        // The physical address was checked when the location was armed. Read after the
+        // rendezvous: the others may have changed the engine while this vCPU waited for it.
+        let now = table()
+        if let p = now.patches.patches[address] {
+            do throws(KVMError) { try memory.write(physical: p.physical, bytes: [p.original]) } catch {
+                return (stepping, StepFailure(error: error, doing: "restoring the original byte at \(hex) to step over it"))
+            }
+        }
+        // The hit moved rip back onto the instruction: KVM must see it before it arms the step.
+        do {
+            try vcpu.flushRegisters()
+            try vcpu.setGuestDebug(debug(now, vcpu: vcpu.id))
+        } catch {
+            return (stepping, StepFailure(error: error, doing: "arming the single step over \(hex)"))
+        }
+        return (stepping, nil)
+    }
+
+    /// Ends an in-place step: puts the trap back (if the location is still armed) and the
+    /// vCPU's usual debug state. The other vCPUs are released whatever fails.
+    func end(_ vcpu: VCPU, address: UInt64, held: Bool, table b: Breakpoints) -> StepFailure? {
+        defer { if held { rendezvous.release() } }
+        let hex = "0x\(String(address, radix: 16))"
+        if let p = b.patches.patches[address] {
+            do throws(KVMError) { try memory.write(physical: p.physical, bytes: [b.patches.trap]) } catch {
+                return StepFailure(error: error, doing: "putting the trap byte back at \(hex) after stepping over it")
+            }
+        }
+        do { try vcpu.setGuestDebug(b.baseDebug(for: vcpu.id)) } catch {
+            return StepFailure(error: error, doing: "re-arming the vCPU's breakpoints after stepping over \(hex)")
+        }
+        return nil
+    }
+
+    /// Leaves an out-of-line step unfinished (the machine stops, or the copy faulted): rip
+    /// goes back from the slot to the instruction, so reports and dumps name the real place.
+    /// An in-place step is left as it is (its end puts the trap back and releases the
+    /// others). Returns the stepping state that remains.
+    func abandon(_ vcpu: VCPU, _ stepping: Stepping?, table b: Breakpoints) -> (Stepping?, StepFailure?) {
+        guard case let .outOfLine(address, slot, _)? = stepping else { return (stepping, nil) }
+        do throws(KVMError) {
+            var regs = try vcpu.registers()
+            if regs.rip >= slot, regs.rip < slot + BootLayout.outOfLineSlotSize {
+                regs.rip = regs.rip - slot + address
+                try vcpu.setRegisters(regs)
+            }
+            try vcpu.setGuestDebug(b.baseDebug(for: vcpu.id))
+        } catch {
+            return (nil, StepFailure(error: error, doing: "leaving the out-of-line step over 0x\(String(address, radix: 16))"))
+        }
+        return (nil, nil)
+    }
+
+    /// A call stepped out of line pushed its slot's return address: make it the real one.
+    func fixReturnAddress(_ vcpu: VCPU, rsp: UInt64, from pushed: UInt64, to real: UInt64) -> StepFailure? {
+        do {
+            let cr3 = try vcpu.specialRegisters().cr3
+            let p = try memory.translate(virtual: rsp, cr3: cr3).physical
+            if try memory.readUInt64(physical: p) == pushed { try memory.writeUInt64(physical: p, real) }
+            return nil
+        } catch {
+            return StepFailure(error: error, doing: "fixing the return address 0x\(String(real, radix: 16)) of a call stepped out of line")
+        }
+    }
+
+    /// The instruction at `address` (guest-virtual through `cr3`), planned for out-of-line
+    /// stepping; nil when it must be stepped in place or does not decode.
+    func displacedInstruction(at address: UInt64, cr3: UInt64) -> DisplacedInstruction? {
+        var bytes: [UInt8] = []
+        for count in stride(from: X86Decoder.maxLength, through: 1, by: -1) {
+            // Fewer bytes where the instruction ends near the end of RAM.
+            if let b = try? memory.read(virtual: address, count: count, cr3: cr3) { bytes = b; break }
+        }
+        guard case let .success(i) = X86Decoder().decode(bytes, at: address),
+              case let .success(d) = DisplacedInstruction.plan(i) else { return nil }
+        return d
+    }
+
+    /// Whether the guest's bytes after the trap byte are still those of the planned copy
+    /// (code the guest rewrote since arming is stepped in place, as it is now). Bytes the
+    /// boot page tables no longer map count as rewritten: the in-place step reads them
+    /// through the guest's own tables.
+    func unchanged(_ d: DisplacedInstruction) -> Bool {
+        guard d.bytes.count > 1 else { return true }
+        do {
+            let now = try memory.read(virtual: d.address &+ 1, count: d.bytes.count - 1, cr3: layout.cr3)
+            return now[...] == d.bytes[1...]
+        } catch {
+            return false
+        }
+    }
+}
+
+// What the runner does around the debug outcomes: probe hits, halting at a probe, the
+// step-over calls with their failures ending the run.
 extension Machine {
     /// Whether the instruction at `address` that just retired (rip now `rip`) was the
     /// guest's own `hlt`. Under single-step KVM reports a hlt as a debug exit and the vCPU
@@ -36,143 +212,30 @@ extension Machine {
         return action
     }
 
-    /// Starts single-stepping the probed instruction at `address`: out of line where the
-    /// instruction allows it and the vCPU still runs on the boot page tables (so its slot is
-    /// mapped and the loader's), else in place with the other vCPUs held.
     func beginStepOver(_ vcpu: VCPU, address: UInt64) -> Stepping? {
-        let b = current
-        let (engine, displaced, oneStep) = (b.engine, b.displaced[address], stepDebug(b, vcpu.id))
-        if let displaced, engine == .int3 || engine == .hlt, let slot = BootLayout.outOfLineSlot(for: vcpu.id),
-           let bytes = displaced.bytes(at: slot) {
-            let cr3: UInt64
-            do { cr3 = try vcpu.specialRegisters().cr3 } catch {
-                hostFailure(vcpu, error, while: "reading cr3 to step over the probe at 0x\(String(address, radix: 16))")
-                return nil
-            }
-            if cr3 == layout.cr3, unchanged(displaced) {
-                guard var regs = registers(vcpu) else { return nil }
-                do { try memory.write(physical: slot, bytes: bytes) } catch {
-                    hostFailure(vcpu, error, while: "writing the out-of-line copy of 0x\(String(address, radix: 16)) at guest-physical 0x\(String(slot, radix: 16))")
-                    return nil
-                }
-                regs.rip = slot
-                guard setRegisters(vcpu, regs) else { return nil }
-                do {
-                    try vcpu.flushRegisters()
-                    try vcpu.setGuestDebug(oneStep)
-                } catch {
-                    hostFailure(vcpu, error, while: "arming the out-of-line step over 0x\(String(address, radix: 16))")
-                    return .outOfLine(address: address, slot: slot, displaced: displaced)
-                }
-                outOfLineSteps.add(1, ordering: .relaxed)
-                if hasStepHook.load(ordering: .acquiring), let hook = outOfLineStepBegun.withLock({ $0 }) { hook(vcpu.id) }
-                return .outOfLine(address: address, slot: slot, displaced: displaced)
-            }
-        }
-        // With the trap byte gone, another vCPU could run through the location unseen:
-        // hold them all out of the guest for the one step.
-        let held = engine == .int3 || engine == .hlt
-        if held {
-            inPlaceSteps.add(1, ordering: .relaxed)
-            rendezvous.acquire(.vcpu(vcpu.id))
-        }
-        // The physical address was checked when the location was armed. Read after the
-        // rendezvous: the others may have changed the engine while this vCPU waited for it.
-        let now = current
-        var failed: KVMError?
-        if let p = now.patches.patches[address] {
-            do throws(KVMError) { try memory.write(physical: p.physical, bytes: [p.original]) } catch { failed = error }
-        }
-        let debug = stepDebug(now, vcpu.id)
-        if let failed {
-            hostFailure(vcpu, failed, while: "restoring the original byte at 0x\(String(address, radix: 16)) to step over it")
-            return .over(address: address, held: held)
-        }
-        // The hit moved rip back onto the instruction: KVM must see it before it arms the step.
-        do {
-            try vcpu.flushRegisters()
-            try vcpu.setGuestDebug(debug)
-        } catch {
-            hostFailure(vcpu, error, while: "arming the single step over 0x\(String(address, radix: 16))")
-        }
-        return .over(address: address, held: held)
+        let (stepping, failure) = stepOver.begin(vcpu, address: address) { current }
+        if let failure { hostFailure(vcpu, failure.error, while: failure.doing) }
+        return stepping
     }
 
-    /// The instruction at `address` (guest-virtual through `cr3`), planned for out-of-line
-    /// stepping; nil when it must be stepped in place or does not decode.
-    func displacedInstruction(at address: UInt64, cr3: UInt64) -> DisplacedInstruction? {
-        var bytes: [UInt8] = []
-        for count in stride(from: X86Decoder.maxLength, through: 1, by: -1) {
-            // Fewer bytes where the instruction ends near the end of RAM.
-            if let b = try? memory.read(virtual: address, count: count, cr3: cr3) { bytes = b; break }
-        }
-        guard case let .success(i) = X86Decoder().decode(bytes, at: address),
-              case let .success(d) = DisplacedInstruction.plan(i) else { return nil }
-        return d
-    }
-
-    /// Whether the guest's bytes after the trap byte are still those of the planned copy
-    /// (code the guest rewrote since arming is stepped in place, as it is now). Bytes the
-    /// boot page tables no longer map count as rewritten: the in-place step reads them
-    /// through the guest's own tables.
-    func unchanged(_ d: DisplacedInstruction) -> Bool {
-        guard d.bytes.count > 1 else { return true }
-        do {
-            let now = try memory.read(virtual: d.address &+ 1, count: d.bytes.count - 1, cr3: layout.cr3)
-            return now[...] == d.bytes[1...]
-        } catch {
-            return false
-        }
-    }
-
-    /// A call stepped out of line pushed its slot's return address: make it the real one.
-    /// false: it failed and the run ends.
-    func fixReturnAddress(_ vcpu: VCPU, rsp: UInt64, from pushed: UInt64, to real: UInt64) -> Bool {
-        do {
-            let cr3 = try vcpu.specialRegisters().cr3
-            let p = try memory.translate(virtual: rsp, cr3: cr3).physical
-            if try memory.readUInt64(physical: p) == pushed { try memory.writeUInt64(physical: p, real) }
-            return true
-        } catch {
-            hostFailure(vcpu, error, while: "fixing the return address 0x\(String(real, radix: 16)) of a call stepped out of line")
-            return false
-        }
-    }
-
-    /// Leaves an out-of-line step unfinished (the machine stops, or the copy faulted): rip
-    /// goes back from the slot to the instruction, so reports and dumps name the real place.
-    /// Returns the stepping state that remains: nil for an out-of-line step, an in-place
-    /// step unchanged (its end puts the trap back and releases the other vCPUs).
-    func abandonOutOfLine(_ vcpu: VCPU, _ stepping: Stepping?) -> Stepping? {
-        guard case let .outOfLine(address, slot, _)? = stepping else { return stepping }
-        if var regs = registers(vcpu), regs.rip >= slot, regs.rip < slot + BootLayout.outOfLineSlotSize {
-            regs.rip = regs.rip - slot + address
-            _ = setRegisters(vcpu, regs)
-        }
-        applyBaseDebug(vcpu)
-        return nil
-    }
-
-    /// Puts the trap back (if the location is still armed) and the vCPU's usual debug state.
-    /// The other vCPUs are released whatever fails. false: something failed, the run ends.
+    /// false: something failed, the run ends.
     @discardableResult
     func endStepOver(_ vcpu: VCPU, address: UInt64, held: Bool) -> Bool {
-        defer { if held { rendezvous.release() } }
-        let b = current
-        var failed: KVMError?
-        if let p = b.patches.patches[address] {
-            do throws(KVMError) { try memory.write(physical: p.physical, bytes: [b.patches.trap]) } catch { failed = error }
-        }
-        let debug = b.baseDebug(for: vcpu.id)
-        if let failed {
-            hostFailure(vcpu, failed, while: "putting the trap byte back at 0x\(String(address, radix: 16)) after stepping over it")
-            return false
-        }
-        do { try vcpu.setGuestDebug(debug) } catch {
-            hostFailure(vcpu, error, while: "re-arming the vCPU's breakpoints after stepping over 0x\(String(address, radix: 16))")
-            return false
-        }
-        return true
+        guard let failure = stepOver.end(vcpu, address: address, held: held, table: current) else { return true }
+        hostFailure(vcpu, failure.error, while: failure.doing)
+        return false
+    }
+
+    func abandonOutOfLine(_ vcpu: VCPU, _ stepping: Stepping?) -> Stepping? {
+        let (rest, failure) = stepOver.abandon(vcpu, stepping, table: current)
+        if let failure { hostFailure(vcpu, failure.error, while: failure.doing) }
+        return rest
+    }
+
+    func fixReturnAddress(_ vcpu: VCPU, rsp: UInt64, from pushed: UInt64, to real: UInt64) -> Bool {
+        guard let failure = stepOver.fixReturnAddress(vcpu, rsp: rsp, from: pushed, to: real) else { return true }
+        hostFailure(vcpu, failure.error, while: failure.doing)
+        return false
     }
 
     func applyBaseDebug(_ vcpu: VCPU) {
@@ -189,13 +252,5 @@ extension Machine {
         events.withLock { $0.halt = stop }
         // Wait here (parked) until resume() or stop() releases the rendezvous.
         rendezvous.gate(vcpu.id, starting: true)
-    }
-
-    /// The debug setting for one single step of `vcpu` over a probed instruction: blocking
-    /// interrupts where the host can, so none is taken in the middle of the step.
-    func stepDebug(_ b: Breakpoints, _ vcpu: Int) -> GuestDebug {
-        var d = b.stepOverDebug(for: vcpu)
-        d.blockInterrupts = blocksInterruptsWhileStepping && platform.hasInterruptController
-        return d
     }
 }

@@ -102,8 +102,7 @@ struct ExitHandler: Sendable {
         case .hlt:
             let regs: Registers
             do { regs = try vcpu.registers() } catch { return .hostFailure(error, while: "reading the registers at an exit") }
-            let address = regs.rip &- 1
-            if stepping == nil, table.engine == .hlt, table.patches.owns(trapAt: address) {
+            if stepping == nil, case let .trap(address)? = table.engine?.mechanism.hit(exit, rip: regs.rip, table: table) {
                 return .trapHit(address: address, registers: regs)
             }
             return .vcpuHalted
@@ -131,14 +130,16 @@ struct ExitHandler: Sendable {
             if regs.rip == address { return .stepAgain }
             return .stepOverDone(address: address, held: held, registers: regs)
         }
-        if exception == 3 {
-            if stepping == nil, table.engine == .int3, table.patches.owns(trapAt: pc) { return .trapHit(address: pc, registers: regs) }
-            // Not ours (or the guest's own int3 inside a step-over): the guest's.
-            return .reinjectBreakpoint
+        if stepping == nil, let hit = table.engine?.mechanism.hit(exit, rip: regs.rip, table: table) {
+            switch hit {
+            case let .trap(address): return .trapHit(address: address, registers: regs)
+            case let .hardware(address): return .hardwareHit(address: address, registers: regs)
+            case .step: return .stepEngine(registers: regs)
+            }
         }
+        // A #BP that is not ours (or the guest's own int3 inside a step-over): the guest's.
+        if exception == 3 { return .reinjectBreakpoint }
         if exception == 1, stepping == nil {
-            if table.engine == .hw, dr6 & 0xF != 0 { return .hardwareHit(address: pc, registers: regs) }
-            if table.engine == .step { return .stepEngine(registers: regs) }
             // No single step or DR of ours was armed to give this #DB: the guest's own.
             if dr6 & 0x4000 != 0 || dr6 & 0xF != 0 { return .reinjectDebug }
         }

@@ -57,8 +57,6 @@ public final class Machine: TraceTarget {
     let published = Locked(BreakpointTable(Breakpoints()))
     let pendingDisarms = Locked<[TraceModule]>([])
     let hasPendingDisarms = Atomic<Bool>(false)
-    let outOfLineSteps = Atomic<UInt64>(0)
-    let inPlaceSteps = Atomic<UInt64>(0)
     /// Per vCPU: the step engine was just armed; check the current rip for a before-hit.
     let ripChecks: Locked<[Bool]>
     let rendezvous: Rendezvous
@@ -69,15 +67,14 @@ public final class Machine: TraceTarget {
     private let limit = Locked<(deadline: ContinuousClock.Instant, timeout: Duration)?>(nil)
     /// The runner threads, joined when the run ends.
     private let threads = Locked<[JoinableThread]>([])
-    /// Tests only: called on a vCPU's thread (with its id) right after it began an
-    /// out-of-line step, before it runs the copy; lets a test place a disarm exactly there.
-    let outOfLineStepBegun = Locked<(@Sendable (Int) -> Void)?>(nil)
-    let hasStepHook = Atomic<Bool>(false)
+    /// Stepping over probed instructions (the Debug part).
+    let stepOver: StepOver
 
-    /// Tests only: sets `outOfLineStepBegun`.
+    /// Tests only: `hook` is called on a vCPU's thread (with its id) right after it began an
+    /// out-of-line step, before it runs the copy; lets a test place a disarm exactly there.
     func onOutOfLineStepBegun(_ hook: @escaping @Sendable (Int) -> Void) {
-        outOfLineStepBegun.withLock { $0 = hook }
-        hasStepHook.store(true, ordering: .releasing)
+        stepOver.begun.withLock { $0 = hook }
+        stepOver.hasHook.store(true, ordering: .releasing)
     }
 
     /// Tests only: whether a vCPU or the controller holds or is taking the rendezvous.
@@ -163,7 +160,10 @@ public final class Machine: TraceTarget {
         snapshots = vcpus.map { VCPUSnapshot(vcpu: $0, memory: memory) }
         ripChecks = Locked(Array(repeating: false, count: n))
         let kickable = vcpus
-        rendezvous = Rendezvous(vcpus: n) { kickable[$0].kick() }
+        let rendezvous = Rendezvous(vcpus: n) { kickable[$0].kick() }
+        self.rendezvous = rendezvous
+        stepOver = StepOver(memory: memory, layout: boot.layout, rendezvous: rendezvous,
+                            blocksInterrupts: blocksInterruptsWhileStepping && platform.hasInterruptController)
     }
 
     /// Loads the ELF file at `path` and builds a machine for it.
@@ -206,7 +206,7 @@ public final class Machine: TraceTarget {
     /// How the patching engines stepped over probed instructions so far: out of line (the
     /// other vCPUs ran on) or in place (the other vCPUs were held for the step).
     public var stepOvers: (outOfLine: UInt64, inPlace: UInt64) {
-        (outOfLineSteps.load(ordering: .relaxed), inPlaceSteps.load(ordering: .relaxed))
+        (stepOver.outOfLine.load(ordering: .relaxed), stepOver.inPlace.load(ordering: .relaxed))
     }
 
     /// The engine armed probes use and why it was chosen (nil while none is armed).

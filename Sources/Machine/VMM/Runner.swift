@@ -21,7 +21,7 @@ extension Machine {
                 // Whoever held the rendezvous may have set every vCPU's debug state (arming,
                 // disarming): this one is in the middle of stepping a copy, which must still
                 // end after one instruction, or it would run on past the copy.
-                do { try vcpu.setGuestDebug(stepDebug(current, id)) } catch {
+                do { try vcpu.setGuestDebug(stepOver.debug(current, vcpu: id)) } catch {
                     hostFailure(vcpu, error, while: "re-arming the single step of an out-of-line step-over")
                     return
                 }
