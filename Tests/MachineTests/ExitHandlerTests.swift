@@ -185,8 +185,8 @@ struct ExitHandlerTests {
                 == .hardwareHit(address: 0x100010, registers: v.regs))
         #expect(rig.handle(.debug(exception: 1, pc: 0x100010, dr6: 0x4000, dr7: 0), v, table: table(.step)) == .stepEngine(registers: v.regs))
         // A #DB no engine of ours asked for (the guest's own TF single-step): the guest's.
-        #expect(rig.handle(.debug(exception: 1, pc: 0x100010, dr6: 0x4000, dr7: 0), v, table: table(.hw)) == .reinjectDebug)
-        #expect(rig.handle(.debug(exception: 1, pc: 0x100010, dr6: 0x4000, dr7: 0), v, table: table(.int3)) == .reinjectDebug)
+        #expect(rig.handle(.debug(exception: 1, pc: 0x100010, dr6: 0x4000, dr7: 0), v, table: table(.hw)) == .reinjectDebug(dr6: 0x4000))
+        #expect(rig.handle(.debug(exception: 1, pc: 0x100010, dr6: 0x4000, dr7: 0), v, table: table(.int3)) == .reinjectDebug(dr6: 0x4000))
         // Nothing to explain it: a fault naming the exit.
         let odd = VMExit.debug(exception: 1, pc: 0x100010, dr6: 0, dr7: 0)
         #expect(rig.handle(odd, v, table: table(.int3)) == .fault(.exit(odd)))

@@ -340,6 +340,48 @@ struct Int3Tests {
         let t = try trace("smp", engine: .int3, vcpus: 2, [.at("work_unit", .before, [try reg("rdi")])])
         #expect((0..<2).map { v in t.report.filter { $0.vcpu == v }.count } == [100, 200])
     }
+
+    /// The pc platform under int3: the timer handler's probe sees every tick in order.
+    @Test func timerHandlerUnderInt3OnThePC() throws {
+        let m = try Machine(path: Guests.path("timer"), configuration: .init(engine: .engine(.int3), platform: .platform(.pc)))
+        let module = try TraceModule(target: m)
+        try module.addProbe(Probe("tick", entries: [try reg("rdi")]), at: try #require(m.symbolizer.address(of: "timer_tick")))
+        try module.enable()
+        let r = try m.run(timeout: .seconds(120))
+        #expect(r.ending == .exited(status: 0x54))
+        #expect(r.console.map(\.text) == ["timer: 20 ticks, sum 210"])
+        #expect(module.report().map { u64($0.values[0]) } == (1...20).map { UInt64($0) })
+    }
+
+    /// The guest's own int3s (its #BP handler counts them) with our int3 probe on the very
+    /// same instruction, and its own single-stepping with every instruction of the region
+    /// probed: its counts stay what it computes untraced (5 and 13).
+    @Test func guestsOwnBreakpointsAndSingleStepsUnderInt3() throws {
+        let path = try Guests.path("own-traps")
+        let untraced = try Machine(path: path).run(timeout: .seconds(60))
+        #expect(untraced.ending == .exited(status: 0x42))
+        #expect(untraced.console.map(\.text) == ["own-traps: 5 breakpoints, 13 single steps"])
+        let places = try functionInstructions(path, "stepped_region") + [try #require(ELFImage(path: path).symbol(named: "own_int3")).address]
+        let m = try Machine(path: path, configuration: .init(engine: .engine(.int3)))
+        let module = try TraceModule(target: m)
+        for a in places { try module.addProbe(Probe("p"), at: a) }
+        try module.enable()
+        let r = try m.run(timeout: .seconds(120))
+        #expect(r.ending == .exited(status: 0x42))
+        #expect(r.console == untraced.console)
+        let ownInt3 = try #require(m.symbolizer.address(of: "own_int3"))
+        #expect(module.report().filter { $0.address == ownInt3 }.count == 5)
+        #expect(module.report().filter { $0.address != ownInt3 }.count == places.count - 1)
+    }
+}
+
+/// The instruction addresses of `function` in `path` (objdump as ground truth, symbols
+/// inside it included).
+func functionInstructions(_ path: String, _ function: String) throws -> [UInt64] {
+    let f = try #require(ELFImage(path: path).symbol(named: function))
+    let r = try run("/usr/bin/env", ["objdump", "-d", "--start-address=0x\(String(f.address, radix: 16))",
+                                     "--stop-address=0x\(String(f.address + f.size, radix: 16))", path])
+    return objdumpInstructions(r.stdout)
 }
 
 /// The address of the instruction after the one at `address` (objdump as ground truth).

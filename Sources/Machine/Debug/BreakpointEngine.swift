@@ -135,6 +135,12 @@ public struct PatchTable: Sendable, Equatable {
     public func owns(trapAt address: UInt64) -> Bool { patches[address] != nil }
 }
 
+/// RFLAGS bits the engines look at.
+enum X86Flags {
+    /// TF: the CPU traps (#DB) after each instruction.
+    static let trap: UInt64 = 0x100
+}
+
 /// One-byte x86 opcodes the engines write and look for.
 enum X86Opcode {
     static let hlt: UInt8 = 0xF4

@@ -4,6 +4,38 @@ import KVM
 import Locking
 import Synchronization
 
+/// The guest's own TF around a stepped-over instruction (see `StepOver.ownTrapFlag`).
+struct OwnTrapFlag: Equatable {
+    /// TF was set when the instruction began: the guest gets a #DB after it.
+    var before: Bool
+    /// TF is set once it retired.
+    var after: Bool
+
+    /// Whether an instruction starting with `byte` may be popf or iret (or a prefix).
+    static func mayLoadFlags(_ byte: UInt8) -> Bool {
+        byte == 0x9D || byte == 0xCF || byte == 0x66 || byte & 0xF0 == 0x40
+    }
+
+    /// For popf/iret (with their 0x66 and REX prefixes), the offset from rsp of the RFLAGS
+    /// image they load; nil for any other instruction. Long mode: popf pops 8 bytes (2 with
+    /// 0x66); iret pops rip, cs, then rflags in slots of 4 bytes (8 with REX.W, 2 with 0x66).
+    static func flagsSlot(_ bytes: [UInt8]) -> UInt64? {
+        var i = 0, operand16 = false, rexW = false
+        while i < bytes.count {
+            let b = bytes[i]
+            if b == 0x66 { operand16 = true; i += 1; continue }
+            if b & 0xF0 == 0x40 { rexW = b & 0x08 != 0; i += 1; continue }
+            break
+        }
+        guard i < bytes.count else { return nil }
+        switch bytes[i] {
+        case 0x9D: return 0
+        case 0xCF: return 2 * (rexW ? 8 : operand16 ? 2 : 4)
+        default: return nil
+        }
+    }
+}
+
 /// A host call that failed while stepping over a probe: the run ends with it.
 struct StepFailure: Error, Equatable {
     let error: KVMError
@@ -43,6 +75,36 @@ final class StepOver: Sendable {
         var d = b.stepOverDebug(for: vcpu)
         d.blockInterrupts = blocksInterrupts
         return d
+    }
+
+    /// The guest's own trap flag around the probed instruction at `address`, when it
+    /// matters: KVM's single step takes over RFLAGS.TF and clears it when the step ends, so
+    /// a guest single-stepping itself through a probe would lose its TF and the #DB its TF
+    /// raises for this instruction. nil: TF is clear before and the instruction does not
+    /// load RFLAGS (the usual case, one byte looked at). Else `before` (a #DB is owed to
+    /// the guest after the step) and `after` (TF must be set again): TF as before, or what
+    /// `popf`/`iret` load from the stack, read before the step.
+    func ownTrapFlag(_ vcpu: VCPU, regs: Registers, address: UInt64, table b: Breakpoints) -> (OwnTrapFlag?, StepFailure?) {
+        let before = regs.rflags & X86Flags.trap != 0
+        do throws(KVMError) {
+            let cr3 = try vcpu.specialRegisters().cr3
+            var bytes = try memory.read(virtual: address, count: 1, cr3: cr3)
+            if let original = b.patches.original(at: address) { bytes[0] = original }
+            guard before || OwnTrapFlag.mayLoadFlags(bytes[0]) else { return (nil, nil) }
+            for k in 1..<4 {
+                guard let more = try? memory.read(virtual: address &+ UInt64(k), count: 1, cr3: cr3) else { break }
+                bytes.append(more[0])
+            }
+            guard let slot = OwnTrapFlag.flagsSlot(bytes) else {
+                return (before ? OwnTrapFlag(before: true, after: true) : nil, nil)
+            }
+            let p = try memory.translate(virtual: regs.rsp &+ slot, cr3: cr3).physical
+            let loaded = try memory.read(physical: p, count: 2)
+            let after = UInt64(loaded[1]) << 8 & X86Flags.trap != 0
+            return (before || after ? OwnTrapFlag(before: before, after: after) : nil, nil)
+        } catch {
+            return (nil, StepFailure(error: error, doing: "reading the guest's trap flag for the probe at 0x\(String(address, radix: 16))"))
+        }
     }
 
     /// Starts the step over the instruction at `address` (rip is on it). `table` reads the

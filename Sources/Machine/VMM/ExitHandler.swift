@@ -50,8 +50,8 @@ enum ExitOutcome: Equatable {
     case stepEngine(registers: Registers)
     /// The guest's own int3: deliver #BP to it.
     case reinjectBreakpoint
-    /// The guest's own #DB (its single-step or its breakpoints): deliver it.
-    case reinjectDebug
+    /// The guest's own #DB (its single-step or its breakpoints): deliver it with `dr6`.
+    case reinjectDebug(dr6: UInt64)
 }
 
 /// Turns an exit into an outcome: devices answered through the buses, debug exits
@@ -141,7 +141,7 @@ struct ExitHandler: Sendable {
         if exception == 3 { return .reinjectBreakpoint }
         if exception == 1, stepping == nil {
             // No single step or DR of ours was armed to give this #DB: the guest's own.
-            if dr6 & 0x4000 != 0 || dr6 & 0xF != 0 { return .reinjectDebug }
+            if dr6 & 0x4000 != 0 || dr6 & 0xF != 0 { return .reinjectDebug(dr6: dr6) }
         }
         return .fault(.exit(exit))
     }

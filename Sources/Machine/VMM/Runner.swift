@@ -11,6 +11,8 @@ extension Machine {
         var stepping: Stepping?
         var previousRip: UInt64?   // step engine: the instruction just executed
         var reinjected = false
+        /// The guest's own TF around the instruction being stepped over (nil: not involved).
+        var ownTrapFlag: OwnTrapFlag?
         defer {
             if case let .over(address, held)? = stepping { endStepOver(vcpu, address: address, held: held) }
             if case .outOfLine? = stepping { _ = abandonOutOfLine(vcpu, stepping) }
@@ -73,9 +75,11 @@ extension Machine {
                 r.rip = address
                 guard setRegisters(vcpu, r) else { return }
                 if case .halt = probeHits(vcpu, at: address, .before, regs: r) { haltHere(vcpu, address: address, .before, rip: address) }
+                guard readOwnTrapFlag(vcpu, regs: r, address: address, into: &ownTrapFlag) else { return }
                 stepping = beginStepOver(vcpu, address: address)
             case let .hardwareHit(address, regs):
                 if case .halt = probeHits(vcpu, at: address, .before, regs: regs) { haltHere(vcpu, address: address, .before, rip: address) }
+                guard readOwnTrapFlag(vcpu, regs: regs, address: address, into: &ownTrapFlag) else { return }
                 stepping = beginStepOver(vcpu, address: address)
             case .stepAgain:
                 continue
@@ -89,6 +93,10 @@ extension Machine {
                 guard setRegisters(vcpu, r) else { return }
                 let action = probeHits(vcpu, at: address, .after, regs: r)
                 applyBaseDebug(vcpu)
+                if let own = ownTrapFlag {
+                    ownTrapFlag = nil
+                    guard restoreOwnTrapFlag(vcpu, own) else { return }
+                }
                 if case .halt = action { haltHere(vcpu, address: address, .after, rip: r.rip) }
             case let .stepOverDone(address, held, regs):
                 // The single step over a probed instruction is done: after-exec hits.
@@ -96,6 +104,10 @@ extension Machine {
                 let action = probeHits(vcpu, at: address, .after, regs: regs)
                 let halted = executedHalt(vcpu, at: address, rip: regs.rip)
                 guard endStepOver(vcpu, address: address, held: held), let halted else { return }
+                if let own = ownTrapFlag {
+                    ownTrapFlag = nil
+                    guard restoreOwnTrapFlag(vcpu, own) else { return }
+                }
                 if case .halt = action { haltHere(vcpu, address: address, .after, rip: regs.rip) }
                 if halted, platform == .payload { vcpuHalted(); return }
             case let .stepEngine(regs):
@@ -118,15 +130,61 @@ extension Machine {
                     return
                 }
                 reinjected = true
-            case .reinjectDebug:
-                var d = current.baseDebug(for: id)
-                d.injectDebug = true
-                do { try vcpu.setGuestDebug(d) } catch {
+            case let .reinjectDebug(dr6):
+                // The guest's own #DB, with the DR6 the exit reported.
+                do throws(KVMError) {
+                    var dr = try vcpu.debugRegisters()
+                    dr.dr6 = dr6
+                    try vcpu.setDebugRegisters(dr)
+                    var e = try vcpu.events()
+                    e.exceptionInjected = true
+                    e.exceptionNumber = 1
+                    e.exceptionHasErrorCode = false
+                    try vcpu.setEvents(e)
+                } catch {
                     finish(vcpu, .exitFailed(exit, error, while: "re-injecting the guest's own #DB"))
                     return
                 }
-                reinjected = true
             }
+        }
+    }
+
+    /// Delivers a single-step #DB to the guest as the CPU would: DR6.BS set, the exception
+    /// injected through `KVM_SET_VCPU_EVENTS` (the guest-debug flag `KVM_GUESTDBG_INJECT_DB`
+    /// is not delivered on every host: PVM drops it).
+    func injectOwnDebugTrap(_ vcpu: VCPU) throws(KVMError) {
+        var dr = try vcpu.debugRegisters()
+        dr.dr6 = dr.dr6 & ~0xF | 0x4000
+        try vcpu.setDebugRegisters(dr)
+        var e = try vcpu.events()
+        e.exceptionInjected = true
+        e.exceptionNumber = 1
+        e.exceptionHasErrorCode = false
+        try vcpu.setEvents(e)
+    }
+
+    /// false: it failed and the run ends.
+    func readOwnTrapFlag(_ vcpu: VCPU, regs: Registers, address: UInt64, into own: inout OwnTrapFlag?) -> Bool {
+        let (flag, failure) = stepOver.ownTrapFlag(vcpu, regs: regs, address: address, table: current)
+        if let failure { hostFailure(vcpu, failure.error, while: failure.doing); return false }
+        own = flag
+        return true
+    }
+
+    /// After a step over a probe (base debug state back): gives the guest its own TF again
+    /// and the single-step #DB it raised for the instruction. false: it failed, the run ends.
+    func restoreOwnTrapFlag(_ vcpu: VCPU, _ own: OwnTrapFlag) -> Bool {
+        do {
+            if own.after {
+                var regs = try vcpu.registers()
+                regs.rflags |= X86Flags.trap
+                try vcpu.setRegisters(regs)
+            }
+            if own.before { try injectOwnDebugTrap(vcpu) }
+            return true
+        } catch {
+            hostFailure(vcpu, error, while: "giving the guest back its own trap flag after stepping over a probe")
+            return false
         }
     }
 
