@@ -224,3 +224,17 @@ struct ExitHandlerTests {
         #expect(e[0].ebx >> 24 == 0 && (e[0].ebx >> 16) & 0xFF == 1)
     }
 }
+
+/// Where popf and iret find the RFLAGS image they load (the guest's own TF after a step).
+@Suite struct OwnTrapFlagTests {
+    @Test func flagsSlots() {
+        #expect(OwnTrapFlag.flagsSlot([0x9D]) == 0)              // popfq
+        #expect(OwnTrapFlag.flagsSlot([0x66, 0x9D]) == 0)        // popf (16-bit)
+        #expect(OwnTrapFlag.flagsSlot([0x48, 0xCF]) == 16)       // iretq: rip, cs, rflags
+        #expect(OwnTrapFlag.flagsSlot([0xCF]) == 8)              // iretd
+        #expect(OwnTrapFlag.flagsSlot([0x66, 0xCF]) == 4)        // iret (16-bit)
+        #expect(OwnTrapFlag.flagsSlot([0x90]) == nil)
+        #expect(OwnTrapFlag.flagsSlot([0x48, 0x89, 0xC3]) == nil)
+        #expect(OwnTrapFlag.flagsSlot([0x48]) == nil)            // truncated
+    }
+}

@@ -51,10 +51,19 @@ extension Machine {
         let cr3: UInt64
         do { cr3 = try vcpus[0].specialRegisters().cr3 } catch { throw TraceError.targetFailure("\(error.description) while reading cr3 to arm probes") }
         var physical: [(location: ArmedLocation, physical: UInt64)] = []
+        // The first bytes of each location's instruction (the original under a patch).
+        var leadingBytes: [(location: ArmedLocation, bytes: [UInt8])] = []
+        let b0 = current
         for l in locations {
             do throws(KVMError) {
                 let p = try memory.translate(virtual: l.address, cr3: cr3).physical
-                _ = try memory.read(physical: p, count: 1)
+                var bytes = try memory.read(physical: p, count: 1)
+                if let o = b0.patches.original(at: l.address) { bytes[0] = o }
+                for k in 1..<4 {
+                    guard let more = try? memory.read(virtual: l.address &+ UInt64(k), count: 1, cr3: cr3) else { break }
+                    bytes.append(more[0])
+                }
+                leadingBytes.append((l, bytes))
                 physical.append((l, p))
             } catch {
                 throw TraceError.target("probe at 0x\(String(l.address, radix: 16)) (\(symbolizer.describe(l.address))): \(error.description)")
@@ -77,6 +86,7 @@ extension Machine {
             for l in locations {
                 b.owners[l.address, default: []].append(.init(module: module, index: l.index, timing: l.timing, vcpus: selection))
             }
+            for (l, bytes) in leadingBytes { b.flagLoads[l.address] = OwnTrapFlag.flagsSlot(bytes) }
             // USE_SW_BP goes on every vCPU before the first byte is written.
             let debugs = (0..<vcpus.count).map { b.baseDebug(for: $0) }
             return debugs
@@ -133,6 +143,7 @@ extension Machine {
                 let kept = list.filter { $0.module !== module }
                 if kept.isEmpty {
                     b.owners[address] = nil
+                    b.flagLoads[address] = nil
                     if let p = b.patches.patches[address] {
                         do throws(KVMError) {
                             let current = try memory.read(physical: p.physical, count: 1)[0]

@@ -19,6 +19,10 @@ struct Breakpoints: Sendable {
     var patches = PatchTable(trap: X86Opcode.hlt)
     /// The instructions under the patches that can be stepped out of line.
     var displaced: [UInt64: DisplacedInstruction] = [:]
+    /// The armed locations whose instruction (when armed) loads RFLAGS, popf or iret, with
+    /// the offset from rsp of the image it loads; the hit path skips guest-memory reads for
+    /// every other location (see `StepOver.ownTrapFlag`).
+    var flagLoads: [UInt64: UInt64] = [:]
 
     var isEmpty: Bool { owners.isEmpty }
 

@@ -11,11 +11,6 @@ struct OwnTrapFlag: Equatable {
     /// TF is set once it retired.
     var after: Bool
 
-    /// Whether an instruction starting with `byte` may be popf or iret (or a prefix).
-    static func mayLoadFlags(_ byte: UInt8) -> Bool {
-        byte == 0x9D || byte == 0xCF || byte == 0x66 || byte & 0xF0 == 0x40
-    }
-
     /// For popf/iret (with their 0x66 and REX prefixes), the offset from rsp of the RFLAGS
     /// image they load; nil for any other instruction. Long mode: popf pops 8 bytes (2 with
     /// 0x66); iret pops rip, cs, then rflags in slots of 4 bytes (8 with REX.W, 2 with 0x66).
@@ -81,23 +76,18 @@ final class StepOver: Sendable {
     /// matters: KVM's single step takes over RFLAGS.TF and clears it when the step ends, so
     /// a guest single-stepping itself through a probe would lose its TF and the #DB its TF
     /// raises for this instruction. nil: TF is clear before and the instruction does not
-    /// load RFLAGS (the usual case, one byte looked at). Else `before` (a #DB is owed to
-    /// the guest after the step) and `after` (TF must be set again): TF as before, or what
-    /// `popf`/`iret` load from the stack, read before the step.
+    /// load RFLAGS (the usual case: `flagLoads`, filled when arming, says so without a
+    /// read). Else `before` (a #DB is owed to the guest after the step) and `after` (TF must
+    /// be set again): TF as before, or what `popf`/`iret` load from the stack, read before
+    /// the step. Code the guest rewrites at a probe after arming keeps the arming's verdict.
     func ownTrapFlag(_ vcpu: VCPU, regs: Registers, address: UInt64, table b: Breakpoints) -> (OwnTrapFlag?, StepFailure?) {
         let before = regs.rflags & X86Flags.trap != 0
+        // The usual case, decided from what arming found: no guest-memory read.
+        let slot = b.flagLoads[address]
+        guard before || slot != nil else { return (nil, nil) }
+        guard let slot else { return (OwnTrapFlag(before: true, after: true), nil) }
         do throws(KVMError) {
             let cr3 = try vcpu.specialRegisters().cr3
-            var bytes = try memory.read(virtual: address, count: 1, cr3: cr3)
-            if let original = b.patches.original(at: address) { bytes[0] = original }
-            guard before || OwnTrapFlag.mayLoadFlags(bytes[0]) else { return (nil, nil) }
-            for k in 1..<4 {
-                guard let more = try? memory.read(virtual: address &+ UInt64(k), count: 1, cr3: cr3) else { break }
-                bytes.append(more[0])
-            }
-            guard let slot = OwnTrapFlag.flagsSlot(bytes) else {
-                return (before ? OwnTrapFlag(before: true, after: true) : nil, nil)
-            }
             let p = try memory.translate(virtual: regs.rsp &+ slot, cr3: cr3).physical
             let loaded = try memory.read(physical: p, count: 2)
             let after = UInt64(loaded[1]) << 8 & X86Flags.trap != 0
