@@ -383,6 +383,14 @@ public final class VCPU: @unchecked Sendable {
         return s.mp_state
     }
 
+    /// Sets the vCPU's multiprocessing state (3: halted, waiting for an interrupt in the
+    /// in-kernel LAPIC). Wraps `KVM_SET_MP_STATE`.
+    public func setMPState(_ state: UInt32) throws(KVMError) {
+        var s = kvm_mp_state()
+        s.mp_state = state
+        _ = try checked(ckvm_set_mp_state(fd, &s), "KVM_SET_MP_STATE")
+    }
+
     /// Writes model-specific registers. Wraps `KVM_SET_MSRS`; every entry must be taken.
     public func setMSRs(_ msrs: [(index: UInt32, value: UInt64)]) throws(KVMError) {
         guard !msrs.isEmpty else { return }

@@ -44,6 +44,7 @@ int ckvm_set_vcpu_events(int vcpu_fd, const struct kvm_vcpu_events *events);
 int ckvm_get_lapic(int vcpu_fd, struct kvm_lapic_state *lapic);
 int ckvm_set_lapic(int vcpu_fd, const struct kvm_lapic_state *lapic);
 int ckvm_get_mp_state(int vcpu_fd, struct kvm_mp_state *state);
+int ckvm_set_mp_state(int vcpu_fd, const struct kvm_mp_state *state);
 int ckvm_set_msrs(int vcpu_fd, const struct kvm_msrs *msrs);
 
 /* kvm_run.immediate_exit is written by a kicking thread and cleared by the vCPU thread:

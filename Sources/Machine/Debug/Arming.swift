@@ -86,7 +86,10 @@ extension Machine {
             for l in locations {
                 b.owners[l.address, default: []].append(.init(module: module, index: l.index, timing: l.timing, vcpus: selection))
             }
-            for (l, bytes) in leadingBytes { b.flagLoads[l.address] = OwnTrapFlag.flagsSlot(bytes) }
+            for (l, bytes) in leadingBytes {
+                b.flagLoads[l.address] = OwnTrapFlag.flagsSlot(bytes)
+                b.waitsForInterrupt[l.address] = OwnTrapFlag.waitsForInterrupt(bytes)
+            }
             // USE_SW_BP goes on every vCPU before the first byte is written.
             let debugs = (0..<vcpus.count).map { b.baseDebug(for: $0) }
             return debugs
@@ -144,6 +147,7 @@ extension Machine {
                 if kept.isEmpty {
                     b.owners[address] = nil
                     b.flagLoads[address] = nil
+                    b.waitsForInterrupt[address] = nil
                     if let p = b.patches.patches[address] {
                         do throws(KVMError) {
                             let current = try memory.read(physical: p.physical, count: 1)[0]

@@ -23,6 +23,10 @@ struct Breakpoints: Sendable {
     /// the offset from rsp of the image it loads; the hit path skips guest-memory reads for
     /// every other location (see `StepOver.ownTrapFlag`).
     var flagLoads: [UInt64: UInt64] = [:]
+    /// The armed locations whose instruction waits for an interrupt (hlt, mwait), with its
+    /// length: on the pc platform they are not stepped over but done by flowtrace (see
+    /// `Machine.waitInPlace`), and their step-overs elsewhere let interrupts in.
+    var waitsForInterrupt: [UInt64: UInt64] = [:]
 
     var isEmpty: Bool { owners.isEmpty }
 

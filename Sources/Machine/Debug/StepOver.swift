@@ -11,6 +11,13 @@ struct OwnTrapFlag: Equatable {
     /// TF is set once it retired.
     var after: Bool
 
+    /// The length of an instruction that waits for an interrupt: hlt (0xF4), mwait
+    /// (0F 01 C9); nil for any other.
+    static func waitsForInterrupt(_ bytes: [UInt8]) -> UInt64? {
+        if bytes.first == 0xF4 { return 1 }
+        return bytes.starts(with: [0x0F, 0x01, 0xC9]) ? 3 : nil
+    }
+
     /// For popf/iret (with their 0x66 and REX prefixes), the offset from rsp of the RFLAGS
     /// image they load; nil for any other instruction. Long mode: popf pops 8 bytes (2 with
     /// 0x66); iret pops rip, cs, then rflags in slots of 4 bytes (8 with REX.W, 2 with 0x66).
@@ -65,10 +72,12 @@ final class StepOver: Sendable {
         self.blocksInterrupts = blocksInterrupts
     }
 
-    /// The debug state for one step of `vcpu` over a probed instruction.
-    func debug(_ b: Breakpoints, vcpu: Int) -> GuestDebug {
+    /// The debug state for one step of `vcpu` over the probed instruction at `address`:
+    /// interrupts blocked, except for an instruction that waits for one (hlt, mwait), which
+    /// would otherwise wait for ever; its step ends where the interrupt took it.
+    func debug(_ b: Breakpoints, vcpu: Int, address: UInt64) -> GuestDebug {
         var d = b.stepOverDebug(for: vcpu)
-        d.blockInterrupts = blocksInterrupts
+        d.blockInterrupts = blocksInterrupts && b.waitsForInterrupt[address] == nil
         return d
     }
 
@@ -120,7 +129,7 @@ final class StepOver: Sendable {
                 do { try vcpu.setRegisters(regs) } catch { return (nil, StepFailure(error: error, doing: "setting the registers at a probe hit")) }
                 do {
                     try vcpu.flushRegisters()
-                    try vcpu.setGuestDebug(debug(b, vcpu: vcpu.id))
+                    try vcpu.setGuestDebug(debug(b, vcpu: vcpu.id, address: address))
                 } catch {
                     return (stepping, StepFailure(error: error, doing: "arming the out-of-line step over \(hex)"))
                 }
@@ -148,7 +157,7 @@ final class StepOver: Sendable {
         // The hit moved rip back onto the instruction: KVM must see it before it arms the step.
         do {
             try vcpu.flushRegisters()
-            try vcpu.setGuestDebug(debug(now, vcpu: vcpu.id))
+            try vcpu.setGuestDebug(debug(now, vcpu: vcpu.id, address: address))
         } catch {
             return (stepping, StepFailure(error: error, doing: "arming the single step over \(hex)"))
         }

@@ -19,11 +19,11 @@ extension Machine {
         }
         while !stopRequested.load(ordering: .acquiring) {
             if stepping == nil, hasPendingDisarms.load(ordering: .acquiring) { processPendingDisarms(from: vcpu) }
-            if rendezvous.gate(id), case .outOfLine? = stepping {
+            if rendezvous.gate(id), case let .outOfLine(address, _, _)? = stepping {
                 // Whoever held the rendezvous may have set every vCPU's debug state (arming,
                 // disarming): this one is in the middle of stepping a copy, which must still
                 // end after one instruction, or it would run on past the copy.
-                do { try vcpu.setGuestDebug(stepOver.debug(current, vcpu: id)) } catch {
+                do { try vcpu.setGuestDebug(stepOver.debug(current, vcpu: id, address: address)) } catch {
                     hostFailure(vcpu, error, while: "re-arming the single step of an out-of-line step-over")
                     return
                 }
@@ -75,10 +75,18 @@ extension Machine {
                 r.rip = address
                 guard setRegisters(vcpu, r) else { return }
                 if case .halt = probeHits(vcpu, at: address, .before, regs: r) { haltHere(vcpu, address: address, .before, rip: address) }
+                if platform.hasInterruptController, let length = current.waitsForInterrupt[address] {
+                    guard waitInPlace(vcpu, at: address, length: length) else { return }
+                    continue
+                }
                 guard readOwnTrapFlag(vcpu, regs: r, address: address, into: &ownTrapFlag) else { return }
                 stepping = beginStepOver(vcpu, address: address)
             case let .hardwareHit(address, regs):
                 if case .halt = probeHits(vcpu, at: address, .before, regs: regs) { haltHere(vcpu, address: address, .before, rip: address) }
+                if platform.hasInterruptController, let length = current.waitsForInterrupt[address] {
+                    guard waitInPlace(vcpu, at: address, length: length) else { return }
+                    continue
+                }
                 guard readOwnTrapFlag(vcpu, regs: regs, address: address, into: &ownTrapFlag) else { return }
                 stepping = beginStepOver(vcpu, address: address)
             case .stepAgain:
@@ -161,6 +169,34 @@ extension Machine {
         e.exceptionNumber = 1
         e.exceptionHasErrorCode = false
         try vcpu.setEvents(e)
+    }
+
+    /// A probe on an instruction that waits for an interrupt (hlt, mwait), on the pc
+    /// platform: instead of a step over it (a single step over hlt with the in-kernel
+    /// irqchip loses the interrupt that ends it on some hosts, and the vCPU then waits for
+    /// ever), flowtrace does what it does: rip past it, after-hits (the vCPU as it starts
+    /// to wait), and the vCPU halted in KVM until its next interrupt (`KVM_SET_MP_STATE`).
+    /// The trap byte or breakpoint stays. false: it failed and the run ends.
+    func waitInPlace(_ vcpu: VCPU, at address: UInt64, length: UInt64) -> Bool {
+        do throws(KVMError) {
+            var regs = try vcpu.registers()
+            regs.rip = address &+ length
+            try vcpu.setRegisters(regs)
+            if case .halt = probeHits(vcpu, at: address, .after, regs: regs) { haltHere(vcpu, address: address, .after, rip: regs.rip) }
+            try vcpu.flushRegisters()
+            // The probe may sit in an interrupt shadow (sti; hlt): the instruction is done,
+            // so is the shadow, or no interrupt could end the wait.
+            var events = try vcpu.events()
+            if events.interruptShadow != 0 {
+                events.interruptShadow = 0
+                try vcpu.setEvents(events)
+            }
+            try vcpu.setMPState(3)   // KVM_MP_STATE_HALTED
+            return true
+        } catch {
+            hostFailure(vcpu, error, while: "halting the vCPU at the probed hlt at 0x\(String(address, radix: 16))")
+            return false
+        }
     }
 
     /// false: it failed and the run ends.
