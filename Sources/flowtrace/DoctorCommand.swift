@@ -69,7 +69,7 @@ struct DoctorCommand: ParsableCommand {
 
         printOut("platforms:")
         let blockIRQ: String
-        do { blockIRQ = try host.blocksInterruptsWhileStepping() ? "yes" : "no (KVM_GUESTDBG_BLOCKIRQ not offered)" } catch {
+        do { blockIRQ = try host.blocksInterruptsWhileStepping() ? "BLOCKIRQ" : "an STI interrupt shadow (KVM_GUESTDBG_BLOCKIRQ not offered)" } catch {
             blockIRQ = "unknown (\(error.description))"
         }
         let irqchip = (try? host.capability(.irqchip)) ?? 0, pit = (try? host.capability(.pit2)) ?? 0
@@ -79,7 +79,7 @@ struct DoctorCommand: ParsableCommand {
             let engines = BreakpointEngine.allCases.filter(s.works).map(\.rawValue)
             let note = switch p {
             case .payload: "no interrupt controller; hlt ends a vCPU"
-            case .pc: "irqchip \(irqchip == 0 ? "missing" : "yes"), PIT \(pit == 0 ? "missing" : "yes"), step-overs block interrupts: \(blockIRQ)"
+            case .pc: "irqchip \(irqchip == 0 ? "missing" : "yes"), PIT \(pit == 0 ? "missing" : "yes"), step-overs keep interrupts out with \(blockIRQ)"
                 + (s.works(.hlt) ? "" : "; no hlt engine (KVM handles hlt itself)")
             }
             rows.append([p.rawValue, engines.isEmpty ? "none" : engines.joined(separator: ", "), note])

@@ -49,6 +49,35 @@ struct PlatformTests {
         }
     }
 
+    /// Ticks land anywhere while busy_step runs with interrupts on; the step over the
+    /// probed instruction keeps them out (BLOCKIRQ, or the interrupt-shadow fallback), so
+    /// every after-hit is at the next instruction, and the handler's probe agrees with the
+    /// guest's own tick count.
+    @Test("step-overs keep interrupts out", .enabled(if: !pcEngines.filter { $0 != .step }.isEmpty, "neither hw nor int3 works here"),
+          arguments: pcEngines.filter { $0 != .step }, [StepInterruptBlocking.auto, .interruptShadow])
+    func stepOversKeepInterruptsOut(_ engine: BreakpointEngine, _ blocking: StepInterruptBlocking) throws {
+        let path = try Guests.path("busy")
+        let next = try instructionAfter(try #require(ELFImage(path: path).symbol(named: "busy_step")).address, in: path)
+        let m = try Machine(path: path, configuration: .init(engine: .engine(engine), platform: .platform(.pc), stepInterrupts: blocking))
+        if blocking == .interruptShadow { #expect(m.stepInterruptBlocking == "an STI interrupt shadow") }
+        let module = try TraceModule(target: m)
+        let busy = try #require(m.symbolizer.address(of: "busy_step"))
+        try module.addProbe(Probe("busy", entries: [reg("rip")]), at: busy, timing: .after)
+        try module.addProbe(Probe("tick", entries: [reg("rdi")]), at: try #require(m.symbolizer.address(of: "timer_tick")))
+        try module.enable()
+        let r = try m.run(timeout: .seconds(120))
+        #expect(r.ending == .exited(status: 0x62))
+        let line = try #require(r.console.first?.text)
+        #expect(line.hasPrefix("busy: 2000 steps, work 1999000, ticks "))
+        let ticks = try #require(UInt64(line.split(separator: " ").last ?? ""))
+        let report = module.report()
+        let afters = report.filter { $0.address == busy }
+        #expect(afters.count == 2000)
+        #expect(afters.filter { u64($0.values[0]) != next }.count == 0, "after-hits not at the next instruction")
+        #expect(report.filter { $0.address != busy }.map { u64($0.values[0]) } == (0..<ticks).map { $0 + 1 })
+        #expect(ticks > 0)
+    }
+
     /// A probe on the idle loop's own hlt (in sti's interrupt shadow): flowtrace does the
     /// hlt (rip past it, the vCPU halted in KVM, the shadow over) instead of stepping it,
     /// so each hlt waits for exactly one tick: 20 hits before and after, the guest exact.

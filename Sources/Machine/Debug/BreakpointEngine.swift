@@ -139,6 +139,8 @@ public struct PatchTable: Sendable, Equatable {
 enum X86Flags {
     /// TF: the CPU traps (#DB) after each instruction.
     static let trap: UInt64 = 0x100
+    /// IF: maskable interrupts are taken.
+    static let interrupts: UInt64 = 0x200
 }
 
 /// One-byte x86 opcodes the engines write and look for.

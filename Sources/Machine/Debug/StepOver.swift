@@ -57,19 +57,19 @@ final class StepOver: Sendable {
     let memory: GuestMemory
     let layout: BootLayout
     let rendezvous: Rendezvous
-    /// Whether single steps set BLOCKIRQ.
-    let blocksInterrupts: Bool
+    /// What keeps interrupts out of a step.
+    let interrupts: StepInterruptMode
     let outOfLine = Atomic<UInt64>(0)
     let inPlace = Atomic<UInt64>(0)
     /// Tests only: called on a vCPU's thread right after it began an out-of-line step.
     let begun = Locked<(@Sendable (Int) -> Void)?>(nil)
     let hasHook = Atomic<Bool>(false)
 
-    init(memory: GuestMemory, layout: BootLayout, rendezvous: Rendezvous, blocksInterrupts: Bool) {
+    init(memory: GuestMemory, layout: BootLayout, rendezvous: Rendezvous, interrupts: StepInterruptMode) {
         self.memory = memory
         self.layout = layout
         self.rendezvous = rendezvous
-        self.blocksInterrupts = blocksInterrupts
+        self.interrupts = interrupts
     }
 
     /// The debug state for one step of `vcpu` over the probed instruction at `address`:
@@ -77,7 +77,7 @@ final class StepOver: Sendable {
     /// would otherwise wait for ever; its step ends where the interrupt took it.
     func debug(_ b: Breakpoints, vcpu: Int, address: UInt64) -> GuestDebug {
         var d = b.stepOverDebug(for: vcpu)
-        d.blockInterrupts = blocksInterrupts && b.waitsForInterrupt[address] == nil
+        d.blockInterrupts = interrupts == .blockIRQ && b.waitsForInterrupt[address] == nil
         return d
     }
 
@@ -130,6 +130,7 @@ final class StepOver: Sendable {
                 do {
                     try vcpu.flushRegisters()
                     try vcpu.setGuestDebug(debug(b, vcpu: vcpu.id, address: address))
+                    try shadowInterrupts(vcpu, address: address, table: b)
                 } catch {
                     return (stepping, StepFailure(error: error, doing: "arming the out-of-line step over \(hex)"))
                 }
@@ -158,10 +159,23 @@ final class StepOver: Sendable {
         do {
             try vcpu.flushRegisters()
             try vcpu.setGuestDebug(debug(now, vcpu: vcpu.id, address: address))
+            try shadowInterrupts(vcpu, address: address, table: now)
         } catch {
             return (stepping, StepFailure(error: error, doing: "arming the single step over \(hex)"))
         }
         return (stepping, nil)
+    }
+
+    /// The fallback without BLOCKIRQ: with interrupts on, an STI interrupt shadow over the
+    /// stepped instruction, so the CPU takes no interrupt before it retired (not for an
+    /// instruction that waits for one). Interrupts off: nothing can come anyway.
+    private func shadowInterrupts(_ vcpu: VCPU, address: UInt64, table b: Breakpoints) throws(KVMError) {
+        guard interrupts == .interruptShadow, b.waitsForInterrupt[address] == nil else { return }
+        guard try vcpu.registers().rflags & X86Flags.interrupts != 0 else { return }
+        var e = try vcpu.events()
+        guard e.interruptShadow == 0 else { return }
+        e.interruptShadow = 1   // KVM_X86_SHADOW_INT_STI
+        try vcpu.setEvents(e)
     }
 
     /// Ends an in-place step: puts the trap back (if the location is still armed) and the

@@ -36,8 +36,16 @@ public final class Machine: TraceTarget {
     /// Which engines work on this host and platform (the per-process self-test, then the
     /// platform's restrictions).
     public let engineSupport: EngineSupport
-    /// Whether single steps block interrupts (`KVM_GUESTDBG_BLOCKIRQ`); see `docs/engines.md`.
+    /// Whether the host can block interrupts during single steps (`KVM_GUESTDBG_BLOCKIRQ`).
     public let blocksInterruptsWhileStepping: Bool
+    /// How step-overs keep interrupts out here (see `StepInterruptBlocking`).
+    public var stepInterruptBlocking: String {
+        switch stepOver.interrupts {
+        case .blockIRQ: "KVM_GUESTDBG_BLOCKIRQ"
+        case .interruptShadow: "an STI interrupt shadow"
+        case .none: "nothing"
+        }
+    }
 
     public static let consolePort: UInt16 = DebugConsole.port
     public static let exitPort: UInt16 = ExitPort.port
@@ -162,8 +170,12 @@ public final class Machine: TraceTarget {
         let kickable = vcpus
         let rendezvous = Rendezvous(vcpus: n) { kickable[$0].kick() }
         self.rendezvous = rendezvous
-        stepOver = StepOver(memory: memory, layout: boot.layout, rendezvous: rendezvous,
-                            blocksInterrupts: blocksInterruptsWhileStepping && platform.hasInterruptController)
+        let mode: StepInterruptMode = switch (platform.hasInterruptController, configuration.stepInterrupts) {
+        case (false, _), (true, .none): .none
+        case (true, .interruptShadow): .interruptShadow
+        case (true, .auto): blocksInterruptsWhileStepping ? .blockIRQ : .interruptShadow
+        }
+        stepOver = StepOver(memory: memory, layout: boot.layout, rendezvous: rendezvous, interrupts: mode)
     }
 
     /// Loads the ELF file at `path` and builds a machine for it.

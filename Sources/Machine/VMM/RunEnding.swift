@@ -13,16 +13,20 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var platform: PlatformRequest
     /// Where the serial port's (COM1) output goes.
     public var serial: SerialDestination
+    /// How a step over a probed instruction keeps interrupts out (the pc platform).
+    public var stepInterrupts: StepInterruptBlocking
 
     public static let defaultMemorySize: UInt64 = 64 << 20
 
     public init(vcpuCount: Int = 1, memorySize: UInt64 = MachineConfiguration.defaultMemorySize, engine: EngineRequest = .auto,
-                platform: PlatformRequest = .auto, serial: SerialDestination = .console) {
+                platform: PlatformRequest = .auto, serial: SerialDestination = .console,
+                stepInterrupts: StepInterruptBlocking = .auto) {
         self.vcpuCount = vcpuCount
         self.memorySize = memorySize
         self.engine = engine
         self.platform = platform
         self.serial = serial
+        self.stepInterrupts = stepInterrupts
     }
 }
 
@@ -78,4 +82,23 @@ public struct RunResult: Sendable {
     public var console: [ConsoleLine]
     /// Wall time from starting the first vCPU until this result.
     public var elapsed: Duration
+}
+
+/// How a single step over a probed instruction keeps interrupts from being taken in the
+/// middle of it, on a platform with interrupts.
+public enum StepInterruptBlocking: Sendable, Equatable {
+    /// `KVM_GUESTDBG_BLOCKIRQ` where the host offers it, else `interruptShadow`.
+    case auto
+    /// The fallback: an STI interrupt shadow set for the stepped instruction
+    /// (`KVM_SET_VCPU_EVENTS`), when interrupts are on; the CPU then takes none until it
+    /// retired. Chosen by `auto` where BLOCKIRQ is missing; selectable to test it.
+    case interruptShadow
+    /// Nothing: an interrupt may land in a step-over (its after-hit then names the
+    /// handler). Only to show what the others prevent.
+    case none
+}
+
+/// What a machine's step-overs do about interrupts (resolved from `StepInterruptBlocking`).
+enum StepInterruptMode: Sendable, Equatable {
+    case blockIRQ, interruptShadow, none
 }
