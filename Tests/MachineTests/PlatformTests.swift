@@ -82,7 +82,7 @@ struct PlatformTests {
     /// hlt (rip past it, the vCPU halted in KVM, the shadow over) instead of stepping it,
     /// so each hlt waits for exactly one tick: 20 hits before and after, the guest exact.
     /// (The step engine single-steps the hlt, which on some hosts returns at once: there
-    /// only the guest's own count is checked.)
+    /// the guest's own count and the tick probe are checked, the hlt's hits only seen.)
     @Test("a probe on the idle loop's hlt", .enabled(if: !pcEngines.isEmpty, "no engine works on the pc platform here"), arguments: pcEngines)
     func probeOnTheIdleHlt(_ engine: BreakpointEngine) throws {
         let path = try Guests.path("timer")
@@ -107,8 +107,9 @@ struct PlatformTests {
                 #expect(hlts.count == 20, "\(engine) \(timing)")
                 #expect(hlts.allSatisfy { u64($0.values[0]) == (timing == .before ? hlt : hlt + 1) }, "\(engine) \(timing)")
             } else {
-                // After a stepped hlt an interrupt may come first: rip is then its handler's.
-                #expect(hlts.count >= 20)
+                // A stepped hlt may return at once, and an interrupt may come between the
+                // steps: the hlt is seen, not counted per tick.
+                #expect(!hlts.isEmpty)
             }
         }
     }
