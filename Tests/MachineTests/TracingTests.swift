@@ -1,4 +1,5 @@
 import ELF
+import FlowGraph
 import FlowTrace
 import Foundation
 import KVM
@@ -361,7 +362,8 @@ struct Int3Tests {
         let untraced = try Machine(path: path).run(timeout: .seconds(60))
         #expect(untraced.ending == .exited(status: 0x42))
         #expect(untraced.console.map(\.text) == ["own-traps: 5 breakpoints, 13 single steps"])
-        let places = try functionInstructions(path, "stepped_region") + [try #require(ELFImage(path: path).symbol(named: "own_int3")).address]
+        // Decoded here (no objdump in the nested machine; the host's tests check the two agree).
+        let places = try decodedInstructions(path, "stepped_region") + [try #require(ELFImage(path: path).symbol(named: "own_int3")).address]
         let m = try Machine(path: path, configuration: .init(engine: .engine(.int3)))
         let module = try TraceModule(target: m)
         for a in places { try module.addProbe(Probe("p"), at: a) }
@@ -373,6 +375,21 @@ struct Int3Tests {
         #expect(module.report().filter { $0.address == ownInt3 }.count == 5)
         #expect(module.report().filter { $0.address != ownInt3 }.count == places.count - 1)
     }
+}
+
+/// The instruction addresses of `function` in `path` by a linear sweep of flowtrace's decoder.
+func decodedInstructions(_ path: String, _ function: String) throws -> [UInt64] {
+    let image = try ELFImage(path: path)
+    let f = try #require(image.symbol(named: function))
+    let source = ImageCodeSource(image: image)
+    var addresses: [UInt64] = [], a = f.address
+    while a < f.address + f.size {
+        let bytes = try source.code(at: a, count: X86Decoder.maxLength).get()
+        let i = try X86Decoder().decode(bytes, at: a).get()
+        addresses.append(a)
+        a = i.end
+    }
+    return addresses
 }
 
 /// The instruction addresses of `function` in `path` (objdump as ground truth, symbols
