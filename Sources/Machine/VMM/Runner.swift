@@ -43,8 +43,12 @@ extension Machine {
                 return
             }
             if reinjected {
+                // The injection is done; the debug state it rode on comes back without it.
                 reinjected = false
-                applyBaseDebug(vcpu)
+                do { try vcpu.setGuestDebug(debugState(id, stepping: stepping)) } catch {
+                    hostFailure(vcpu, error, while: "setting the vCPU's breakpoints after re-injecting the guest's #BP")
+                    return
+                }
             }
             switch exits.handle(exit, vcpu: vcpu, table: current, stepping: stepping) {
             case .resume:
@@ -130,8 +134,10 @@ extension Machine {
                 if case .halt = probeHits(vcpu, at: regs.rip, .before, regs: regs) { haltHere(vcpu, address: regs.rip, .before, rip: regs.rip) }
                 previousRip = regs.rip
             case .reinjectBreakpoint:
-                // Not ours: deliver it to the guest as if we were not there.
-                var d = current.baseDebug(for: id)
+                // Not ours: deliver it to the guest as if we were not there. Inside a step
+                // over a probe (the guest's int3 is the probed instruction) the step goes on:
+                // it ends at the guest's #BP handler.
+                var d = debugState(id, stepping: stepping)
                 d.injectBreakpoint = true
                 do { try vcpu.setGuestDebug(d) } catch {
                     finish(vcpu, .exitFailed(exit, error, while: "re-injecting the guest's own #BP"))
@@ -169,6 +175,15 @@ extension Machine {
         e.exceptionNumber = 1
         e.exceptionHasErrorCode = false
         try vcpu.setEvents(e)
+    }
+
+    /// The debug state vCPU `id` runs with now: one step's while stepping over a probe, else
+    /// the engine's usual one.
+    func debugState(_ id: Int, stepping: Stepping?) -> GuestDebug {
+        switch stepping {
+        case let .over(address, _)?, let .outOfLine(address, _, _)?: stepOver.debug(current, vcpu: id, address: address)
+        case nil: current.baseDebug(for: id)
+        }
     }
 
     /// A probe on an instruction that waits for an interrupt (hlt, mwait), on the pc
