@@ -77,22 +77,11 @@ extension Machine {
                 // Our trap: back to the probed instruction, hit, then step over it.
                 var r = regs
                 r.rip = address
-                guard setRegisters(vcpu, r) else { return }
-                if case .halt = probeHits(vcpu, at: address, .before, regs: r) { haltHere(vcpu, address: address, .before, rip: address) }
-                if platform.hasInterruptController, let length = current.waitsForInterrupt[address] {
-                    guard waitInPlace(vcpu, at: address, length: length) else { return }
-                    continue
-                }
-                guard readOwnTrapFlag(vcpu, regs: r, address: address, into: &ownTrapFlag) else { return }
-                stepping = beginStepOver(vcpu, address: address)
+                guard setRegisters(vcpu, r), let next = hitBefore(vcpu, at: address, regs: r) else { return }
+                (stepping, ownTrapFlag) = next
             case let .hardwareHit(address, regs):
-                if case .halt = probeHits(vcpu, at: address, .before, regs: regs) { haltHere(vcpu, address: address, .before, rip: address) }
-                if platform.hasInterruptController, let length = current.waitsForInterrupt[address] {
-                    guard waitInPlace(vcpu, at: address, length: length) else { return }
-                    continue
-                }
-                guard readOwnTrapFlag(vcpu, regs: regs, address: address, into: &ownTrapFlag) else { return }
-                stepping = beginStepOver(vcpu, address: address)
+                guard let next = hitBefore(vcpu, at: address, regs: regs) else { return }
+                (stepping, ownTrapFlag) = next
             case .stepAgain:
                 continue
             case let .outOfLineDone(address, slot, displaced, regs):
@@ -175,6 +164,20 @@ extension Machine {
         e.exceptionNumber = 1
         e.exceptionHasErrorCode = false
         try vcpu.setEvents(e)
+    }
+
+    /// A probe's hit before its instruction (rip on it), then the instruction: stepped over
+    /// (the stepping state and the guest's own TF to give back), or done by flowtrace for an
+    /// instruction that waits for an interrupt on the pc platform (nothing to step). nil: a
+    /// host call failed and the run ends.
+    func hitBefore(_ vcpu: VCPU, at address: UInt64, regs: Registers) -> (Stepping?, OwnTrapFlag?)? {
+        if case .halt = probeHits(vcpu, at: address, .before, regs: regs) { haltHere(vcpu, address: address, .before, rip: address) }
+        if platform.hasInterruptController, let length = current.waitsForInterrupt[address] {
+            return waitInPlace(vcpu, at: address, length: length) ? (nil, nil) : nil
+        }
+        var own: OwnTrapFlag?
+        guard readOwnTrapFlag(vcpu, regs: regs, address: address, into: &own) else { return nil }
+        return (beginStepOver(vcpu, address: address), own)
     }
 
     /// The debug state vCPU `id` runs with now: one step's while stepping over a probe, else
