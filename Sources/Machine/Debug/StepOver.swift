@@ -51,8 +51,9 @@ struct StepFailure: Error, Equatable {
 /// the vCPU's slot, the trap byte stays, the other vCPUs run on. In place otherwise (an
 /// instruction that depends on where it runs, code off the boot page tables, bytes the
 /// guest rewrote): the original byte goes back for the step and, for the patching engines,
-/// the other vCPUs are held out of the guest meanwhile. Each step blocks interrupts where
-/// the host offers it on a platform that has them (`KVM_GUESTDBG_BLOCKIRQ`).
+/// the other vCPUs are held out of the guest meanwhile. On a platform with interrupts each
+/// step keeps them out: `KVM_GUESTDBG_BLOCKIRQ` where the host offers it, else an STI
+/// interrupt shadow over the instruction (see `StepInterruptBlocking`).
 final class StepOver: Sendable {
     let memory: GuestMemory
     let layout: BootLayout

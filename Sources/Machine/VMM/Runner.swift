@@ -103,14 +103,15 @@ extension Machine {
                 // The single step over a probed instruction is done: after-exec hits.
                 stepping = nil
                 let action = probeHits(vcpu, at: address, .after, regs: regs)
-                let halted = executedHalt(vcpu, at: address, rip: regs.rip)
+                // Only the payload platform ends a vCPU at its own hlt (on pc it is done in place).
+                let halted = platform == .payload ? executedHalt(vcpu, at: address, rip: regs.rip) : false
                 guard endStepOver(vcpu, address: address, held: held), let halted else { return }
                 if let own = ownTrapFlag {
                     ownTrapFlag = nil
                     guard restoreOwnTrapFlag(vcpu, own) else { return }
                 }
                 if case .halt = action { haltHere(vcpu, address: address, .after, rip: regs.rip) }
-                if halted, platform == .payload { vcpuHalted(); return }
+                if halted { vcpuHalted(); return }
             case let .stepEngine(regs):
                 // rip is the next instruction; previousRip the one just executed (if it
                 // retired: a restarted instruction leaves rip in place).
