@@ -59,7 +59,7 @@ let package = Package(
         .target(name: "TestSupport", dependencies: ["Locking"], path: "Tests/TestSupport"),
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Locking"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "Locking", "TestSupport"]),
         .testTarget(name: "FlowGraphTests", dependencies: ["FlowGraph", "ELF", "TestSupport"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "ELF", "KVM", "FlowGraph", "FlowTraceGraphs", "TestSupport"]),
         .testTarget(name: "FlowTraceTests", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "FlowTraceGraphs", "Locking", "TestSupport"]),
