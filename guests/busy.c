@@ -26,10 +26,7 @@ __attribute__((noinline)) void busy_step(u64 i) {
 int guest_main(int cpu, int ncpus) {
     (void)ncpus;
     if (cpu != 0) return 0;
-    idt_set(0x20, timer_entry);
-    idt_load();
-    pic_init(1 << 0);
-    pit_start(1000);
+    pit_timer_start(timer_entry, 1000);
     __asm__ volatile("sti");
     for (u64 i = 0; i < STEPS; i++) busy_step(i);
     __asm__ volatile("cli");

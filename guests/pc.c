@@ -45,6 +45,13 @@ void pit_start(u32 hz) {
     outb(0x40, (u8)(divisor >> 8));
 }
 
+void pit_timer_start(void (*entry)(void), u32 hz) {
+    idt_set(0x20, entry);
+    idt_load();
+    pic_init(1 << 0);
+    pit_start(hz);
+}
+
 void serial_putc(char c) {
     while (!(inb(COM1 + 5) & 0x20)) {}
     outb(COM1, (u8)c);

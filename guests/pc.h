@@ -25,6 +25,10 @@ void pic_eoi(int irq);
 /* Programs PIT channel 0 as a rate generator at `hz` (IRQ 0). */
 void pit_start(u32 hz);
 
+/* The legacy timer: `entry` on vector 0x20 (IRQ 0), the IDT loaded, the PIC remapped with
+ * only IRQ 0 unmasked, the PIT at `hz`. Interrupts stay off until the caller's sti. */
+void pit_timer_start(void (*entry)(void), u32 hz);
+
 /* The local APIC's registers (xAPIC MMIO at 0xFEE00000). */
 #define LAPIC_BASE 0xFEE00000ul
 static inline u32 lapic_read(u32 reg) { return *(volatile u32 *)(LAPIC_BASE + reg); }

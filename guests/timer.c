@@ -26,10 +26,7 @@ INTERRUPT_ENTRY(timer_entry, timer_interrupt);
 int guest_main(int cpu, int ncpus) {
     (void)ncpus;
     if (cpu != 0) return 0;
-    idt_set(0x20, timer_entry);
-    idt_load();
-    pic_init(1 << 0);
-    pit_start(100);
+    pit_timer_start(timer_entry, 100);
     while (ticks < TICKS) __asm__ volatile("sti; hlt; cli");
     serial_puts("timer: ");
     serial_u64(ticks);

@@ -101,5 +101,6 @@ public final class I8042: PortDevice {
     }
 }
 
+/// What a read of `size` bytes from an empty bus returns: all ones.
 @inline(__always)
-func allOnes(_ size: Int) -> UInt32 { size >= 4 ? UInt32.max : (1 << (UInt32(size) * 8)) - 1 }
+public func allOnes(_ size: Int) -> UInt32 { size >= 4 ? UInt32.max : (1 << (UInt32(size) * 8)) - 1 }

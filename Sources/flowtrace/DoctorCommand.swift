@@ -72,14 +72,17 @@ struct DoctorCommand: ParsableCommand {
         do { blockIRQ = try host.blocksInterruptsWhileStepping() ? "BLOCKIRQ" : "an STI interrupt shadow (KVM_GUESTDBG_BLOCKIRQ not offered)" } catch {
             blockIRQ = "unknown (\(error.description))"
         }
-        let irqchip = (try? host.capability(.irqchip)) ?? 0, pit = (try? host.capability(.pit2)) ?? 0
+        func present(_ cap: Capability) -> String {
+            do { return try host.capability(cap) == 0 ? "missing" : "yes" } catch { return "unknown (\(error.description))" }
+        }
+        let irqchip = present(.irqchip), pit = present(.pit2)
         rows = [["PLATFORM", "ENGINES", "NOTES"]]
         for p in Platform.allCases {
             let s = support.restricted(to: p)
             let engines = BreakpointEngine.allCases.filter(s.works).map(\.rawValue)
             let note = switch p {
             case .payload: "no interrupt controller; hlt ends a vCPU"
-            case .pc: "irqchip \(irqchip == 0 ? "missing" : "yes"), PIT \(pit == 0 ? "missing" : "yes"), step-overs keep interrupts out with \(blockIRQ)"
+            case .pc: "irqchip \(irqchip), PIT \(pit), step-overs keep interrupts out with \(blockIRQ)"
                 + (s.works(.hlt) ? "" : "; no hlt engine (KVM handles hlt itself)")
             }
             rows.append([p.rawValue, engines.isEmpty ? "none" : engines.joined(separator: ", "), note])

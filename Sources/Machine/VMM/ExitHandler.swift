@@ -167,6 +167,3 @@ struct ExitHandler: Sendable {
         return .resume
     }
 }
-
-@inline(__always)
-func allOnes(_ size: Int) -> UInt32 { size >= 4 ? UInt32.max : (1 << (UInt32(size) * 8)) - 1 }

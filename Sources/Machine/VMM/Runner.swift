@@ -136,16 +136,7 @@ extension Machine {
                 reinjected = true
             case let .reinjectDebug(dr6):
                 // The guest's own #DB, with the DR6 the exit reported.
-                do throws(KVMError) {
-                    var dr = try vcpu.debugRegisters()
-                    dr.dr6 = dr6
-                    try vcpu.setDebugRegisters(dr)
-                    var e = try vcpu.events()
-                    e.exceptionInjected = true
-                    e.exceptionNumber = 1
-                    e.exceptionHasErrorCode = false
-                    try vcpu.setEvents(e)
-                } catch {
+                do { try injectDebugException(vcpu) { _ in dr6 } } catch {
                     finish(vcpu, .exitFailed(exit, error, while: "re-injecting the guest's own #DB"))
                     return
                 }
@@ -153,12 +144,12 @@ extension Machine {
         }
     }
 
-    /// Delivers a single-step #DB to the guest as the CPU would: DR6.BS set, the exception
-    /// injected through `KVM_SET_VCPU_EVENTS` (the guest-debug flag `KVM_GUESTDBG_INJECT_DB`
-    /// is not delivered on every host: PVM drops it).
-    func injectOwnDebugTrap(_ vcpu: VCPU) throws(KVMError) {
+    /// Delivers a #DB to the guest as the CPU would: DR6 as `dr6` makes it from the current
+    /// one, the exception injected through `KVM_SET_VCPU_EVENTS` (the guest-debug flag
+    /// `KVM_GUESTDBG_INJECT_DB` is not delivered on every host: PVM drops it).
+    func injectDebugException(_ vcpu: VCPU, dr6: (UInt64) -> UInt64) throws(KVMError) {
         var dr = try vcpu.debugRegisters()
-        dr.dr6 = dr.dr6 & ~0xF | 0x4000
+        dr.dr6 = dr6(dr.dr6)
         try vcpu.setDebugRegisters(dr)
         var e = try vcpu.events()
         e.exceptionInjected = true
@@ -235,7 +226,8 @@ extension Machine {
                 regs.rflags |= X86Flags.trap
                 try vcpu.setRegisters(regs)
             }
-            if own.before { try injectOwnDebugTrap(vcpu) }
+            // A single-step trap: DR6.BS set, no breakpoint bits.
+            if own.before { try injectDebugException(vcpu) { $0 & ~0xF | 0x4000 } }
             return true
         } catch {
             hostFailure(vcpu, error, while: "giving the guest back its own trap flag after stepping over a probe")
