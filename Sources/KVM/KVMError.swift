@@ -11,7 +11,7 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A system call (mmap, open, ...) failed with `errno`.
     case system(String, errno: Int32)
     /// A guest-physical access outside the guest's RAM.
-    case physicalOutOfRange(address: UInt64, count: Int, ramSize: UInt64)
+    case physicalOutOfRange(address: UInt64, count: Int, ram: [Range<UInt64>])
     /// A guest-virtual address with no mapping in the page tables rooted at `cr3`.
     case unmapped(virtual: UInt64, cr3: UInt64, level: Int)
     /// A memory or vCPU parameter the host cannot take.
@@ -35,7 +35,8 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
         case let .system(name, err):
             return "\(name) failed: \(String(cString: strerror(err))) (errno \(err))"
         case let .physicalOutOfRange(address, count, ram):
-            return "guest-physical access of \(count) bytes at \(hex(address)) is outside guest RAM (0x0..\(hex(ram)))"
+            let ranges = ram.map { "\(hex($0.lowerBound))..\(hex($0.upperBound))" }.joined(separator: ", ")
+            return "guest-physical access of \(count) bytes at \(hex(address)) is outside guest RAM (\(ranges))"
         case let .unmapped(virtual, cr3, level):
             return "guest-virtual address \(hex(virtual)) is not mapped (page walk from cr3 \(hex(cr3)) stopped at level \(level))"
         case let .invalidArgument(text):

@@ -67,6 +67,14 @@ public struct Segment: Sendable, Equatable {
         return s
     }
 
+    /// A flat 32-bit execute/read code segment (protected mode).
+    public static func code32(selector: UInt16) -> Segment {
+        var s = Segment()
+        s.limit = 0xFFFF_FFFF; s.selector = selector; s.type = 0xB; s.present = true
+        s.system = true; s.defaultSize32 = true; s.granularity4K = true
+        return s
+    }
+
     /// A flat read/write data segment at privilege `dpl`.
     public static func data(selector: UInt16, dpl: UInt8 = 0) -> Segment {
         var s = Segment()
@@ -200,4 +208,9 @@ public struct LocalAPICState: Sendable, Equatable {
     public mutating func setDelivery(_ mode: UInt32, lvt offset: Int) {
         self[register: offset] = self[register: offset] & ~0x1_0700 | mode << 8
     }
+}
+
+extension SpecialRegisters {
+    /// How this vCPU translates linear addresses now.
+    public var paging: PagingMode { PagingMode(cr0: cr0, cr3: cr3, cr4: cr4, efer: efer) }
 }

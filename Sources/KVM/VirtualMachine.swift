@@ -17,13 +17,15 @@ public final class VirtualMachine: Sendable {
 
     deinit { close(fd) }
 
-    /// Makes `memory` the guest's physical RAM at `guestPhysical` in slot `slot`.
-    /// Wraps `KVM_SET_USER_MEMORY_REGION`.
-    public func map(_ memory: GuestMemory, at guestPhysical: UInt64 = 0, slot: UInt32 = 0) throws(KVMError) {
-        var region = kvm_userspace_memory_region(
-            slot: slot, flags: 0, guest_phys_addr: guestPhysical,
-            memory_size: memory.size, userspace_addr: memory.hostAddress)
-        _ = try checked(ckvm_set_user_memory_region(fd, &region), "KVM_SET_USER_MEMORY_REGION")
+    /// Makes `memory` the guest's physical RAM: one memslot per range (`GuestMemory.regions`),
+    /// numbered from `slot`. Wraps `KVM_SET_USER_MEMORY_REGION`.
+    public func map(_ memory: GuestMemory, slot: UInt32 = 0) throws(KVMError) {
+        for (i, r) in memory.regions.enumerated() {
+            var region = kvm_userspace_memory_region(
+                slot: slot + UInt32(i), flags: 0, guest_phys_addr: r.guestPhysical,
+                memory_size: r.size, userspace_addr: memory.hostAddress + r.offset)
+            _ = try checked(ckvm_set_user_memory_region(fd, &region), "KVM_SET_USER_MEMORY_REGION")
+        }
         // The VM must keep the mapping alive while the guest can touch it.
         slots.withLock { $0.append(memory) }
     }

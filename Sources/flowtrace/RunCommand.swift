@@ -37,6 +37,21 @@ enum PlatformOption: String, ExpressibleByArgument, CaseIterable {
     }
 }
 
+enum BootOption: String, ExpressibleByArgument, CaseIterable {
+    case auto, payload, linux, pvh, multiboot, multiboot2
+
+    var request: BootRequest {
+        switch self {
+        case .auto: .auto
+        case .payload: .boot(.payload)
+        case .linux: .boot(.linux)
+        case .pvh: .boot(.pvh)
+        case .multiboot: .boot(.multiboot)
+        case .multiboot2: .boot(.multiboot2)
+        }
+    }
+}
+
 /// What --serial asks for.
 enum SerialMode: Equatable {
     /// Output to the console, no input.
@@ -107,14 +122,26 @@ struct RunCommand: ParsableCommand {
         """
     )
 
-    @Argument(help: "A static x86-64 ELF executable (e.g. guests/build/fib.elf).")
+    @Argument(help: "A payload (static x86-64 ELF, e.g. guests/build/fib.elf) or a kernel: Linux bzImage or vmlinux, PVH, Multiboot 1 or 2; see BOOTING KERNELS.")
     var guest: String
 
-    @Option(help: "Number of vCPUs; each starts at the entry with its index in rdi.")
+    @Option(help: "Boot protocol: auto (what the image is), payload, linux, pvh, multiboot or multiboot2.")
+    var boot: BootOption = .auto
+
+    @Option(help: ArgumentHelp("The kernel's command line (QEMU's -append).", valueName: "cmdline"))
+    var append: String?
+
+    @Option(help: ArgumentHelp("An initrd (Linux), or the first module (Multiboot, PVH); QEMU's -initrd.", valueName: "file"))
+    var initrd: String?
+
+    @Option(name: .customLong("module"), help: ArgumentHelp("A Multiboot or PVH module with its command line (repeatable).", valueName: "file[,args]"))
+    var modules: [String] = []
+
+    @Option(help: "Number of vCPUs. Payloads: each starts at the entry with its index in rdi; kernels: vCPU 0 starts, the kernel starts the others.")
     var vcpus: Int = 1
 
-    @Option(help: "Guest RAM: bytes or a K/M/G suffix, a multiple of 2M.")
-    var memory: String = "64M"
+    @Option(help: "Guest RAM: bytes or a K/M/G suffix, a multiple of 2M (default 64M for payloads, 512M for kernels; kernels up to 64G).")
+    var memory: String?
 
     @Option(help: "Stop the guest after this many seconds (exit status 124).")
     var timeout: Double?
@@ -175,17 +202,32 @@ struct RunCommand: ParsableCommand {
         // traced); once the guest runs it stops every vCPU and what the run took is reported.
         let interruption = Interruption()
         defer { interruption.cancel() }
-        let memorySize: UInt64
-        do { memorySize = try parseMemorySize(memory) } catch { throw fail(error.description, status: ExitStatus.usage) }
         if let t = timeout, !(t > 0 && t <= 1e9) {
             throw fail("--timeout \(t): must be a positive number of seconds, at most 1e9", status: ExitStatus.usage)
         }
         guard maxRecords >= 0 else { throw fail("--max-records \(maxRecords): must be 0 (no limit) or more", status: ExitStatus.usage) }
         // The image is checked first so a bad file is reported as such even without KVM.
-        let image: ELFImage
-        do { image = try ELFImage(path: guest) } catch { throw fail(error.description, status: ExitStatus.usage) }
+        let kernel: KernelImage
+        let bootProtocol: BootProtocol
+        do {
+            kernel = try KernelImage(path: guest)
+            bootProtocol = try kernel.resolve(boot.request)
+        } catch { throw fail(error.description, status: ExitStatus.usage) }
+        if bootProtocol == .payload {
+            let given = [append.map { _ in "--append" }, initrd.map { _ in "--initrd" }, modules.isEmpty ? nil : "--module"].compactMap { $0 }
+            if let first = given.first {
+                throw fail("\(first): \(guest) is booted as a flowtrace payload, which takes no command line, initrd or modules; give a kernel, or --boot linux|pvh|multiboot|multiboot2", status: ExitStatus.usage)
+            }
+        }
+        let memorySize: UInt64
+        do {
+            memorySize = try memory.map(parseMemorySize) ?? (bootProtocol == .payload ? MachineConfiguration.defaultMemorySize : MachineConfiguration.defaultKernelMemorySize)
+        } catch { throw fail(error.description, status: ExitStatus.usage) }
+        // Payloads: their ELF file; kernels: the ELF (a vmlinux, Multiboot or PVH kernel), or
+        // nothing to check probes against (a bzImage).
+        let image = kernel.elf ?? ELFImage(path: guest, entry: 0, segments: [])
         let symbols = Symbolizer(image: image)
-        let plan = try TracePlan(command: self, image: image, symbols: symbols)
+        let plan = try TracePlan(command: self, image: image, symbols: symbols, checkCode: bootProtocol == .payload)
         let serialMode = try SerialMode(parsing: serial)
         if case let .file(path) = serialMode {
             do { try ByteSink.checkWritable(path) } catch { throw fail("--serial file:\(path): \(error.description)", status: ExitStatus.usage) }
@@ -200,9 +242,11 @@ struct RunCommand: ParsableCommand {
         let destination: SerialDestination = if case .file = serialMode { .sink(SerialSink { serialFile.write($0) }) } else { .console }
         let machine: Machine
         do {
+            let files = BootFiles(commandLine: append ?? "", initrd: initrd, modules: modules.map(BootModule.init(option:)))
             let configuration = MachineConfiguration(vcpuCount: vcpus, memorySize: memorySize, engine: engine.request,
-                                                     platform: platform.request, serial: destination)
-            machine = try Machine(image: image, configuration: configuration, host: host)
+                                                     platform: platform.request, serial: destination,
+                                                     boot: .boot(bootProtocol), files: files)
+            machine = try Machine(kernel: kernel, configuration: configuration, host: host)
         } catch {
             if case .kvm = error { throw fail(error.description, status: ExitStatus.unavailable) }
             throw fail(error.description, status: ExitStatus.usage)
@@ -413,7 +457,9 @@ struct TracePlan {
     /// nil: stdout. Checked to be writable; opened only to write the records.
     let output: String?
 
-    init(command c: RunCommand, image: ELFImage, symbols: Symbolizer) throws(ExitCode) {
+    /// `checkCode`: probes must lie in the image's executable segments (payloads; a kernel
+    /// maps its code where it wants).
+    init(command c: RunCommand, image: ELFImage, symbols: Symbolizer, checkCode: Bool = true) throws(ExitCode) {
         var specs: [(ProbeSpec, PlannedProbe)] = []
         var byAddress: [UInt64: String] = [:]
         let decoder = X86Decoder()
@@ -423,7 +469,7 @@ struct TracePlan {
             do { spec = try ProbeSpec.parse(text, symbols: symbols) } catch {
                 throw fail("--probe '\(text)': \(error.message)", status: ExitStatus.usage)
             }
-            guard image.segments.contains(where: { $0.isExecutable && $0.range.contains(spec.address) }) else {
+            guard !checkCode || image.segments.contains(where: { $0.isExecutable && $0.range.contains(spec.address) }) else {
                 let code = image.segments.filter(\.isExecutable).map { "\(hex($0.range.lowerBound))-\(hex($0.range.upperBound))" }
                 throw fail("--probe '\(text)': \(hex(spec.address)) is not in the guest's code (executable segments: \(code.joined(separator: ", ")))", status: ExitStatus.usage)
             }

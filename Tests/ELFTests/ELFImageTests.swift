@@ -113,16 +113,16 @@ struct MalformedELFTests {
         try expectError([], { .notELF(path: $0) }, contains: "not an ELF file")
     }
 
-    @Test func thirtyTwoBit() throws {
+    @Test func thirtyTwoBitHeaderOnAnX8664File() throws {
         var b = try fibBytes()
-        b[4] = 1  // ELFCLASS32
-        try expectError(b, { .not64Bit(path: $0) }, contains: "32-bit")
+        b[4] = 1  // ELFCLASS32: ELF32 files must be i386 (Multiboot kernels)
+        try expectError(b, { .wrongMachine(path: $0, machine: 62, is64Bit: false) }, contains: "ELF32 for machine 62 (x86-64), not i386")
     }
 
     @Test func wrongMachine() throws {
         var b = try fibBytes()
         b.put16(183, at: 18)  // EM_AARCH64
-        try expectError(b, { .wrongMachine(path: $0, machine: 183) }, contains: "AArch64")
+        try expectError(b, { .wrongMachine(path: $0, machine: 183, is64Bit: true) }, contains: "AArch64")
     }
 
     @Test func sharedObject() throws {

@@ -57,11 +57,11 @@ struct GuestMemoryTests {
         let m = try memoryWithTables()
         // A leaf outside RAM: the translation succeeds, the read is refused.
         #expect(try m.translate(virtual: 0x12000, cr3: 0x1000).physical == 0x7FFF_F000)
-        #expect(throws: KVMError.physicalOutOfRange(address: 0x7FFF_F000, count: 4, ramSize: 8 << 20)) {
+        #expect(throws: KVMError.physicalOutOfRange(address: 0x7FFF_F000, count: 4, ram: [0 ..< (8 << 20)])) {
             try m.read(virtual: 0x12000, count: 4, cr3: 0x1000)
         }
         // A page table outside RAM.
-        #expect(throws: KVMError.physicalOutOfRange(address: 0x9000_0000, count: 8, ramSize: 8 << 20)) {
+        #expect(throws: KVMError.physicalOutOfRange(address: 0x9000_0000, count: 8, ram: [0 ..< (8 << 20)])) {
             try m.translate(virtual: 0x400000, cr3: 0x1000)
         }
         // cr3 itself outside RAM.
@@ -70,10 +70,10 @@ struct GuestMemoryTests {
 
     @Test func physicalBounds() throws {
         let m = try GuestMemory(size: 1 << 20)
-        #expect(throws: KVMError.physicalOutOfRange(address: (1 << 20) - 2, count: 4, ramSize: 1 << 20)) {
+        #expect(throws: KVMError.physicalOutOfRange(address: (1 << 20) - 2, count: 4, ram: [0 ..< (1 << 20)])) {
             try m.read(physical: (1 << 20) - 2, count: 4)
         }
-        #expect(throws: KVMError.physicalOutOfRange(address: UInt64.max - 1, count: 8, ramSize: 1 << 20)) {
+        #expect(throws: KVMError.physicalOutOfRange(address: UInt64.max - 1, count: 8, ram: [0 ..< (1 << 20)])) {
             try m.writeUInt64(physical: UInt64.max - 1, 1)
         }
         #expect(throws: KVMError.invalidArgument("guest RAM size 1000 must be a positive multiple of 4096")) {

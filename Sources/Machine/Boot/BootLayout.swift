@@ -65,6 +65,22 @@ public struct BootLayout: Sendable, Equatable {
         self.vcpuCount = vcpuCount
     }
 
+    /// The layout of a kernel boot (`KernelLayout`): the same loader tables and stepping
+    /// slots, no payload stacks; RAM a multiple of 2 MiB up to `KernelLayout.maximumMemory`.
+    public init(kernelMemory memorySize: UInt64, vcpuCount: Int) throws(MachineError) {
+        guard memorySize >= Self.minimumMemory * 2 else {
+            throw MachineError.memorySize(memorySize, reason: "is too small: a kernel boot needs at least 4M")
+        }
+        guard memorySize % Self.minimumMemory == 0 else {
+            throw MachineError.memorySize(memorySize, reason: "must be a multiple of 2M")
+        }
+        guard memorySize <= KernelLayout.maximumMemory else {
+            throw MachineError.memorySize(memorySize, reason: "is above the \(formatSize(KernelLayout.maximumMemory)) flowtrace gives a kernel")
+        }
+        self.memorySize = memorySize
+        self.vcpuCount = vcpuCount
+    }
+
     /// Checks that every segment of `image` fits between the loader's tables and the stacks.
     public func check(_ image: ELFImage) throws(MachineError) {
         for (i, seg) in image.segments.enumerated() {

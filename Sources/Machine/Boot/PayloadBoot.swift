@@ -41,3 +41,51 @@ struct PayloadBoot {
         try vcpu.setFPU(FPUState())
     }
 }
+
+/// How a machine is booted: flowtrace's payload protocol or a kernel protocol.
+enum Boot {
+    case payload(PayloadBoot)
+    case kernel(KernelBoot)
+
+    var platform: Platform {
+        switch self {
+        case let .payload(b): b.platform
+        case let .kernel(b): b.platform
+        }
+    }
+
+    var layout: BootLayout {
+        switch self {
+        case let .payload(b): b.layout
+        case let .kernel(b): b.layout
+        }
+    }
+
+    var image: ELFImage {
+        switch self {
+        case let .payload(b): b.image
+        case let .kernel(b): b.image
+        }
+    }
+
+    var bootProtocol: BootProtocol {
+        switch self {
+        case .payload: .payload
+        case let .kernel(b): b.bootProtocol
+        }
+    }
+
+    func load(into memory: GuestMemory, platform: Platform) throws(KVMError) {
+        switch self {
+        case let .payload(b): try b.load(into: memory, platform: platform)
+        case let .kernel(b): try b.load(into: memory)
+        }
+    }
+
+    func setInitialState(of vcpu: VCPU, index: Int) throws(KVMError) {
+        switch self {
+        case let .payload(b): try b.setInitialState(of: vcpu, index: index)
+        case let .kernel(b): try b.setInitialState(of: vcpu, index: index)
+        }
+    }
+}

@@ -64,13 +64,15 @@ final class PlatformDevices: Sendable {
         }
         uart = UART16550(output: output, interrupts: lines ?? NoInterruptLines())
         let i8042 = I8042()
+        // RAM below 4 GiB: on the pc platform it ends at the device window.
+        let lowRAM = platform == .pc ? KernelLayout.pciHoleStart : 4 << 30
         var list: [(ports: ClosedRange<UInt16>, device: any PortDevice)] = [
             (DebugConsole.port...DebugConsole.port, DebugConsole(console: console)),
             (ExitPort.port...ExitPort.port, ExitPort()),
             (uart.ports, uart),
             (I8042.dataPort...I8042.dataPort, i8042),
             (I8042.statusPort...I8042.statusPort, i8042),
-            (CMOS.ports, CMOS(memorySize: min(memorySize, 4 << 30), highMemory: memorySize > 4 << 30 ? memorySize - (4 << 30) : 0)),
+            (CMOS.ports, CMOS(memorySize: min(memorySize, lowRAM), highMemory: memorySize - min(memorySize, lowRAM))),
             (PostPort.port...PostPort.port, PostPort()),
             (PCIConfigPorts.ports, PCIConfigPorts()),
         ]

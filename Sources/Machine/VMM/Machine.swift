@@ -25,7 +25,11 @@ final class BreakpointTable: Sendable {
 /// vCPU that executes it (the guest ends with status 0 when all have); on the pc platform
 /// KVM's irqchip and PIT deliver interrupts and `hlt` waits for one inside KVM.
 public final class Machine: TraceTarget {
+    /// What was loaded: the payload's ELF file, a kernel ELF, or a bzImage's protected-mode
+    /// code (segments at physical addresses, no symbols).
     public let image: ELFImage
+    /// The protocol the guest was booted with.
+    public let bootProtocol: BootProtocol
     public let configuration: MachineConfiguration
     public let layout: BootLayout
     public let platform: Platform
@@ -111,8 +115,30 @@ public final class Machine: TraceTarget {
     /// first access.
     public var unknownAccesses: [UnknownAccesses.Access] { devices.unknown.all }
 
-    /// Boots `image` in a new VM. Errors name the offending file or value.
-    public init(image: ELFImage, configuration: MachineConfiguration = .init(), host: KVMHost? = nil) throws(MachineError) {
+    /// Boots the payload `image` in a new VM. Errors name the offending file or value.
+    public convenience init(image: ELFImage, configuration: MachineConfiguration = .init(), host: KVMHost? = nil) throws(MachineError) {
+        try self.init(boot: .payload(try PayloadBoot(image: image, memorySize: configuration.memorySize, vcpuCount: configuration.vcpuCount)),
+                      configuration: configuration, host: host)
+    }
+
+    /// Boots `kernel` with the protocol `configuration.boot` resolves to. Errors name the
+    /// offending file or value.
+    public convenience init(kernel: KernelImage, configuration: MachineConfiguration = .init(), host: KVMHost? = nil) throws(MachineError) {
+        let p = try kernel.resolve(configuration.boot)
+        if p == .payload {
+            guard let elf = kernel.elf else { throw MachineError.notBootable(path: kernel.path, found: kernel.kind) }
+            try self.init(image: elf, configuration: configuration, host: host)
+            return
+        }
+        if case .platform(.payload) = configuration.platform {
+            throw MachineError.unbootable(path: kernel.path, protocol: p, reason: "kernels need the pc platform (interrupt controller, timer); drop --platform payload")
+        }
+        try self.init(boot: .kernel(try KernelBoot(kernel: kernel, protocol: p, files: configuration.files,
+                                                   memorySize: configuration.memorySize, vcpuCount: configuration.vcpuCount)),
+                      configuration: configuration, host: host)
+    }
+
+    private init(boot: Boot, configuration: MachineConfiguration, host: KVMHost?) throws(MachineError) {
         let kvmHost: KVMHost
         if let host { kvmHost = host } else {
             do throws(KVMError) { kvmHost = try KVMHost() } catch { throw .kvm(error) }
@@ -122,8 +148,10 @@ public final class Machine: TraceTarget {
         let maximum: Int
         do throws(KVMError) { maximum = try host.maxVCPUs() } catch { throw .kvm(error) }
         guard n >= 1, n <= maximum else { throw MachineError.vcpuCount(n, maximum: maximum) }
-        let boot = try PayloadBoot(image: image, memorySize: configuration.memorySize, vcpuCount: n)
         let platform = configuration.platform.resolve(needed: boot.platform)
+        if case .payload = boot, platform == .pc, configuration.memorySize > KernelLayout.pciHoleStart {
+            throw MachineError.memorySize(configuration.memorySize, reason: "is too much for a payload on the pc platform: its RAM must end below the device window at \(formatSize(KernelLayout.pciHoleStart))")
+        }
         let support = EngineSelfTest.support(host: host).restricted(to: platform)
         if case let .engine(e) = configuration.engine, case let .unavailable(why) = support.status(e) {
             throw MachineError.engineUnavailable(e, reason: why, working: BreakpointEngine.allCases.filter { support.works($0) }.map(\.rawValue))
@@ -134,7 +162,7 @@ public final class Machine: TraceTarget {
             blocksInterruptsWhileStepping = try host.blocksInterruptsWhileStepping()
             vm = try host.makeVirtualMachine()
             try PlatformSetup.configure(vm, for: platform)
-            memory = try GuestMemory(size: configuration.memorySize)
+            memory = try GuestMemory(size: configuration.memorySize, holeStart: platform == .pc ? KernelLayout.pciHoleStart : nil)
             try boot.load(into: memory, platform: platform)
             try vm.map(memory)
             // VMX/SVM hosts refuse long mode unless the guest's CPUID says it has it.
@@ -152,11 +180,12 @@ public final class Machine: TraceTarget {
         let console = Console(vcpuCount: n) { line in sink.withLock { $0 }?(line) }
         let devices = try PlatformDevices(platform: platform, console: console, serial: configuration.serial,
                                           memorySize: configuration.memorySize, vm: vm)
-        self.image = image
+        self.image = boot.image
+        self.bootProtocol = boot.bootProtocol
         self.configuration = configuration
         self.layout = boot.layout
         self.platform = platform
-        self.symbolizer = Symbolizer(image: image)
+        self.symbolizer = Symbolizer(image: boot.image)
         self.vm = vm
         self.memory = memory
         self.vcpus = vcpus
@@ -178,11 +207,9 @@ public final class Machine: TraceTarget {
         stepOver = StepOver(memory: memory, layout: boot.layout, rendezvous: rendezvous, interrupts: mode)
     }
 
-    /// Loads the ELF file at `path` and builds a machine for it.
+    /// Loads the payload or kernel at `path` and builds a machine for it.
     public convenience init(path: String, configuration: MachineConfiguration = .init(), host: KVMHost? = nil) throws(MachineError) {
-        let image: ELFImage
-        do { image = try ELFImage(path: path) } catch { throw MachineError.image(error) }
-        try self.init(image: image, configuration: configuration, host: host)
+        try self.init(kernel: try KernelImage(path: path), configuration: configuration, host: host)
     }
 
     /// Reads guest-virtual memory through the boot page tables.

@@ -19,6 +19,14 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
     case thread(String)
     /// Two of flowtrace's own devices claim the same address (a bug).
     case deviceMap(String)
+    /// The image is no kind flowtrace boots.
+    case notBootable(path: String, found: String)
+    /// `--boot P` on an image without what P needs.
+    case wrongBootProtocol(BootProtocol, path: String, found: String, missing: String)
+    /// The image cannot be booted with its protocol, for `reason`.
+    case unbootable(path: String, protocol: BootProtocol, reason: String)
+    /// A boot file (initrd, module) or its placement in guest RAM failed.
+    case bootFile(String)
 
     /// Whether this is a bug of the caller or of flowtrace (a run started twice, a resume
     /// without a halt), not bad input nor a host without KVM.
@@ -58,6 +66,14 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
             return "the device map is inconsistent: \(why)"
         case let .thread(why):
             return "cannot start a vCPU thread: \(why)"
+        case let .notBootable(path, found):
+            return "\(path): not a kernel or payload flowtrace can boot (found: \(found)); it boots ELF64 payloads, Linux bzImage/vmlinux, PVH, Multiboot 1 and 2 kernels"
+        case let .wrongBootProtocol(p, path, found, missing):
+            return "--boot \(p): \(path) cannot be booted that way: it needs \(missing) (found: \(found)); use --boot auto"
+        case let .unbootable(path, p, reason):
+            return "\(path): cannot boot with the \(p) protocol: \(reason)"
+        case let .bootFile(why):
+            return why
         }
     }
 }

@@ -15,18 +15,26 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var serial: SerialDestination
     /// How a step over a probed instruction keeps interrupts out (the pc platform).
     public var stepInterrupts: StepInterruptBlocking
+    /// The boot protocol (auto: what the image is).
+    public var boot: BootRequest
+    /// Command line, initrd and modules of a kernel boot.
+    public var files: BootFiles
 
     public static let defaultMemorySize: UInt64 = 64 << 20
+    /// What the CLI gives a kernel when `--memory` is not given.
+    public static let defaultKernelMemorySize: UInt64 = 512 << 20
 
     public init(vcpuCount: Int = 1, memorySize: UInt64 = MachineConfiguration.defaultMemorySize, engine: EngineRequest = .auto,
                 platform: PlatformRequest = .auto, serial: SerialDestination = .console,
-                stepInterrupts: StepInterruptBlocking = .auto) {
+                stepInterrupts: StepInterruptBlocking = .auto, boot: BootRequest = .auto, files: BootFiles = .init()) {
         self.vcpuCount = vcpuCount
         self.memorySize = memorySize
         self.engine = engine
         self.platform = platform
         self.serial = serial
         self.stepInterrupts = stepInterrupts
+        self.boot = boot
+        self.files = files
     }
 }
 
