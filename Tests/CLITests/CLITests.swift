@@ -86,14 +86,17 @@ struct CLITests {
 
     @Test func notELF() throws {
         let p = try temporaryFile(Array("hello\n".utf8), name: "hello.txt")
-        expectOneLineError(try flowtrace("run", p), p, "not an ELF file")
+        expectOneLineError(try flowtrace("run", p), p, "not a kernel or payload flowtrace can boot (found: no ELF magic, no Linux setup header, no Multiboot header)")
     }
 
-    @Test func thirtyTwoBitELF() throws {
-        var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: Guests.path("fib"))))
-        b[4] = 1
-        let p = try temporaryFile(b, name: "fib32.elf")
-        expectOneLineError(try flowtrace("run", p), p, "32-bit")
+    @Test func thirtyTwoBitELFWithoutMultibootHeader() throws {
+        // The Multiboot 1 test kernel (ELF32 i386) with its header's magic cleared.
+        var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: Guests.kernelPath("multiboot.elf"))))
+        let magic: [UInt8] = [0x02, 0xB0, 0xAD, 0x1B]
+        let at = try #require((0 ..< b.count - 4).first { Array(b[$0 ..< $0 + 4]) == magic })
+        b.replaceSubrange(at ..< at + 4, with: [0, 0, 0, 0])
+        let p = try temporaryFile(b, name: "kernel32.elf")
+        expectOneLineError(try flowtrace("run", p), p, "32-bit ELF without a Multiboot header")
     }
 
     @Test func truncatedELF() throws {

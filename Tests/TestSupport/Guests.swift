@@ -12,7 +12,14 @@ public enum Guests {
     /// Path of `guests/build/NAME.elf`, building every guest first if needed.
     /// Fails the calling test (by throwing) when the build fails.
     public static func path(_ name: String) throws -> String {
-        let file = root.appendingPathComponent("guests/build/\(name).elf").path
+        try file("\(name).elf")
+    }
+
+    /// Path of a protocol test kernel, `guests/build/FILE` (multiboot.elf, linux.bzimage, ...).
+    public static func kernelPath(_ fileName: String) throws -> String { try file(fileName) }
+
+    private static func file(_ fileName: String) throws -> String {
+        let file = root.appendingPathComponent("guests/build/\(fileName)").path
         try built.withLock { done in
             if !done {
                 // Inside the nested KVM machine (tools/test-int3-nested) there is no make:

@@ -1,7 +1,7 @@
 /* The 32-bit entry shared by the Multiboot 1, Multiboot 2 and PVH test kernels: the boot
  * header for PROTO, then entry in 32-bit protected mode with paging off (eax = the
  * protocol's magic, ebx = its boot information), a switch to long mode on the kernel's own
- * identity page tables (the first GiB, 2 MiB pages), and kernel_main in 64-bit mode. */
+ * identity page tables (the low 4 GiB, 2 MiB pages), and kernel_main in 64-bit mode. */
 #include "kernel.h"
 
 #if PROTO == PROTO_MULTIBOOT
@@ -41,20 +41,30 @@ _start32:
     mov %eax, boot_magic
     mov %ebx, boot_info
     mov $boot_stack_top, %esp
-    /* Identity map of the first GiB: PML4[0] -> PDPT[0] -> 512 2 MiB pages. */
+    /* Identity map of the low 4 GiB (modules may sit just below 3 GiB): PML4[0] -> PDPT,
+     * PDPT[0..3] -> four page directories of 512 2 MiB pages each. */
     mov $pdpt, %eax
     or $3, %eax
     mov %eax, pml4
-    mov $pd, %eax
+    xor %ecx, %ecx
+1:  mov %ecx, %eax
+    shl $12, %eax
+    add $pd, %eax
     or $3, %eax
-    mov %eax, pdpt
+    mov %eax, pdpt(,%ecx,8)
+    inc %ecx
+    cmp $4, %ecx
+    jne 1b
     xor %ecx, %ecx
 1:  mov %ecx, %eax
     shl $21, %eax
     or $0x83, %eax
     mov %eax, pd(,%ecx,8)
+    mov %ecx, %eax
+    shr $11, %eax                       /* bits 63:32 of the frame: page index / 2048 */
+    mov %eax, pd+4(,%ecx,8)
     inc %ecx
-    cmp $512, %ecx
+    cmp $2048, %ecx
     jne 1b
     mov $pml4, %eax
     mov %eax, %cr3
@@ -99,4 +109,4 @@ gdt64_descriptor:
     .align 4096
 pml4: .skip 4096
 pdpt: .skip 4096
-pd:   .skip 4096
+pd:   .skip 4 * 4096

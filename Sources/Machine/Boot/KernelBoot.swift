@@ -421,3 +421,41 @@ extension Array where Element == UInt8 {
         replaceSubrange(offset ..< offset + T.bitWidth / 8, with: le(v))
     }
 }
+
+/// Where a kernel boot puts things, computed without KVM: for inspection and tests.
+public struct KernelBootPlan: Sendable {
+    /// The entry's physical address.
+    public let entry: UInt64
+    /// The kernel's pieces in guest-physical memory, and how many bytes of each come from the file.
+    public let segments: [Range<UInt64>]
+    public let segmentFileSizes: [UInt64]
+    /// Where each module (the initrd first) went.
+    public let modules: [Range<UInt64>]
+    /// The protocol's boot information (zero page, start info, MBI) and command line.
+    public let bootInformation: UInt64
+    public let commandLine: UInt64
+    private let writes: [(address: UInt64, bytes: [UInt8])]
+
+    public init(_ kernel: KernelImage, boot: BootRequest = .auto, files: BootFiles, memorySize: UInt64, vcpus: Int = 1) throws(MachineError) {
+        let b = try KernelBoot(kernel: kernel, protocol: try kernel.resolve(boot), files: files, memorySize: memorySize, vcpuCount: vcpus)
+        entry = b.entry
+        segments = b.image.segments.map(\.physicalRange)
+        segmentFileSizes = b.image.segments.map(\.fileSize)
+        modules = b.placedModules.map(\.range)
+        switch b.mode {
+        case let .long64(info): bootInformation = info
+        case let .protected32(_, info): bootInformation = info
+        }
+        commandLine = b.commandLineAddress
+        writes = b.writes
+    }
+
+    /// `count` bytes at guest-physical `address` as the boot writes them (nil: not one write's).
+    public func bytes(at address: UInt64, count: Int) -> [UInt8]? {
+        for w in writes.reversed() where w.address <= address && address + UInt64(count) <= w.address + UInt64(w.bytes.count) {
+            let o = Int(address - w.address)
+            return Array(w.bytes[o ..< o + count])
+        }
+        return nil
+    }
+}

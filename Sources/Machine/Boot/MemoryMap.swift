@@ -14,6 +14,7 @@ public struct MemoryMap: Sendable, Equatable {
         public var size: UInt64
         public var kind: Kind
         public var end: UInt64 { base + size }
+        public init(base: UInt64, size: UInt64, kind: Kind) { self.base = base; self.size = size; self.kind = kind }
     }
 
     public let entries: [Entry]

@@ -48,26 +48,36 @@ extension Machine {
     }
 
     func armParked(_ module: TraceModule, _ locations: [ArmedLocation], _ selection: VCPUSelection) throws(TraceError) {
-        let cr3: UInt64
-        do { cr3 = try vcpus[0].specialRegisters().cr3 } catch { throw TraceError.targetFailure("\(error.description) while reading cr3 to arm probes") }
+        // Addresses are translated as vCPU 0 translates them now: through its current page
+        // tables, or as physical addresses while its paging is off (a 32-bit kernel entry).
+        let paging: PagingMode
+        do { paging = try vcpus[0].specialRegisters().paging } catch {
+            throw TraceError.targetFailure("\(error.description) while reading vCPU 0's paging registers to arm probes")
+        }
         var physical: [(location: ArmedLocation, physical: UInt64)] = []
+        /// Locations not mapped now: fine for the hardware engines (linear addresses), not for patching.
+        var unmapped: [(location: ArmedLocation, error: KVMError)] = []
         // The first bytes of each location's instruction (the original under a patch).
         var leadingBytes: [(location: ArmedLocation, bytes: [UInt8])] = []
         let b0 = current
         for l in locations {
             do throws(KVMError) {
-                let p = try memory.translate(virtual: l.address, cr3: cr3).physical
+                let p = try memory.translate(virtual: l.address, paging: paging).physical
                 var bytes = try memory.read(physical: p, count: 1)
                 if let o = b0.patches.original(at: l.address) { bytes[0] = o }
                 for k in 1..<4 {
-                    guard let more = try? memory.read(virtual: l.address &+ UInt64(k), count: 1, cr3: cr3) else { break }
+                    guard let more = try? memory.read(virtual: l.address &+ UInt64(k), count: 1, paging: paging) else { break }
                     bytes.append(more[0])
                 }
                 leadingBytes.append((l, bytes))
                 physical.append((l, p))
             } catch {
-                throw TraceError.target("probe at 0x\(String(l.address, radix: 16)) (\(symbolizer.describe(l.address))): \(error.description)")
+                unmapped.append((l, error))
             }
+        }
+        func unmappedError(_ u: (location: ArmedLocation, error: KVMError), engine: BreakpointEngine?) -> TraceError {
+            let hint = engine.map { " for the \($0) engine, which patches guest memory; the hw engine takes linear addresses the guest maps later" } ?? ""
+            return TraceError.target("probe at 0x\(String(u.location.address, radix: 16)) (\(symbolizer.describe(u.location.address))): \(u.error.description) (\(paging))\(hint)")
         }
         let debugs = try updateTable { (b: inout Breakpoints) throws(TraceError) -> [GuestDebug] in
             let addresses = Set(b.owners.keys).union(locations.map(\.address))
@@ -82,6 +92,10 @@ extension Machine {
                 }
             } else if let e = b.engine, let cap = e.capacity, addresses.count > cap {
                 throw TraceError.target(MachineError.tooManyLocations(e, count: addresses.count, capacity: cap).description)
+            }
+            // Patching needs the physical page now; the step engine compares rip and needs nothing.
+            if let u = unmapped.first, b.engine?.trapByte != nil || (b.engine != .hw && b.engine != .step) {
+                throw unmappedError(u, engine: b.engine)
             }
             for l in locations {
                 b.owners[l.address, default: []].append(.init(module: module, index: l.index, timing: l.timing, vcpus: selection))
@@ -110,7 +124,9 @@ extension Machine {
                         let current = try memory.read(physical: p, count: 1)[0]
                         if let trap = b.patches.insert(l.address, physical: p, current: current) {
                             // Decoded before the trap byte goes in, for out-of-line stepping.
-                            if let d = stepOver.displacedInstruction(at: l.address, cr3: cr3) { b.displaced[l.address] = d }
+                            if paging == .level4(cr3: layout.cr3), let d = stepOver.displacedInstruction(at: l.address, cr3: layout.cr3) {
+                                b.displaced[l.address] = d
+                            }
                             try memory.write(physical: p, bytes: [trap])
                         }
                     } catch {

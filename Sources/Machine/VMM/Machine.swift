@@ -117,8 +117,9 @@ public final class Machine: TraceTarget {
 
     /// Boots the payload `image` in a new VM. Errors name the offending file or value.
     public convenience init(image: ELFImage, configuration: MachineConfiguration = .init(), host: KVMHost? = nil) throws(MachineError) {
-        try self.init(boot: .payload(try PayloadBoot(image: image, memorySize: configuration.memorySize, vcpuCount: configuration.vcpuCount)),
-                      configuration: configuration, host: host)
+        try self.init(boot: { () throws(MachineError) in
+            .payload(try PayloadBoot(image: image, memorySize: configuration.memorySize, vcpuCount: configuration.vcpuCount))
+        }, configuration: configuration, host: host)
     }
 
     /// Boots `kernel` with the protocol `configuration.boot` resolves to. Errors name the
@@ -133,12 +134,14 @@ public final class Machine: TraceTarget {
         if case .platform(.payload) = configuration.platform {
             throw MachineError.unbootable(path: kernel.path, protocol: p, reason: "kernels need the pc platform (interrupt controller, timer); drop --platform payload")
         }
-        try self.init(boot: .kernel(try KernelBoot(kernel: kernel, protocol: p, files: configuration.files,
-                                                   memorySize: configuration.memorySize, vcpuCount: configuration.vcpuCount)),
-                      configuration: configuration, host: host)
+        try self.init(boot: { () throws(MachineError) in
+            .kernel(try KernelBoot(kernel: kernel, protocol: p, files: configuration.files,
+                                   memorySize: configuration.memorySize, vcpuCount: configuration.vcpuCount))
+        }, configuration: configuration, host: host)
     }
 
-    private init(boot: Boot, configuration: MachineConfiguration, host: KVMHost?) throws(MachineError) {
+    /// `makeBoot` runs once the host and the vCPU count checked out.
+    private init(boot makeBoot: () throws(MachineError) -> Boot, configuration: MachineConfiguration, host: KVMHost?) throws(MachineError) {
         let kvmHost: KVMHost
         if let host { kvmHost = host } else {
             do throws(KVMError) { kvmHost = try KVMHost() } catch { throw .kvm(error) }
@@ -148,6 +151,7 @@ public final class Machine: TraceTarget {
         let maximum: Int
         do throws(KVMError) { maximum = try host.maxVCPUs() } catch { throw .kvm(error) }
         guard n >= 1, n <= maximum else { throw MachineError.vcpuCount(n, maximum: maximum) }
+        let boot = try makeBoot()
         let platform = configuration.platform.resolve(needed: boot.platform)
         if case .payload = boot, platform == .pc, configuration.memorySize > KernelLayout.pciHoleStart {
             throw MachineError.memorySize(configuration.memorySize, reason: "is too much for a payload on the pc platform: its RAM must end below the device window at \(formatSize(KernelLayout.pciHoleStart))")

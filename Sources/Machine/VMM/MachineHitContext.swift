@@ -114,8 +114,8 @@ struct MachineHitContext: HitContext {
 
     func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
         do throws(KVMError) {
-            let cr3 = try snapshot.special().cr3
-            try snapshot.memory.read(virtual: address, into: &buffer, cr3: cr3)
+            let paging = try snapshot.special().paging
+            try snapshot.memory.read(virtual: address, into: &buffer, paging: paging)
         } catch {
             throw TraceError.memoryUnreadable(address: address, size: buffer.byteCount, reason: error.description)
         }
