@@ -113,8 +113,9 @@ struct RunCommand: ParsableCommand {
         ports no device answers read all ones and are listed in the summary.
         SERIAL: none (COM1's output goes to the console, no input; default), stdio (also
         standard input to the guest, a pipe or a terminal in raw mode), file:PATH (output to PATH).
-        EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted), 0 when the guest
-        reset the machine (i8042 command 0xFE; a triple fault on the pc platform), 64 bad input,
+        EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted: on the pc platform,
+        halted with interrupts off), 0 when the guest reset the machine (i8042 command 0xFE; a
+        triple fault on the pc platform), 64 bad input,
         69 KVM unavailable, 70 guest fault, host failure or internal error, 74 the report
         could not be written, 124 timeout, 130 interrupted. Records taken before a fault, a
         timeout or Ctrl-C are still written; -o FILE is replaced only once the records are
@@ -316,6 +317,9 @@ struct RunCommand: ParsableCommand {
         switch result.ending {
         case let .reset(why):
             printError("flowtrace: \(name): guest reset (\(why)) after \(seconds) (\(cpus))")
+            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
+        case .allHalted:
+            printError("flowtrace: \(name): every vCPU halted with interrupts off after \(seconds) (\(cpus)); nothing can wake the guest (a kernel without ACPI powers off so), so the run ended")
             if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
         case let .exited(status):
             printError("flowtrace: \(name): guest exited with status \(status) after \(seconds) (\(cpus))")

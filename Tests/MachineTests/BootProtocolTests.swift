@@ -268,6 +268,35 @@ struct KernelBootTests {
         #expect(!mapHits.isEmpty)
     }
 
+    /// On the pc platform a vCPU's own `cli; hlt` never exits KVM: when every vCPU is there
+    /// the run ends as `.allHalted` (within the census period), not at the timeout. The
+    /// payload's application processors start at the entry (runnable), all of them run.
+    @Test("every vCPU halted with interrupts off ends the run", arguments: [1, 2])
+    func allHaltedEndsTheRun(_ vcpus: Int) throws {
+        let m = try Machine(path: try Guests.path("smp"), configuration: .init(vcpuCount: vcpus, platform: .platform(.pc)))
+        let r = try m.run(timeout: .seconds(60))
+        #expect(r.ending == .allHalted)
+        #expect(r.console.map(\.text).contains("total: \((1...vcpus).reduce(0) { $0 + 100 * $1 }) units on \(vcpus) vcpus"))
+        #expect(r.elapsed < .seconds(30))
+    }
+
+    /// A kernel booted on 2 vCPUs: vCPU 0 enters it, vCPU 1 waits for a start-up IPI (the
+    /// test kernels send none) without keeping the run from its end.
+    @Test func applicationProcessorsWaitForTheKernel() throws {
+        let m = try Machine(path: try Guests.kernelPath("multiboot.elf"), configuration: .init(vcpuCount: 2))
+        #expect(try m.vcpus[1].mpState() == 1)   // KVM_MP_STATE_UNINITIALIZED
+        #expect(try m.vcpus[0].mpState() == 0)   // RUNNABLE
+        let r = try m.run(timeout: .seconds(60))
+        #expect(r.ending == .exited(status: 0x4B))
+    }
+
+    @Test func censusStates() {
+        #expect(HaltCensus.state(mpState: 3, rflags: 0x2) == .haltedInterruptsOff)
+        #expect(HaltCensus.state(mpState: 3, rflags: 0x202) == .running)
+        #expect(HaltCensus.state(mpState: 1, rflags: 0x2) == .waitingForStart)
+        #expect(HaltCensus.state(mpState: 0, rflags: 0x2) == .running)
+    }
+
     @Test func kernelsNeedThePCPlatform() throws {
         #expect(throws: MachineError.unbootable(path: try Guests.kernelPath("pvh.elf"), protocol: .pvh,
                                                 reason: "kernels need the pc platform (interrupt controller, timer); drop --platform payload")) {

@@ -72,6 +72,8 @@ public final class Machine: TraceTarget {
     /// Per vCPU: the step engine was just armed; check the current rip for a before-hit.
     let ripChecks: Locked<[Bool]>
     let rendezvous: Rendezvous
+    /// Whether the guest can never run again (pc platform; see `HaltCensus`).
+    let census: HaltCensus
     let snapshots: [VCPUSnapshot]
     private let clock = ContinuousClock()
     private let startTime = Locked<ContinuousClock.Instant?>(nil)
@@ -175,6 +177,9 @@ public final class Machine: TraceTarget {
                 let v = try vm.makeVCPU(id: i)
                 try PlatformSetup.configure(v, index: i, count: n, hostCPUID: cpuid, platform: platform)
                 try boot.setInitialState(of: v, index: i)
+                // With the in-kernel LAPIC, KVM creates application processors waiting for
+                // INIT/SIPI; a payload starts every vCPU at its entry, so they start runnable.
+                if case .payload = boot, platform == .pc, i > 0 { try v.setMPState(0) }
                 vcpus.append(v)
             }
         } catch {
@@ -200,6 +205,7 @@ public final class Machine: TraceTarget {
                             interruptLines: devices.interruptLines)
         snapshots = vcpus.map { VCPUSnapshot(vcpu: $0, memory: memory) }
         ripChecks = Locked(Array(repeating: false, count: n))
+        census = HaltCensus(vcpus: n)
         let kickable = vcpus
         let rendezvous = Rendezvous(vcpus: n) { kickable[$0].kick() }
         self.rendezvous = rendezvous
@@ -311,10 +317,24 @@ public final class Machine: TraceTarget {
         return waitForEnding()
     }
 
+    /// How often the pc platform checks for a guest that can never run again.
+    static let censusPeriod: Duration = .seconds(1)
+
     private func waitForEnding() -> RunResult {
         let limit = self.limit.withLock { $0 }
-        let timedOut = !events.wait(until: { $0.running == 0 || $0.halt != nil },
-                                    timeout: limit.map { $0.deadline - clock.now })
+        var timedOut = false
+        while true {
+            // In slices on the pc platform: between them, a census of halted vCPUs.
+            let remaining = limit.map { $0.deadline - clock.now }
+            let slice = platform == .pc ? min(remaining ?? Self.censusPeriod, Self.censusPeriod) : remaining
+            if events.wait(until: { $0.running == 0 || $0.halt != nil }, timeout: slice) { break }
+            if let limit, clock.now >= limit.deadline { timedOut = true; break }
+            if platform == .pc, census.guestCanNeverRun(kick: { for v in vcpus { v.kick() } }, patience: .milliseconds(500)) {
+                finish(.allHalted)
+                events.wait(until: { $0.running == 0 })
+                break
+            }
+        }
         let stop = events.withLock { $0.halt }
         if timedOut {
             finish(.timedOut(limit?.timeout ?? .zero))

@@ -62,6 +62,9 @@ public enum RunEnding: Sendable, Equatable, CustomStringConvertible {
     /// The guest reset the machine: `why` is "i8042" (command 0xFE on port 0x64) or
     /// "triple fault" (`KVM_EXIT_SHUTDOWN` on the pc platform). How kernels reboot.
     case reset(String)
+    /// Every vCPU is halted with interrupts off, or waits for a start-up IPI, on the pc
+    /// platform: nothing can wake the guest (a kernel that powers off without ACPI ends so).
+    case allHalted
     /// A vCPU stopped on something the guest did not ask for.
     case fault(GuestFault)
     /// The run went past its time limit and every vCPU was stopped.
@@ -75,6 +78,7 @@ public enum RunEnding: Sendable, Equatable, CustomStringConvertible {
         switch self {
         case let .exited(s): "guest exited with status \(s)"
         case let .reset(why): "guest reset (\(why))"
+        case .allHalted: "every vCPU halted with interrupts off"
         case let .fault(f): f.description
         case let .timedOut(d): "timed out after \(d.formatted(.units(allowed: [.seconds, .milliseconds])))"
         case .stopped: "stopped"

@@ -42,6 +42,7 @@ extension Machine {
                 hostFailure(vcpu, error, while: "running the guest")
                 return
             }
+            if exit == .interrupted, census.isAsked { answerCensus(vcpu) }
             if reinjected {
                 // The injection is done; the debug state it rode on comes back without it.
                 reinjected = false
@@ -247,6 +248,18 @@ extension Machine {
         do { try vcpu.setRegisters(regs); return true } catch {
             hostFailure(vcpu, error, while: "setting the registers at a probe hit")
             return false
+        }
+    }
+
+    /// Tells the census whether this vCPU can run again (its MP state and IF).
+    func answerCensus(_ vcpu: VCPU) {
+        do {
+            let mp = try vcpu.mpState()
+            let flags = try vcpu.registers().rflags
+            census.answer(vcpu.id, HaltCensus.state(mpState: mp, rflags: flags))
+        } catch {
+            // Unknown: counted as running, so nothing is concluded from it.
+            census.answer(vcpu.id, .running)
         }
     }
 }
