@@ -111,6 +111,10 @@ struct RunCommand: ParsableCommand {
         engine cannot work there). Both have the debug console 0xE9, the exit port 0xF4, a
         16550A UART on COM1 (0x3F8, IRQ 4), i8042, CMOS/RTC, port 0x80 and empty PCI ports;
         ports no device answers read all ones and are listed in the summary.
+        BOOTING KERNELS: IMAGE may be a Linux bzImage or vmlinux (64-bit boot protocol), a PVH
+        kernel (XEN_ELFNOTE_PHYS32_ENTRY), a Multiboot 1 or 2 kernel; --boot forces one. They run
+        on the pc platform; --append, --initrd, --module give the command line and files
+        (as QEMU's -append, -initrd). Only vCPU 0 starts; the kernel starts the others.
         SERIAL: none (COM1's output goes to the console, no input; default), stdio (also
         standard input to the guest, a pipe or a terminal in raw mode), file:PATH (output to PATH).
         EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted: on the pc platform,
