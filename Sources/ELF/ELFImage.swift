@@ -193,6 +193,8 @@ private struct Parsed {
 
     /// The notes in one `PT_NOTE` segment: {namesz, descsz, type, name, desc}, each part
     /// padded to 4 bytes.
+    // SAFETY: `bytes` is the caller's checked slice of the file buffer; every read below is
+    // inside it (header words only while 12 bytes remain, name and descriptor checked first).
     static func readNotes(_ bytes: UnsafeRawBufferPointer, segment: Int, path: String) throws(ELFError) -> [ELFImage.Note] {
         var notes: [ELFImage.Note] = []
         var at = 0
@@ -200,6 +202,9 @@ private struct Parsed {
         while at + 12 <= bytes.count {
             let nameSize = word(at), descSize = word(at + 4), type = UInt32(word(at + 8))
             let nameStart = at + 12
+            guard nameSize <= bytes.count, descSize <= bytes.count else {
+                throw ELFError.malformed(path: path, detail: "note at byte \(at) of note segment \(segment) runs past the segment")
+            }
             let descStart = nameStart + (nameSize + 3) / 4 * 4
             let end = descStart + (descSize + 3) / 4 * 4
             guard descStart + descSize <= bytes.count else {

@@ -55,6 +55,8 @@ struct KernelBoot {
     let mode: EntryMode
     /// Everything written into RAM besides the loader's tables, in order.
     private(set) var writes: [(address: UInt64, bytes: [UInt8])] = []
+    /// Zeroed ranges: the segments' memory past their file bytes (.bss).
+    private(set) var zeroed: [(address: UInt64, count: Int)] = []
     /// Where each module (initrd first) went: guest-physical range and its command line.
     private(set) var placedModules: [(range: Range<UInt64>, commandLine: String)] = []
     /// Where the command line went.
@@ -152,7 +154,8 @@ struct KernelBoot {
                               symbols: kernel.elf?.symbols ?? [], is64Bit: kernel.elf?.is64Bit ?? true, notes: kernel.elf?.notes ?? [])
         self.entry = entry
         for s in segments {
-            writes.append((s.physicalAddress, s.data + [UInt8](repeating: 0, count: Int(s.memorySize - s.fileSize))))
+            writes.append((s.physicalAddress, s.data))
+            if s.memorySize > s.fileSize { zeroed.append((s.physicalAddress + s.fileSize, Int(s.memorySize - s.fileSize))) }
         }
 
         // Modules: the initrd first (Linux's initrd, Multiboot's and PVH's module 0, as QEMU does).
@@ -296,6 +299,7 @@ struct KernelBoot {
     /// computed above.
     func load(into memory: GuestMemory) throws(KVMError) {
         try layout.writeTables(into: memory, mapLow4G: true)
+        for z in zeroed { try memory.fill(physical: z.address, count: z.count) }
         for w in writes { try memory.write(physical: w.address, bytes: w.bytes) }
     }
 
