@@ -89,6 +89,21 @@ struct CLITests {
         expectOneLineError(try flowtrace("run", p), p, "not a kernel or payload flowtrace can boot (found: no ELF magic, no Linux setup header, no Multiboot header)")
     }
 
+    /// (The file and memory checks of a kernel boot run once KVM is open.)
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func kernelsInspectedAndBootOptionsChecked() throws {
+        let mb = try flowtrace("inspect", try Guests.kernelPath("multiboot.elf"))
+        #expect(mb.status == 0)
+        #expect(mb.stdout.contains("ELF32 i386 executable, Multiboot header; boots with the multiboot protocol; e_entry "))
+        let bz = try flowtrace("inspect", try Guests.kernelPath("linux.bzimage"))
+        #expect(bz.stdout.hasPrefix("\(try Guests.kernelPath("linux.bzimage")): Linux bzImage, boot protocol 2.15; boots with the linux protocol\n"))
+        let fib = try Guests.path("fib")
+        expectOneLineError(try flowtrace("run", fib, "--append", "quiet"), "--append: \(fib) is booted as a flowtrace payload")
+        expectOneLineError(try flowtrace("run", fib, "--boot", "multiboot2"), "--boot multiboot2: \(fib) cannot be booted that way: it needs a Multiboot 2 header")
+        expectOneLineError(try flowtrace("run", try Guests.kernelPath("pvh.elf"), "--module", "/nonexistent.bin"), "--module /nonexistent.bin: no such file")
+        expectOneLineError(try flowtrace("run", try Guests.kernelPath("pvh.elf"), "--memory", "65G"), "--memory 65G: is above the 64G flowtrace gives a kernel")
+    }
+
     @Test func thirtyTwoBitELFWithoutMultibootHeader() throws {
         // The Multiboot 1 test kernel (ELF32 i386) with its header's magic cleared.
         var b = try [UInt8](Data(contentsOf: URL(fileURLWithPath: Guests.kernelPath("multiboot.elf"))))
