@@ -33,6 +33,50 @@ struct GuestMemoryTests {
         #expect(try m.translate(virtual: 0x4000_0000 + 0x6543, cr3: 0x1000) == .init(physical: 0x6543, pageSize: 1 << 30))
     }
 
+    /// Every paging mode a vCPU can be in, on tables laid out by hand (Intel SDM vol. 3 ch. 4).
+    @Test func everyPagingMode() throws {
+        let m = try GuestMemory(size: 8 << 20)
+        // Paging off: linear is physical.
+        #expect(try m.translate(virtual: 0x12345, paging: .off) == .init(physical: 0x12345, pageSize: 4096))
+        // 32-bit paging, PD at 0x1000: PDE[1] a 4 MiB page at 0x400000 (PSE); PDE[0] -> PT 0x2000, PTE[3] -> 0x5000.
+        try m.write(physical: 0x1000 + 4, bytes: [0x83, 0x00, 0x40, 0x00])
+        try m.write(physical: 0x1000, bytes: [0x03, 0x20, 0x00, 0x00])
+        try m.write(physical: 0x2000 + 3 * 4, bytes: [0x03, 0x50, 0x00, 0x00])
+        #expect(try m.translate(virtual: 0x40_1234, paging: .legacy(cr3: 0x1000, pse: true)) == .init(physical: 0x40_1234, pageSize: 4 << 20))
+        #expect(try m.translate(virtual: 0x3ABC, paging: .legacy(cr3: 0x1000, pse: false)) == .init(physical: 0x5ABC, pageSize: 4096))
+        // PAE: PDPT at 0x3000 (32-byte aligned), PDPTE[1] -> PD 0x4000, PDE[2] a 2 MiB page at 0x600000.
+        try m.writeUInt64(physical: 0x3000 + 8, 0x4000 | 1)
+        try m.writeUInt64(physical: 0x4000 + 2 * 8, 0x60_0000 | 0x83)
+        #expect(try m.translate(virtual: 0x4040_0010, paging: .pae(cr3: 0x3000)) == .init(physical: 0x60_0010, pageSize: 2 << 20))
+        // 5-level: PML5 at 0x5000, [0x1FF] -> PML4 0x6000, [0x1FF] -> PDPT 0x7000, [0x1FE] a 1 GiB page at 0.
+        try m.writeUInt64(physical: 0x5000 + 0x1FF * 8, 0x6000 | 3)
+        try m.writeUInt64(physical: 0x6000 + 0x1FF * 8, 0x7000 | 3)
+        try m.writeUInt64(physical: 0x7000 + 0x1FE * 8, 0x83)
+        #expect(try m.translate(virtual: 0xFFFF_FFFF_8000_1234, paging: .level5(cr3: 0x5000)) == .init(physical: 0x1234, pageSize: 1 << 30))
+        #expect(throws: KVMError.unmapped(virtual: 0x00FF_0000_0000_0000, cr3: 0x5000, level: 5)) {
+            try m.translate(virtual: 0x00FF_0000_0000_0000, paging: .level5(cr3: 0x5000))
+        }
+        // The mode from the control registers.
+        #expect(PagingMode(cr0: 0x11, cr3: 0, cr4: 0, efer: 0) == .off)
+        #expect(PagingMode(cr0: 0x8000_0011, cr3: 0x1000, cr4: 0x10, efer: 0) == .legacy(cr3: 0x1000, pse: true))
+        #expect(PagingMode(cr0: 0x8000_0011, cr3: 0x3000, cr4: 0x20, efer: 0) == .pae(cr3: 0x3000))
+        #expect(PagingMode(cr0: 0x8000_0011, cr3: 0x2000, cr4: 0x20, efer: 0x500) == .level4(cr3: 0x2000))
+        #expect(PagingMode(cr0: 0x8000_0011, cr3: 0x5000, cr4: 0x1020, efer: 0x500) == .level5(cr3: 0x5000))
+    }
+
+    /// RAM past the hole is at 4 GiB: both ranges readable, the hole and beyond not.
+    @Test func ramAroundTheHole() throws {
+        let m = try GuestMemory(size: 8 << 20, holeStart: 4 << 20)
+        let low: Range<UInt64> = 0 ..< 0x40_0000, high: Range<UInt64> = 0x1_0000_0000 ..< 0x1_0040_0000
+        #expect(m.ranges == [low, high])
+        try m.write(physical: (4 << 30) + 16, bytes: [7, 8])
+        #expect(try m.read(physical: (4 << 30) + 16, count: 2) == [7, 8])
+        #expect(try m.read(physical: (4 << 20) - 2, count: 2) == [0, 0])
+        #expect(throws: KVMError.self) { try m.read(physical: (4 << 20) - 2, count: 4) }
+        #expect(throws: KVMError.self) { try m.read(physical: 5 << 20, count: 1) }
+        #expect(throws: KVMError.self) { try m.read(physical: (4 << 30) + (4 << 20), count: 1) }
+    }
+
     @Test func readCrossesPages() throws {
         let m = try memoryWithTables()
         try m.write(physical: 0x7FFC, bytes: [1, 2, 3, 4])
