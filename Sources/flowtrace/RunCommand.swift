@@ -196,6 +196,9 @@ struct RunCommand: ParsableCommand {
     @Flag(help: "Write the records the filters do not select instead.")
     var reverse = false
 
+    @Flag(name: .customLong("exit-counts"), help: "Print how many exits of each kind the run took (and the busiest I/O ports).")
+    var exitCounts = false
+
     @Option(help: "Report format: table, jsonl, csv or chrome.")
     var format: ReportFormat?
 
@@ -308,6 +311,7 @@ struct RunCommand: ParsableCommand {
         let seconds = String(format: "%.3f s", elapsed)
         let cpus = "\(vcpus) vCPU\(vcpus == 1 ? "" : "s")"
         if let tracer { printError(plan.summary(tracer, written: written, elapsed: elapsed, stepOvers: machine.stepOvers)) }
+        if exitCounts { printError("flowtrace: \(result.exits.summary(ports: 6))") }
         if let writeFailure { printError("flowtrace: error: \(writeFailure)") }
         if let serialFailure { printError("flowtrace: error: --serial: \(serialFailure)") }
         let unknown = machine.unknownAccesses

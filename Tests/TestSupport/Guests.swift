@@ -22,7 +22,7 @@ public enum Guests {
         let file = root.appendingPathComponent("guests/build/\(fileName)").path
         try built.withLock { done in
             if !done {
-                // Inside the nested KVM machine (tools/test-int3-nested) there is no make:
+                // Inside the nested KVM machine (tools/test-nested) there is no make:
                 // the guests were built on the host and copied in.
                 if !isOnPath("make") && FileManager.default.fileExists(atPath: file) { done = true; return }
                 let r = try run("/usr/bin/env", ["make", "-s", "-C", root.appendingPathComponent("guests").path])

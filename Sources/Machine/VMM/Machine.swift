@@ -72,6 +72,8 @@ public final class Machine: TraceTarget {
     /// Per vCPU: the step engine was just armed; check the current rip for a before-hit.
     let ripChecks: Locked<[Bool]>
     let rendezvous: Rendezvous
+    /// The exits of vCPU threads that left their loop.
+    let exitTally = Locked(ExitTally())
     /// Whether the guest can never run again (pc platform; see `HaltCensus`).
     let census: HaltCensus
     let snapshots: [VCPUSnapshot]
@@ -347,7 +349,7 @@ public final class Machine: TraceTarget {
         joinThreads()
         console.flush()
         let ending = events.withLock { $0.ending } ?? .stopped
-        return RunResult(ending: ending, console: console.allLines, elapsed: elapsed)
+        return RunResult(ending: ending, console: console.allLines, elapsed: elapsed, exits: exitTally.withLock { $0 })
     }
 
     /// Waits for every runner thread to end (each has left its loop or is about to).

@@ -94,6 +94,9 @@ public struct RunResult: Sendable {
     public var console: [ConsoleLine]
     /// Wall time from starting the first vCPU until this result.
     public var elapsed: Duration
+    /// The exits every vCPU took (complete for a final ending; a halt reports those of
+    /// vCPU threads that left their loop).
+    public var exits = ExitTally()
 }
 
 /// How a single step over a probed instruction keeps interrupts from being taken in the

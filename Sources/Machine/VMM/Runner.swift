@@ -11,6 +11,8 @@ extension Machine {
         var stepping: Stepping?
         var previousRip: UInt64?   // step engine: the instruction just executed
         var reinjected = false
+        var tally = ExitTally()
+        defer { exitTally.withLock { $0.add(tally) } }
         /// The guest's own TF around the instruction being stepped over (nil: not involved).
         var ownTrapFlag: OwnTrapFlag?
         defer {
@@ -42,6 +44,7 @@ extension Machine {
                 hostFailure(vcpu, error, while: "running the guest")
                 return
             }
+            tally.count(exit)
             if exit == .interrupted, census.isAsked { answerCensus(vcpu) }
             if reinjected {
                 // The injection is done; the debug state it rode on comes back without it.

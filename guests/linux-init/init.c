@@ -1,0 +1,118 @@
+/* /init of the initramfs the Linux tests boot a stock kernel with (static, no libc beyond
+ * the syscalls it needs): it reports, one line per write(2) on /dev/console, what the
+ * running kernel says about itself, then reboots. The tests compare these lines with what
+ * flowtrace saw: the CPU count with --vcpus, the kallsyms addresses with probes armed on
+ * them, the number and lengths of its writes with hits of a probe on ksys_write.
+ *
+ *   flowtrace-init: up
+ *   flowtrace-init: cpus N                    (online CPUs, from /sys/devices/system/cpu/online)
+ *   flowtrace-init: kallsyms NAME ADDRESS     (for each name in SYMBOLS, from /proc/kallsyms)
+ *   flowtrace-init: N writes before this one
+ * then reboot(RB_AUTOBOOT): with reboot=k, the i8042 reset. */
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <unistd.h>
+
+static const char *const SYMBOLS[] = {"ksys_write", "__x64_sys_reboot", "start_kernel"};
+static int writes;
+
+static void say(const char *text) {
+    char line[256];
+    size_t n = strlen("flowtrace-init: ");
+    memcpy(line, "flowtrace-init: ", n);
+    size_t t = strlen(text);
+    if (t > sizeof line - n - 1) t = sizeof line - n - 1;
+    memcpy(line + n, text, t);
+    line[n + t] = '\n';
+    writes++;
+    (void)!write(1, line, n + t + 1);
+}
+
+/* Counts the CPUs in a list like "0-1" or "0,2-3". */
+static int count_cpus(const char *s) {
+    int total = 0;
+    while (*s && *s != '\n') {
+        int a = 0, b;
+        while (*s >= '0' && *s <= '9') a = a * 10 + (*s++ - '0');
+        b = a;
+        if (*s == '-') { s++; b = 0; while (*s >= '0' && *s <= '9') b = b * 10 + (*s++ - '0'); }
+        total += b - a + 1;
+        if (*s == ',') s++;
+    }
+    return total;
+}
+
+static char buffer[1 << 20];
+
+int main(void) {
+    mount("proc", "/proc", "proc", 0, 0);
+    mount("sysfs", "/sys", "sysfs", 0, 0);
+    int console = open("/dev/console", O_WRONLY);
+    if (console >= 0 && console != 1) dup2(console, 1);
+    say("up");
+
+    char text[200];
+    int fd = open("/sys/devices/system/cpu/online", O_RDONLY);
+    ssize_t n = fd >= 0 ? read(fd, buffer, 255) : -1;
+    buffer[n > 0 ? n : 0] = 0;
+    strcpy(text, "cpus ");
+    int cpus = count_cpus(buffer);
+    char digits[12];
+    int d = 0;
+    do { digits[d++] = (char)('0' + cpus % 10); cpus /= 10; } while (cpus);
+    size_t at = strlen(text);
+    while (d) text[at++] = digits[--d];
+    text[at] = 0;
+    say(text);
+
+    /* /proc/kallsyms: "ADDRESS TYPE NAME [module]" per line, read in chunks. */
+    fd = open("/proc/kallsyms", O_RDONLY);
+    size_t have = 0;
+    int found[sizeof SYMBOLS / sizeof *SYMBOLS] = {0};
+    for (;;) {
+        ssize_t got = fd >= 0 ? read(fd, buffer + have, sizeof buffer - 1 - have) : 0;
+        if (got <= 0 && have == 0) break;
+        have += got > 0 ? (size_t)got : 0;
+        buffer[have] = 0;
+        char *line = buffer, *end;
+        while ((end = strchr(line, '\n'))) {
+            *end = 0;
+            char *name = strchr(line, ' ');
+            if (name && (name = strchr(name + 1, ' '))) {
+                name++;
+                for (size_t k = 0; k < sizeof SYMBOLS / sizeof *SYMBOLS; k++) {
+                    if (!found[k] && strcmp(name, SYMBOLS[k]) == 0) {
+                        found[k] = 1;
+                        strcpy(text, "kallsyms ");
+                        strcat(text, SYMBOLS[k]);
+                        strcat(text, " 0x");
+                        size_t l = strlen(text);
+                        memcpy(text + l, line, (size_t)(strchr(line, ' ') - line));
+                        text[l + (size_t)(strchr(line, ' ') - line)] = 0;
+                        say(text);
+                    }
+                }
+            }
+            line = end + 1;
+        }
+        size_t rest = have - (size_t)(line - buffer);
+        memmove(buffer, line, rest);
+        have = rest;
+        if (got <= 0) break;
+    }
+
+    strcpy(text, "");
+    int w = writes;
+    d = 0;
+    do { digits[d++] = (char)('0' + w % 10); w /= 10; } while (w);
+    at = 0;
+    while (d) text[at++] = digits[--d];
+    text[at] = 0;
+    strcat(text, " writes before this one");
+    say(text);
+    sync();
+    reboot(RB_AUTOBOOT);
+    return 0;
+}
