@@ -22,8 +22,12 @@ __attribute__((noinline)) void apic_tick(u64 n) {
 }
 
 __attribute__((used)) void apic_interrupt(void) {
-    ticks++;
-    apic_tick(ticks);
+    /* Ticks past TICKS are not counted: one can arrive between the last hlt's handler and
+     * the loop's cli (a timer catching up after the vCPU was held, e.g. nested under TCG). */
+    if (ticks < TICKS) {
+        ticks++;
+        apic_tick(ticks);
+    }
     lapic_write(APIC_EOI, 0);
 }
 

@@ -16,8 +16,12 @@ __attribute__((noinline)) void timer_tick(u64 n) {
 }
 
 __attribute__((used)) void timer_interrupt(void) {
-    ticks++;
-    timer_tick(ticks);
+    /* Ticks past TICKS are not counted: one can arrive between the last hlt's handler and
+     * the loop's cli (a timer catching up after the vCPU was held, e.g. nested under TCG). */
+    if (ticks < TICKS) {
+        ticks++;
+        timer_tick(ticks);
+    }
     pic_eoi(0);
 }
 
