@@ -30,6 +30,25 @@ struct BootImageTests {
         #expect(try k.resolve(.boot(expected)) == expected)
     }
 
+    /// A vmlinux linked at the high half, as Linux is: loaded at its physical addresses
+    /// (p_paddr, read here from the program headers by readelf's rules), entered at the
+    /// physical e_entry; its symbols stay virtual.
+    @Test func vmlinuxLoadsAtPhysicalAddresses() throws {
+        let path = try Guests.kernelPath("vmlinux-high.elf")
+        let elf = try ELFImage(path: path)
+        let k = try KernelImage(path: path)
+        #expect(try k.resolve(.auto) == .linux)
+        let plan = try KernelBootPlan(k, files: .init(), memorySize: 64 << 20)
+        #expect(plan.segments == elf.segments.map(\.physicalRange))
+        #expect(elf.segments.allSatisfy { $0.virtualAddress == $0.physicalAddress + 0xFFFF_FFFF_8000_0000 })
+        #expect(plan.entry == elf.entry)
+        #expect(try #require(elf.symbol(named: "startup_64")).address == plan.entry + 0xFFFF_FFFF_8000_0000)
+        // The zero page of a vmlinux: the header fields a bzImage would carry.
+        let zp = try #require(plan.bytes(at: plan.bootInformation, count: 4096))
+        #expect(le32(zp, 0x202) == 0x5372_6448)
+        #expect(zp[0x1FE] == 0x55 && zp[0x1FF] == 0xAA)
+    }
+
     @Test func payloadsStayPayloads() throws {
         let k = try KernelImage(path: try Guests.path("fib"))
         #expect(try k.resolve(.auto) == .payload)
