@@ -1,8 +1,9 @@
 /* boot-timer: runs a command, times how long until a line of its output contains MARKER.
  *   boot-timer MARKER LOG TIMEOUT_S COMMAND [ARG...]
  * Its stdout and stderr go to LOG. Prints "marker SECONDS total SECONDS status N" (SECONDS
- * -1 when the marker never came; the command is killed after TIMEOUT_S). Static, so it
- * runs inside tools/bench boot's nested machine as it is. */
+ * -1 when the marker never came; the command is killed after TIMEOUT_S, or 10 s after the
+ * marker: what comes after it is not measured). Static, so it runs inside tools/bench
+ * boot's nested machine as it is. */
 #define _GNU_SOURCE
 #include <poll.h>
 #include <signal.h>
@@ -43,7 +44,8 @@ int main(int argc, char **argv) {
     size_t used = 0;
     for (;;) {
         struct pollfd p = {fds[0], POLLIN, 0};
-        int left = (int)((start + timeout - now()) * 1000);
+        double until = marked >= 0 && start + marked + 10 < start + timeout ? start + marked + 10 : start + timeout;
+        int left = (int)((until - now()) * 1000);
         if (left <= 0) { kill(child, SIGKILL); break; }
         if (poll(&p, 1, left) <= 0) continue;
         ssize_t n = read(fds[0], buf, sizeof buf);
