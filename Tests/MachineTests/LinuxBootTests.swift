@@ -45,10 +45,21 @@ struct InitReport {
 
 @Suite("a stock Linux kernel", .serialized, .enabled(if: StockKernel.available, StockKernel.skipReason), .timeLimit(.minutes(20)))
 struct LinuxBootTests {
-    func machine(vcpus: Int) throws -> Machine {
+    func machine(vcpus: Int, commandLine: String = StockKernel.commandLine) throws -> Machine {
         try Machine(path: StockKernel.kernel, configuration: .init(
             vcpuCount: vcpus, memorySize: 512 << 20, engine: .engine(.hw),
-            files: BootFiles(commandLine: StockKernel.commandLine, initrd: StockKernel.initrd)))
+            files: BootFiles(commandLine: commandLine, initrd: StockKernel.initrd)))
+    }
+
+    /// The other endings: `reboot=t` resets through a triple fault; halting without ACPI
+    /// (/init's reboot(RB_HALT_SYSTEM)) leaves every CPU in cli; hlt, which ends the run as
+    /// all-halted instead of at the timeout.
+    @Test("reboot=t and a halt end the run", arguments: [("reboot=t", 1), ("flowtrace.end=halt", 2)])
+    func otherEndings(_ option: String, _ vcpus: Int) throws {
+        let line = StockKernel.commandLine.replacingOccurrences(of: "reboot=k", with: option == "reboot=t" ? option : "reboot=k \(option)")
+        let r = try machine(vcpus: vcpus, commandLine: line).run(timeout: .seconds(900))
+        #expect(InitReport(r.console).cpus == vcpus)
+        #expect(r.ending == (option == "reboot=t" ? .reset("triple fault") : .allHalted), "\(r.ending)")
     }
 
     /// Debian's kernel to /init and back: /init's lines, the CPU count it saw, the i8042

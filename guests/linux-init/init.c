@@ -8,7 +8,9 @@
  *   flowtrace-init: cpus N                    (online CPUs, from /sys/devices/system/cpu/online)
  *   flowtrace-init: kallsyms NAME ADDRESS     (for each name in SYMBOLS, from /proc/kallsyms)
  *   flowtrace-init: N writes before this one
- * then reboot(RB_AUTOBOOT): with reboot=k, the i8042 reset. */
+ * then reboot(RB_AUTOBOOT): with reboot=k, the i8042 reset; with reboot=t, a triple fault.
+ * With flowtrace.end=halt on the command line it halts instead (reboot(RB_HALT_SYSTEM):
+ * without ACPI every CPU ends in cli; hlt). */
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mount.h>
@@ -113,6 +115,9 @@ int main(void) {
     strcat(text, " writes before this one");
     say(text);
     sync();
-    reboot(RB_AUTOBOOT);
+    fd = open("/proc/cmdline", O_RDONLY);
+    n = fd >= 0 ? read(fd, buffer, 4095) : -1;
+    buffer[n > 0 ? n : 0] = 0;
+    reboot(strstr(buffer, "flowtrace.end=halt") ? RB_HALT_SYSTEM : RB_AUTOBOOT);
     return 0;
 }
