@@ -53,6 +53,7 @@ int ckvm_set_lapic(int vcpu_fd, const struct kvm_lapic_state *lapic) { return re
 int ckvm_get_mp_state(int vcpu_fd, struct kvm_mp_state *state) { return result(ioctl(vcpu_fd, KVM_GET_MP_STATE, state)); }
 int ckvm_set_mp_state(int vcpu_fd, const struct kvm_mp_state *state) { return result(ioctl(vcpu_fd, KVM_SET_MP_STATE, state)); }
 int ckvm_set_msrs(int vcpu_fd, const struct kvm_msrs *msrs) { return result(ioctl(vcpu_fd, KVM_SET_MSRS, msrs)); }
+int ckvm_translate(int vcpu_fd, struct kvm_translation *t) { return result(ioctl(vcpu_fd, KVM_TRANSLATE, t)); }
 
 void ckvm_store_immediate_exit(struct kvm_run *run, uint8_t value) {
     __atomic_store_n(&run->immediate_exit, value, __ATOMIC_SEQ_CST);

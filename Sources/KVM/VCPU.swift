@@ -377,6 +377,15 @@ public final class VCPU: @unchecked Sendable {
 
     /// The vCPU's multiprocessing state (`KVM_MP_STATE_*`: 0 runnable, 1 waiting for
     /// INIT/SIPI, 3 halted). Wraps `KVM_GET_MP_STATE`.
+    /// The guest-physical address KVM's own MMU gives `linear` in the vCPU's current paging
+    /// mode (nil: not mapped). Wraps `KVM_TRANSLATE`; flowtrace's page walk is checked against it.
+    public func translate(linear: UInt64) throws(KVMError) -> UInt64? {
+        var t = kvm_translation()
+        t.linear_address = linear
+        _ = try checked(ckvm_translate(fd, &t), "KVM_TRANSLATE")
+        return t.valid != 0 ? t.physical_address : nil
+    }
+
     public func mpState() throws(KVMError) -> UInt32 {
         var s = kvm_mp_state()
         _ = try checked(ckvm_get_mp_state(fd, &s), "KVM_GET_MP_STATE")

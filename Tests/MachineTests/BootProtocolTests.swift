@@ -309,6 +309,27 @@ struct KernelBootTests {
         #expect(r.ending == .exited(status: 0x4B))
     }
 
+    /// flowtrace's page walk against KVM's own (KVM_TRANSLATE): a payload on the loader's
+    /// 4-level tables, and a kernel at its 32-bit entry (paging off).
+    @Test func pageWalkAgreesWithKVMTranslate() throws {
+        let fib = try Machine(path: try Guests.path("fib"))
+        let mode = try fib.vcpus[0].specialRegisters().paging
+        #expect(mode == .level4(cr3: fib.layout.cr3))
+        var compared = 0
+        for s in fib.image.symbols where s.kind == .function {
+            let kvm = try fib.vcpus[0].translate(linear: s.address)
+            #expect(kvm == (try fib.memory.translate(virtual: s.address, paging: mode).physical))
+            compared += 1
+        }
+        #expect(compared > 0)
+        #expect(try fib.vcpus[0].translate(linear: 0x7FFF_0000_0000) == nil)   // beyond the identity map
+        let mb = try Machine(path: try Guests.kernelPath("multiboot.elf"))
+        #expect(try mb.vcpus[0].specialRegisters().paging == .off)
+        for a: UInt64 in [0x10_0000, 0x12_3456, 0xBFFF_F000] {
+            #expect(try mb.vcpus[0].translate(linear: a) == (try mb.memory.translate(virtual: a, paging: .off).physical))
+        }
+    }
+
     @Test func censusStates() {
         #expect(HaltCensus.state(mpState: 3, rflags: 0x2) == .haltedInterruptsOff)
         #expect(HaltCensus.state(mpState: 3, rflags: 0x202) == .running)

@@ -46,6 +46,7 @@ int ckvm_set_lapic(int vcpu_fd, const struct kvm_lapic_state *lapic);
 int ckvm_get_mp_state(int vcpu_fd, struct kvm_mp_state *state);
 int ckvm_set_mp_state(int vcpu_fd, const struct kvm_mp_state *state);
 int ckvm_set_msrs(int vcpu_fd, const struct kvm_msrs *msrs);
+int ckvm_translate(int vcpu_fd, struct kvm_translation *t);
 
 /* kvm_run.immediate_exit is written by a kicking thread and cleared by the vCPU thread:
  * an atomic store, which Swift cannot do on a field of a C struct. */

@@ -63,6 +63,10 @@ extension Machine {
         for l in locations {
             do throws(KVMError) {
                 let p = try memory.translate(virtual: l.address, paging: paging).physical
+                // KVM's own MMU as a cross-check (where the host answers KVM_TRANSLATE).
+                if let k = try? vcpus[0].translate(linear: l.address), k != p {
+                    throw KVMError.invalidArgument("flowtrace's page walk gives 0x\(String(p, radix: 16)) but KVM_TRANSLATE gives 0x\(String(k, radix: 16)) (a bug of flowtrace, please report it)")
+                }
                 var bytes = try memory.read(physical: p, count: 1)
                 if let o = b0.patches.original(at: l.address) { bytes[0] = o }
                 for k in 1..<4 {
