@@ -1,6 +1,7 @@
 @testable import FlowTrace
 import FlowTraceSimulation
 import Foundation
+import Locking
 import Synchronization
 import Testing
 import TestSupport
@@ -80,11 +81,16 @@ struct ModuleReliabilityTests {
         let m = try TraceModule(target: t)
         try m.addProbe(Probe("p", entries: try entries("rdi")), at: 0x100)
         let enabled = DispatchSemaphore(value: 0)
-        Thread { try? m.enable(); enabled.signal() }.start()
+        let failure = Locked<String?>(nil)
+        Thread {
+            do { try m.enable() } catch { failure.withLock { $0 = "\(error)" } }
+            enabled.signal()
+        }.start()
         t.entered.wait()
         #expect(throws: TraceError.concurrentOperation("disable")) { try m.disable() }
         t.release.signal()
         enabled.wait()
+        #expect(failure.withLock { $0 } == nil)
         #expect(m.state == .enabled)
         try m.disable()
     }

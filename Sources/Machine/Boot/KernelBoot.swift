@@ -149,8 +149,7 @@ struct KernelBoot {
             }
             throw unbootable("it needs memory up to \(hexString(kernelEnd)), into the PCI hole at \(hexString(KernelLayout.pciHoleStart))")
         }
-        self.image = ELFImage(path: path, entry: entry,
-                              segments: segments.map { var s = $0; if kernel.elf == nil { s.virtualAddress = s.physicalAddress }; return s },
+        self.image = ELFImage(path: path, entry: entry, segments: segments,
                               symbols: kernel.elf?.symbols ?? [], is64Bit: kernel.elf?.is64Bit ?? true, notes: kernel.elf?.notes ?? [])
         self.entry = entry
         for s in segments {
@@ -167,7 +166,7 @@ struct KernelBoot {
         }
         var contents: [[UInt8]] = []
         for f in moduleFiles {
-            do { contents.append(try readWholeFile(f.path)) } catch { throw MachineError.bootFile(fileError(error, p == .linux ? "--initrd" : "--module")) }
+            do { contents.append(try ELFImage.readFile(path: f.path)) } catch { throw MachineError.bootFile(fileError(error, p == .linux ? "--initrd" : "--module")) }
         }
         // Multiboot: modules follow the kernel, page-aligned; Linux and PVH: at the top of low RAM.
         var limit = map.lowRAMEnd

@@ -63,8 +63,11 @@ public struct LinuxSetupHeader: Sendable, Equatable {
     /// Where the protected-mode kernel starts in the file.
     public var kernelOffset: Int { (setupSectors + 1) * 512 }
 
-    /// "2.15".
-    public var versionString: String { "\(version >> 8).\(String(format2: version & 0xFF))" }
+    /// "2.15" (the minor version in two digits, as boot.rst writes "2.05").
+    public var versionString: String {
+        let minor = version & 0xFF
+        return "\(version >> 8).\(minor < 10 ? "0" : "")\(minor)"
+    }
 
     /// Parses the header of `bytes` (nil: no "HdrS" at 0x202 with the boot flag 0xAA55).
     public static func parse(_ b: [UInt8]) -> LinuxSetupHeader? {
@@ -97,13 +100,11 @@ public struct MultibootHeader: Sendable, Equatable {
     /// File offset of the header.
     public var offset: Int
     public var flags: UInt32
-    /// The address fields (flag 16): header, load, load end, bss end, entry.
-    public var addresses: (header: UInt32, load: UInt32, loadEnd: UInt32, bssEnd: UInt32, entry: UInt32)?
-
-    public static func == (a: MultibootHeader, b: MultibootHeader) -> Bool {
-        a.offset == b.offset && a.flags == b.flags && a.addresses.map { [$0.header, $0.load, $0.loadEnd, $0.bssEnd, $0.entry] }
-            == b.addresses.map { [$0.header, $0.load, $0.loadEnd, $0.bssEnd, $0.entry] }
+    /// The address fields (flag 16).
+    public struct Addresses: Sendable, Equatable {
+        public var header: UInt32, load: UInt32, loadEnd: UInt32, bssEnd: UInt32, entry: UInt32
     }
+    public var addresses: Addresses?
 
     /// The first valid header in the file's first 8 KiB, 4-byte aligned (magic, flags and
     /// checksum summing to zero).
@@ -116,7 +117,8 @@ public struct MultibootHeader: Sendable, Equatable {
             guard magic &+ flags &+ b.le32(at + 8) == 0 else { continue }
             var h = MultibootHeader(offset: at, flags: flags, addresses: nil)
             if flags & (1 << 16) != 0, at + 32 <= b.count {
-                h.addresses = (b.le32(at + 12), b.le32(at + 16), b.le32(at + 20), b.le32(at + 24), b.le32(at + 28))
+                h.addresses = Addresses(header: b.le32(at + 12), load: b.le32(at + 16), loadEnd: b.le32(at + 20),
+                                        bssEnd: b.le32(at + 24), entry: b.le32(at + 28))
             }
             return h
         }
@@ -182,7 +184,7 @@ public struct KernelImage: Sendable {
     /// Reads and recognises the file at `path`.
     public init(path: String) throws(MachineError) {
         let bytes: [UInt8]
-        do { bytes = try readWholeFile(path) } catch { throw MachineError.image(error) }
+        do { bytes = try ELFImage.readFile(path: path) } catch { throw MachineError.image(error) }
         try self.init(bytes: bytes, path: path)
     }
 
@@ -271,16 +273,8 @@ private func describeUnknown(_ b: [UInt8]) -> String {
     return "no ELF magic, no Linux setup header, no Multiboot header"
 }
 
-/// Reads a whole regular file.
-func readWholeFile(_ path: String) throws(ELFError) -> [UInt8] { try ELFImage.readFile(path: path) }
-
 extension Array where Element == UInt8 {
     func le16(_ at: Int) -> UInt16 { UInt16(self[at]) | UInt16(self[at + 1]) << 8 }
     func le32(_ at: Int) -> UInt32 { UInt32(le16(at)) | UInt32(le16(at + 2)) << 16 }
     func le64(_ at: Int) -> UInt64 { UInt64(le32(at)) | UInt64(le32(at + 4)) << 32 }
-}
-
-extension String {
-    /// Two decimal digits at least ("2.05" style minor versions).
-    init(format2 v: UInt16) { self = v < 10 ? "0\(v)" : "\(v)" }
 }

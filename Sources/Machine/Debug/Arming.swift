@@ -97,8 +97,8 @@ extension Machine {
             } else if let e = b.engine, let cap = e.capacity, addresses.count > cap {
                 throw TraceError.target(MachineError.tooManyLocations(e, count: addresses.count, capacity: cap).description)
             }
-            // Patching needs the physical page now; the step engine compares rip and needs nothing.
-            if let u = unmapped.first, b.engine?.trapByte != nil || (b.engine != .hw && b.engine != .step) {
+            // Patching needs the physical page now; hw and step take linear addresses.
+            if let u = unmapped.first, b.engine?.trapByte != nil {
                 throw unmappedError(u, engine: b.engine)
             }
             for l in locations {
