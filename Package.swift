@@ -24,6 +24,8 @@ let package = Package(
         ),
         // Zydis 4 from Debian's libzydis-dev (no pkg-config file: the module map links it).
         .systemLibrary(name: "CZydis", providers: [.apt(["libzydis-dev"])]),
+        // zlib, liblzma, libzstd, liblz4, libbz2: the formats a bzImage's payload comes in.
+        .systemLibrary(name: "CCompression", providers: [.apt(["zlib1g-dev", "liblzma-dev", "libzstd-dev", "liblz4-dev", "libbz2-dev"])]),
         // Locks ThreadSanitizer can see (see Locked.swift), and the record store's spin lock.
         .target(name: "Locking"),
         // File output that never destroys what it replaces, clocks, terminals: the CLI's and
@@ -35,6 +37,8 @@ let package = Package(
         // "Did you mean" for symbol and register names.
         .target(name: "NameSuggestions"),
         .target(name: "ELF", dependencies: ["CLibElf", "NameSuggestions"]),
+        // A Linux kernel's own symbols: its compressed payload, its kallsyms tables, symbol files.
+        .target(name: "LinuxKernel", dependencies: ["CCompression", "ELF"]),
         // x86-64 decoding and control-flow graphs of guest code.
         .target(name: "FlowGraph", dependencies: ["CZydis", "ELF", "NameSuggestions"]),
         // Probes, trace modules, records, reports, filters: pure Swift over TraceTarget.
@@ -43,7 +47,7 @@ let package = Package(
         .target(name: "FlowTraceGraphs", dependencies: ["FlowTrace", "FlowGraph"]),
         // A TraceTarget without a machine: for tests and the core benchmark.
         .target(name: "FlowTraceSimulation", dependencies: ["FlowTrace", "Locking"]),
-        .target(name: "Machine", dependencies: ["KVM", "Devices", "ELF", "FlowTrace", "FlowGraph", "Locking"]),
+        .target(name: "Machine", dependencies: ["KVM", "Devices", "ELF", "LinuxKernel", "FlowTrace", "FlowGraph", "Locking"]),
         // The command line's languages: probe specs, filters, report formats.
         .target(name: "TraceSpec", dependencies: ["FlowTrace", "ELF", "NameSuggestions", "Sys"]),
         .executableTarget(
@@ -58,6 +62,7 @@ let package = Package(
         // Test helpers: builds the guests, runs the executable.
         .target(name: "TestSupport", dependencies: ["Locking"], path: "Tests/TestSupport"),
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),
+        .testTarget(name: "LinuxKernelTests", dependencies: ["LinuxKernel", "ELF", "TestSupport"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "Locking", "TestSupport"]),
         .testTarget(name: "FlowGraphTests", dependencies: ["FlowGraph", "ELF", "TestSupport"]),
