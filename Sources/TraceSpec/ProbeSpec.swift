@@ -29,10 +29,10 @@ public struct ItemSpec: Sendable {
 public struct ProbeSpec: Sendable {
     /// The spec as given.
     public let text: String
-    /// The resolved probe address.
-    public let address: UInt64
+    /// The resolved probe address (a caller may move it, e.g. past a kernel's ftrace site).
+    public var address: UInt64
     /// How the location was written, normalised: `fib`, `fib+0x1a`, `0x100000`.
-    public let location: String
+    public var location: String
     public let timing: ProbeTiming
     public let items: [ItemSpec]
 

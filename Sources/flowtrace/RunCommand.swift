@@ -5,6 +5,7 @@ import FlowTraceGraphs
 import Foundation
 import KVM
 import FlowGraph
+import LinuxKernel
 import Locking
 import Devices
 import Machine
@@ -142,6 +143,9 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("module"), help: ArgumentHelp("A Multiboot or PVH module with its command line (repeatable).", valueName: "file[,args]"))
     var modules: [String] = []
 
+    @Option(name: .customLong("symbols"), help: ArgumentHelp("A kernel's symbols from System.map, /proc/kallsyms or nm output, for an image without .symtab (default: the kernel's own kallsyms tables).", valueName: "file"))
+    var symbolFile: String?
+
     @Option(help: "Number of vCPUs. Payloads: each starts at the entry with its index in rdi; kernels: vCPU 0 starts, the kernel starts the others.")
     var vcpus: Int = 1
 
@@ -231,11 +235,31 @@ struct RunCommand: ParsableCommand {
         do {
             memorySize = try memory.map(parseMemorySize) ?? (bootProtocol == .payload ? MachineConfiguration.defaultMemorySize : MachineConfiguration.defaultKernelMemorySize)
         } catch { throw fail(error.description, status: ExitStatus.usage) }
-        // Payloads: their ELF file; kernels: the ELF (a vmlinux, Multiboot or PVH kernel), or
-        // nothing to check probes against (a bzImage).
-        let image = kernel.elf ?? ELFImage(path: guest, entry: 0, segments: [])
+        // A Linux kernel: its vmlinux (a bzImage's decompressed payload) with its symbols.
+        var view: LinuxKernelView?
+        if bootProtocol != .payload, kernel.isLinux || symbolFile != nil {
+            do { view = try kernel.linuxView(symbolFile: symbolFile) } catch { throw fail(error.description, status: ExitStatus.usage) }
+            if let symbolFile, view?.symbols.source == .symtab {
+                printError("flowtrace: --symbols \(symbolFile) not used: \(guest) has its own .symtab")
+            }
+        } else if let symbolFile {
+            throw fail("--symbols \(symbolFile): \(guest) is a flowtrace payload; its symbols come from its own .symtab", status: ExitStatus.usage)
+        }
+        // Payloads: their ELF file; kernels: the vmlinux view, the ELF (a Multiboot or PVH
+        // kernel), or nothing to check probes against.
+        let image = view?.image ?? kernel.elf ?? ELFImage(path: guest, entry: 0, segments: [])
         let symbols = Symbolizer(image: image)
-        let plan = try TracePlan(command: self, image: image, symbols: symbols, checkCode: bootProtocol == .payload)
+        let patching = bootProtocol == .linux ? view?.image.map { LinuxCodePatching(vmlinux: $0, symbols: symbols) } : nil
+        let plan = try TracePlan(command: self, image: image, symbols: symbols, checkCode: bootProtocol == .payload || view?.vmlinux != nil,
+                                 patching: patching)
+        // Symbols are link addresses: a randomized kernel would run elsewhere.
+        var commandLine = append ?? ""
+        var notes: [String] = []
+        if bootProtocol == .linux, view != nil, !commandLine.split(separator: " ").contains("nokaslr") {
+            commandLine += commandLine.isEmpty ? "nokaslr" : " nokaslr"
+            notes.append("flowtrace: added nokaslr to the kernel command line: probes and symbols use the kernel's link addresses")
+        }
+        for n in notes { printError(n) }
         let serialMode = try SerialMode(parsing: serial)
         if case let .file(path) = serialMode {
             do { try ByteSink.checkWritable(path) } catch { throw fail("--serial file:\(path): \(error.description)", status: ExitStatus.usage) }
@@ -250,17 +274,31 @@ struct RunCommand: ParsableCommand {
         let destination: SerialDestination = if case .file = serialMode { .sink(SerialSink { serialFile.write($0) }) } else { .console }
         let machine: Machine
         do {
-            let files = BootFiles(commandLine: append ?? "", initrd: initrd, modules: modules.map(BootModule.init(option:)))
-            let configuration = MachineConfiguration(vcpuCount: vcpus, memorySize: memorySize, engine: engine.request,
+            let files = BootFiles(commandLine: commandLine, initrd: initrd, modules: modules.map(BootModule.init(option:)))
+            var configuration = MachineConfiguration(vcpuCount: vcpus, memorySize: memorySize, engine: engine.request,
                                                      platform: platform.request, serial: destination,
                                                      boot: .boot(bootProtocol), files: files)
+            if view != nil { configuration.symbols = image.symbols }
             machine = try Machine(kernel: kernel, configuration: configuration, host: host)
         } catch {
             if case .kvm = error { throw fail(error.description, status: ExitStatus.unavailable) }
             throw fail(error.description, status: ExitStatus.usage)
         }
         if let fault = faultInjection { try inject(fault, into: machine) }
+        // Software probes wait until the kernel has done its boot-time patching.
+        if patching != nil, let gate = symbols.address(of: "rest_init"), let vmlinux = view?.vmlinux {
+            let segments = vmlinux.segments.filter { $0.virtualAddress >= 0xFFFF_8000_0000_0000 }
+            machine.deferSoftwareProbes(until: ProbeGate(name: "rest_init", address: gate) { a in
+                for s in segments where s.virtualAddress <= a && a < s.virtualAddress &+ s.fileSize { return s.data[Int(a - s.virtualAddress)] }
+                return nil
+            })
+        }
         let tracer = try plan.arm(on: machine, engine: engine.request)
+        if let tracer, let patching, let initMemory = patching.initMemory, let e = machine.engine?.engine, e == .int3 || e == .hlt,
+           let p = plan.probes.first(where: { initMemory.contains($0.address) }) {
+            try? tracer.module.disable()
+            throw fail("probe \(p.location) (\(hex(p.address))) is in the kernel's init memory, which it frees and reuses once booted: the \(e) engine's trap byte would be left there; use --engine hw", status: ExitStatus.usage)
+        }
         if case let .file(path) = serialMode {
             do { try serialFile.open(path) } catch { throw fail("--serial file:\(path): \(error.description)", status: ExitStatus.usage) }
         }
@@ -311,6 +349,11 @@ struct RunCommand: ParsableCommand {
         let seconds = String(format: "%.3f s", elapsed)
         let cpus = "\(vcpus) vCPU\(vcpus == 1 ? "" : "s")"
         if let tracer { printError(plan.summary(tracer, written: written, elapsed: elapsed, stepOvers: machine.stepOvers)) }
+        for n in notes { printError(n) }
+        if tracer != nil, machine.probesWaitingForGate > 0 {
+            printError("flowtrace: \(machine.probesWaitingForGate) software probe\(machine.probesWaitingForGate == 1 ? "" : "s") never armed: the kernel never reached rest_init, where they wait for its boot-time code patching to end")
+        }
+        for l in machine.lostProbes { printError("flowtrace: probe \(l)") }
         if exitCounts { printError("flowtrace: \(result.exits.summary(ports: 6))") }
         if let writeFailure { printError("flowtrace: error: \(writeFailure)") }
         if let serialFailure { printError("flowtrace: error: --serial: \(serialFailure)") }
@@ -471,15 +514,31 @@ struct TracePlan {
 
     /// `checkCode`: probes must lie in the image's executable segments (payloads; a kernel
     /// maps its code where it wants).
-    init(command c: RunCommand, image: ELFImage, symbols: Symbolizer, checkCode: Bool = true) throws(ExitCode) {
+    init(command c: RunCommand, image: ELFImage, symbols: Symbolizer, checkCode: Bool = true, patching: LinuxCodePatching? = nil) throws(ExitCode) {
         var specs: [(ProbeSpec, PlannedProbe)] = []
+        var warnings: [String] = []
+        // The patching engines must keep off code a kernel rewrites; hw and step touch nothing.
+        let mayPatch = c.engine != .hw && c.engine != .step
         var byAddress: [UInt64: String] = [:]
         let decoder = X86Decoder()
         let code = ImageCodeSource(image: image)
         for text in c.probeSpecs {
-            let spec: ProbeSpec
+            var spec: ProbeSpec
             do { spec = try ProbeSpec.parse(text, symbols: symbols) } catch {
                 throw fail("--probe '\(text)': \(error.message)", status: ExitStatus.usage)
+            }
+            if let patching {
+                switch patching.place(spec.address) {
+                case .at: break
+                case let .afterFentry(address, site):
+                    warnings.append("flowtrace: note: --probe '\(text)' goes at \(symbols.describe(address)), just past the ftrace call site at \(symbols.describe(site)) (the kernel rewrites that call); the registers are the entry's")
+                    spec.address = address
+                    spec.location = symbols.describe(address)
+                case let .refused(why):
+                    if mayPatch {
+                        throw fail("--probe '\(text)': \(hex(spec.address)) (\(symbols.describe(spec.address))): \(why); a trap byte there would make the kernel BUG: probe another instruction, or use --engine hw", status: ExitStatus.usage)
+                    }
+                }
             }
             guard !checkCode || image.segments.contains(where: { $0.isExecutable && $0.range.contains(spec.address) }) else {
                 let code = image.segments.filter(\.isExecutable).map { "\(hex($0.range.lowerBound))-\(hex($0.range.upperBound))" }
@@ -517,7 +576,6 @@ struct TracePlan {
         let exitOverride = try items(c.flowExit, option: "--flow-exit")
         var flows: [PlannedFlow] = []
         var flowProbes: [PlannedProbe] = []
-        var warnings: [String] = []
         for text in c.flowSpecs {
             let function = String(text.prefix { $0 != ":" })
             let itemText = function.count < text.count ? String(text.dropFirst(function.count + 1)) : nil
@@ -533,6 +591,10 @@ struct TracePlan {
                 throw fail("--flow '\(text)': no block of \(graph.name) can be probed (see: flowtrace graph \(c.guest) \(function))", status: ExitStatus.usage)
             }
             for p in placements {
+                if mayPatch, let patching, let site = patching.site(containing: p.address) {
+                    warnings.append("flowtrace: warning: --flow '\(text)': block \(p.block) at \(hex(p.address)) is in \(site.what), code the kernel rewrites while it runs; not probed")
+                    continue
+                }
                 if let other = byAddress[p.address] {
                     throw fail("--flow '\(text)': block \(p.block) at \(hex(p.address)) already has \(other); one probe per address: drop one of them", status: ExitStatus.usage)
                 }
@@ -663,13 +725,17 @@ struct TracePlan {
         if !filters.isEmpty || reverse {
             report = report.filtered(by: filters.map { $0.filter(timeOrigin: timeOrigin) }, combining: combination, reverse: reverse)
         }
-        let writer = ReportWriter(
+        var writer = ReportWriter(
             format: format, probes: tracer.probes.map { ($0.0, $0.1.items.map(\.key)) }, commonKeys: commonItems.map(\.key),
             describe: { a in
                 guard let (s, off) = symbols.locate(a) else { return hex(a) }
                 return "\(s.name)+0x\(String(off, radix: 16))"
             },
             timeOrigin: timeOrigin, title: "flowtrace: \(title)")
+        writer.symbolize = { v in
+            guard let (s, off) = symbols.locate(v), s.kind == .function else { return nil }
+            return "\(s.name)+0x\(String(off, radix: 16))"
+        }
         let out: ByteSink
         if let output {
             do { out = try ByteSink(replacing: output) } catch { return (0, "writing the records to \(output): \(error.message)") }

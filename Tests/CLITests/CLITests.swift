@@ -141,3 +141,45 @@ struct CLITests {
         expectOneLineError(r, status: 69, "/nonexistent/kvm does not exist", "load kvm_intel")
     }
 }
+
+/// Debian's kernel as tools/fetch-linux leaves it (tools/test-nested fetches it first in CI).
+private let stockKernel = Guests.root.appendingPathComponent("guests/build/linux/vmlinuz").path
+private let stockKernelPresent = FileManager.default.fileExists(atPath: stockKernel)
+
+@Suite("flowtrace inspect on a stock kernel", .enabled(if: stockKernelPresent, "no stock kernel in guests/build/linux: tools/fetch-linux fetches Debian's"), .timeLimit(.minutes(2)))
+struct StockKernelInspectTests {
+    /// The version, payload and symbol lines; the symbols from the kernel's own tables.
+    @Test func inspectShowsVersionPayloadAndSymbols() throws {
+        let r = try flowtrace("inspect", stockKernel)
+        #expect(r.status == 0, "\(r.stderr)")
+        let lines = r.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.first == "\(stockKernel): Linux bzImage, boot protocol 2.15; boots with the linux protocol")
+        // The header's kernel_version string: Debian's release in it.
+        let release = try String(contentsOfFile: Guests.root.appendingPathComponent("guests/build/linux/version").path, encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines).replacingOccurrences(of: "linux-image-", with: "")
+        #expect(lines.contains { $0.hasPrefix("version: \(release) ") }, "\(lines)")
+        #expect(lines.contains { $0.hasPrefix("payload: ") && $0.contains("decompressed an ELF64 vmlinux") })
+        let symbolLine = try #require(lines.first { $0.hasPrefix("symbols: ") })
+        #expect(symbolLine.contains("from the kernel's own kallsyms tables"))
+        let count = try #require(Int(symbolLine.split(separator: " ")[1]))
+        // --symbols '*' lists each one as /proc/kallsyms does, ascending.
+        let all = try flowtrace("inspect", stockKernel, "--symbols", "*")
+        let listed = all.stdout.split(separator: "\n")
+        #expect(listed.count == count)
+        let addresses = listed.compactMap { UInt64($0.prefix(16), radix: 16) }
+        #expect(addresses.count == count && addresses == addresses.sorted())
+        let one = try flowtrace("inspect", stockKernel, "--symbols", "do_one_initcall")
+        #expect(one.stdout.split(separator: "\n").contains { $0.hasSuffix(" T do_one_initcall") && $0.hasPrefix("ffffffff8") })
+        expectOneLineError(try flowtrace("inspect", stockKernel, "--symbols", "no_such_symbol_anywhere"), "--symbols no_such_symbol_anywhere: no symbol of")
+    }
+
+    /// A symbol file instead of the tables: the names and addresses it gives; bad ones refused.
+    @Test func symbolFiles() throws {
+        let map = try temporaryFile(Array("ffffffff81000000 T _text\nffffffff81002460 T do_one_initcall\n".utf8), name: "System.map")
+        let r = try flowtrace("inspect", stockKernel, "--symbol-file", map, "--symbols", "do_*")
+        #expect(r.stdout == "ffffffff81002460 T do_one_initcall\n")
+        let zeros = try temporaryFile(Array("0000000000000000 T _text\n".utf8), name: "kallsyms-unprivileged")
+        expectOneLineError(try flowtrace("inspect", stockKernel, "--symbol-file", zeros), "every address is 0")
+        expectOneLineError(try flowtrace("run", stockKernel, "--symbols", "/nonexistent.map"), "symbol file: /nonexistent.map: no such file")
+    }
+}

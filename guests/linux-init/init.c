@@ -7,12 +7,18 @@
  *   flowtrace-init: up
  *   flowtrace-init: cpus N                    (online CPUs, from /sys/devices/system/cpu/online)
  *   flowtrace-init: kallsyms NAME ADDRESS     (for each name in SYMBOLS, from /proc/kallsyms)
+ *   flowtrace-init: sym ADDRESS TYPE NAME     (with flowtrace.sample=N: every Nth line of /proc/kallsyms
+ *                                             that is not a module's)
+ *   flowtrace-init: initcall ADDRESS NAME     (with flowtrace.initcalls: for each "calling  NAME+0x0/..."
+ *                                             line of the kernel log (syslog(2)), in order, NAME's address
+ *                                             from /proc/kallsyms)
  *   flowtrace-init: N writes before this one
  * then reboot(RB_AUTOBOOT): with reboot=k, the i8042 reset; with reboot=t, a triple fault.
  * With flowtrace.end=halt on the command line it halts instead (reboot(RB_HALT_SYSTEM):
  * without ACPI every CPU ends in cli; hlt). */
 #include <fcntl.h>
 #include <string.h>
+#include <sys/klog.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <unistd.h>
@@ -47,6 +53,92 @@ static int count_cpus(const char *s) {
 }
 
 static char buffer[1 << 20];
+
+/* The kernel's log and its whole /proc/kallsyms, for flowtrace.initcalls. */
+static char klog[8 << 20];
+static char ksyms[16 << 20];
+#define SLOTS (1 << 19)
+static char *slot_name[SLOTS];
+static char *slot_address[SLOTS];
+
+static unsigned hash(const char *s, size_t n) {
+    unsigned h = 2166136261u;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
+    return h;
+}
+
+static size_t read_all(const char *path, char *into, size_t size) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    size_t have = 0;
+    if (fd < 0) return 0;
+    for (;;) {
+        ssize_t got = read(fd, into + have, size - 1 - have);
+        /* /dev/kmsg gives one record per read and EAGAIN at the end. */
+        if (got <= 0) break;
+        have += (size_t)got;
+        if (have >= size - 1) break;
+    }
+    into[have] = 0;
+    close(fd);
+    return have;
+}
+
+static void hex_line(const char *tag, const char *address, size_t alen, const char *rest, size_t rlen) {
+    char text[240];
+    size_t t = strlen(tag);
+    if (alen > 16) alen = 16;
+    if (rlen > 200 - t - alen) rlen = 200 - t - alen;
+    memcpy(text, tag, t);
+    memcpy(text + t, "0x", 2);
+    memcpy(text + t + 2, address, alen);
+    text[t + 2 + alen] = ' ';
+    memcpy(text + t + 3 + alen, rest, rlen);
+    text[t + 3 + alen + rlen] = 0;
+    say(text);
+}
+
+/* Every line of /proc/kallsyms into the hash table; every Nth non-module line said. */
+static void load_kallsyms(int sample) {
+    size_t n = read_all("/proc/kallsyms", ksyms, sizeof ksyms);
+    int count = 0;
+    for (char *line = ksyms; line < ksyms + n;) {
+        char *end = strchr(line, '\n');
+        if (!end) break;
+        *end = 0;
+        char *type = strchr(line, ' ');
+        char *name = type ? strchr(type + 1, ' ') : 0;
+        if (name) {
+            name++;
+            char *tab = strchr(name, '\t');
+            size_t len = tab ? (size_t)(tab - name) : strlen(name);
+            unsigned h = hash(name, len) & (SLOTS - 1);
+            while (slot_name[h]) h = (h + 1) & (SLOTS - 1);
+            name[len] = 0;
+            slot_name[h] = name;
+            slot_address[h] = line;
+            *type = 0;
+            if (sample > 0 && !tab && count++ % sample == 0) hex_line("sym ", line, strlen(line), type + 1, strlen(type + 1));
+            if (!tab) *type = ' ';
+        }
+        line = end + 1;
+    }
+}
+
+static void report_initcalls(void) {
+    /* The whole log buffer (syslog(2) READ_ALL: no /dev/kmsg in this initramfs). */
+    int got = klogctl(3, klog, (int)sizeof klog - 1);
+    size_t n = got > 0 ? (size_t)got : 0;
+    klog[n] = 0;
+    for (char *p = klog; p < klog + n && (p = strstr(p, "calling  ")); p++) {
+        char *name = p + strlen("calling  ");
+        size_t len = 0;
+        while (name[len] && name[len] != '+' && name[len] != ' ' && name[len] != '\n') len++;
+        unsigned h = hash(name, len) & (SLOTS - 1);
+        while (slot_name[h] && !(strncmp(slot_name[h], name, len) == 0 && slot_name[h][len] == 0)) h = (h + 1) & (SLOTS - 1);
+        if (!slot_name[h]) continue;
+        hex_line("initcall ", slot_address[h], strcspn(slot_address[h], " "), name, len);
+    }
+}
 
 int main(void) {
     mount("proc", "/proc", "proc", 0, 0);
@@ -104,6 +196,18 @@ int main(void) {
         have = rest;
         if (got <= 0) break;
     }
+
+    /* The command line decides the optional reports. */
+    fd = open("/proc/cmdline", O_RDONLY);
+    n = fd >= 0 ? read(fd, buffer, 4095) : -1;
+    buffer[n > 0 ? n : 0] = 0;
+    if (fd >= 0) close(fd);
+    char *sample = strstr(buffer, "flowtrace.sample=");
+    int every = 0;
+    if (sample) for (sample += strlen("flowtrace.sample="); *sample >= '0' && *sample <= '9'; sample++) every = every * 10 + (*sample - '0');
+    int initcalls = strstr(buffer, "flowtrace.initcalls") != 0;
+    if (every > 0 || initcalls) load_kallsyms(every);
+    if (initcalls) report_initcalls();
 
     strcpy(text, "");
     int w = writes;

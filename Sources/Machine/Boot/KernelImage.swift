@@ -51,6 +51,11 @@ public struct LinuxSetupHeader: Sendable, Equatable {
     /// Memory the kernel needs from its load address on, decompression included.
     public var initSize: UInt32
     public var preferredAddress: UInt64
+    /// The compressed kernel inside the protected-mode code: offset from its start, length.
+    public var payloadOffset: UInt32
+    public var payloadLength: UInt32
+    /// The `kernel_version` string the header points at (2.00+), if it is there.
+    public var kernelVersion: String?
     /// The header bytes as in the file, from 0x1F1 to its end (0x202 + byte 0x201).
     public var bytes: [UInt8]
 
@@ -78,7 +83,18 @@ public struct LinuxSetupHeader: Sendable, Equatable {
             version: b.le16(0x206), setupSectors: sectors == 0 ? 4 : sectors, loadFlags: b[0x211],
             extendedLoadFlags: b.le16(0x236), initrdAddressMax: b.le32(0x22C), kernelAlignment: b.le32(0x230),
             commandLineSize: b.le32(0x238), initSize: b.le32(0x260), preferredAddress: b.le64(0x258),
+            payloadOffset: b.le32(0x248), payloadLength: b.le32(0x24C), kernelVersion: versionString(b),
             bytes: Array(b[Self.start ..< max(end, Self.start)]))
+    }
+
+    /// The NUL-terminated string at `kernel_version` + 0x200 (inside the setup code).
+    private static func versionString(_ b: [UInt8]) -> String? {
+        let pointer = Int(b.le16(0x20E))
+        guard pointer != 0, pointer + 0x200 < b.count else { return nil }
+        var end = pointer + 0x200
+        while end < b.count, end - pointer < 0x200 + 256, b[end] >= 0x20, b[end] < 0x7F { end += 1 }
+        guard end < b.count, b[end] == 0, end > pointer + 0x200 else { return nil }
+        return String(decoding: b[(pointer + 0x200)..<end], as: UTF8.self)
     }
 
     /// Why the 64-bit protocol cannot boot this kernel (nil: it can).

@@ -97,6 +97,15 @@ extension Machine {
             } else if let e = b.engine, let cap = e.capacity, addresses.count > cap {
                 throw TraceError.target(MachineError.tooManyLocations(e, count: addresses.count, capacity: cap).description)
             }
+            // Behind a closed gate the patching engines only take their locations.
+            if b.engine?.trapByte != nil, let gate = probeGate.withLock({ $0 }), b.gate != nil || !gatePassed.load(ordering: .relaxed) {
+                b.gate = gate.address
+                for l in locations {
+                    b.owners[l.address, default: []].append(.init(module: module, index: l.index, timing: l.timing, vcpus: selection))
+                    if !b.patches.isPatched(l.address) { b.pending.insert(l.address) }
+                }
+                return (0..<vcpus.count).map { b.baseDebug(for: $0) }
+            }
             // Patching needs the physical page now; hw and step take linear addresses.
             if let u = unmapped.first, b.engine?.trapByte != nil {
                 throw unmappedError(u, engine: b.engine)
@@ -121,7 +130,7 @@ extension Machine {
             do { try v.setGuestDebug(d) } catch { throw undo("\(error.description) while arming vCPU \(v.id)'s breakpoints") }
         }
         let engine = current.engine
-        if engine?.trapByte != nil {
+        if engine?.trapByte != nil, current.gate == nil {
             let failure = updateTable { (b: inout Breakpoints) -> String? in
                 for (l, p) in physical {
                     do throws(KVMError) {
@@ -166,6 +175,7 @@ extension Machine {
                 let kept = list.filter { $0.module !== module }
                 if kept.isEmpty {
                     b.owners[address] = nil
+                    b.pending.remove(address)
                     b.flagLoads[address] = nil
                     b.waitsForInterrupt[address] = nil
                     if let p = b.patches.patches[address] {
@@ -173,6 +183,9 @@ extension Machine {
                             let current = try memory.read(physical: p.physical, count: 1)[0]
                             if let original = b.patches.remove(address, current: current) {
                                 try memory.write(physical: p.physical, bytes: [original])
+                            } else {
+                                // Not our trap byte any more: the guest rewrote it; it stays.
+                                noteLost(address, "lost: the guest rewrote the code there (the byte is now 0x\(String(current, radix: 16))); nothing was restored")
                             }
                         } catch {
                             // The byte stays as it is; the table forgets it, so no hit is taken for it.
@@ -185,6 +198,7 @@ extension Machine {
                     b.owners[address] = kept
                 }
             }
+            if b.pending.isEmpty { b.gate = nil }
             if b.owners.isEmpty { b.engine = nil }
             return (0..<vcpus.count).map { b.baseDebug(for: $0) }
         }

@@ -28,6 +28,13 @@ struct Breakpoints: Sendable {
     /// `Machine.waitInPlace`), and their step-overs elsewhere let interrupts in.
     var waitsForInterrupt: [UInt64: UInt64] = [:]
 
+    /// While set: the linear address of the probe gate (`Machine.deferSoftwareProbes`), a
+    /// hardware breakpoint on every vCPU; the patching engine's locations in `pending` are
+    /// owned but not patched until a vCPU reaches it.
+    var gate: UInt64?
+    /// Locations owned but not patched yet (waiting for the gate).
+    var pending: Set<UInt64> = []
+
     var isEmpty: Bool { owners.isEmpty }
 
     /// Whether any owner traces `vcpu`.
@@ -37,7 +44,14 @@ struct Breakpoints: Sendable {
 
     /// What `KVM_SET_GUEST_DEBUG` should say for `vcpu` when it is not stepping over a probe.
     func baseDebug(for vcpu: Int) -> GuestDebug {
-        engine?.mechanism.baseDebug(self, vcpu: vcpu) ?? GuestDebug()
+        var d = engine?.mechanism.baseDebug(self, vcpu: vcpu) ?? GuestDebug()
+        if let gate {
+            // Only the patching engines wait for the gate: DR0 is free.
+            d.hardwareBreakpoints = true
+            d.addresses[0] = gate
+            d.dr7 |= 1
+        }
+        return d
     }
 
     /// The debug setting while `vcpu` single-steps over the instruction at a probe

@@ -48,6 +48,8 @@ enum ExitOutcome: Equatable {
     case stepAgain
     /// The step engine's step: `registers.rip` is the next instruction.
     case stepEngine(registers: Registers)
+    /// A vCPU reached the probe gate: the pending software probes are armed.
+    case gateReached
     /// The guest's own int3: deliver #BP to it.
     case reinjectBreakpoint
     /// The guest's own #DB (its single-step or its breakpoints): deliver it with `dr6`.
@@ -130,6 +132,7 @@ struct ExitHandler: Sendable {
             if regs.rip == address { return .stepAgain }
             return .stepOverDone(address: address, held: held, registers: regs)
         }
+        if exception == 1, stepping == nil, let gate = table.gate, pc == gate, dr6 & 1 != 0 { return .gateReached }
         if stepping == nil, let hit = table.engine?.mechanism.hit(exit, rip: regs.rip, table: table) {
             switch hit {
             case let .trap(address): return .trapHit(address: address, registers: regs)

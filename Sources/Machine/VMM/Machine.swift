@@ -68,6 +68,13 @@ public final class Machine: TraceTarget {
     /// bytes, so `readCode` sees bytes and patches that agree.
     let published = Locked(BreakpointTable(Breakpoints()))
     let pendingDisarms = Locked<[TraceModule]>([])
+    /// Software probes wait for this (see `deferSoftwareProbes`).
+    let probeGate = Locked<ProbeGate?>(nil)
+    /// Set once a vCPU reached the gate: later arming patches at once.
+    let gatePassed = Atomic<Bool>(false)
+    /// Probes that were lost, and why (the guest rewrote their code, or they could not be
+    /// armed at the gate).
+    let lost = Locked<[LostProbe]>([])
     let hasPendingDisarms = Atomic<Bool>(false)
     /// Per vCPU: the step engine was just armed; check the current rip for a before-hit.
     let ripChecks: Locked<[Bool]>
@@ -196,7 +203,7 @@ public final class Machine: TraceTarget {
         self.configuration = configuration
         self.layout = boot.layout
         self.platform = platform
-        self.symbolizer = Symbolizer(image: boot.image)
+        self.symbolizer = Symbolizer(symbols: configuration.symbols.isEmpty ? boot.image.symbols : configuration.symbols)
         self.vm = vm
         self.memory = memory
         self.vcpus = vcpus

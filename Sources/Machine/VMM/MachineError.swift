@@ -27,6 +27,8 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
     case unbootable(path: String, protocol: BootProtocol, reason: String)
     /// A boot file (initrd, module) or its placement in guest RAM failed.
     case bootFile(String)
+    /// A kernel's symbols could not be read (the payload, its kallsyms tables, a --symbols file).
+    case symbols(String)
 
     /// Whether this is a bug of the caller or of flowtrace (a run started twice, a resume
     /// without a halt), not bad input nor a host without KVM.
@@ -72,6 +74,8 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
             return "--boot \(p): \(path) cannot be booted that way: it needs \(missing) (found: \(found)); use --boot auto"
         case let .unbootable(path, p, reason):
             return "\(path): cannot boot with the \(p) protocol: \(reason)"
+        case let .symbols(why):
+            return why
         case let .bootFile(why):
             return why
         }

@@ -1,4 +1,5 @@
 import Devices
+import ELF
 import FlowTrace
 
 /// How to build a machine.
@@ -19,6 +20,9 @@ public struct MachineConfiguration: Sendable, Equatable {
     public var boot: BootRequest
     /// Command line, initrd and modules of a kernel boot.
     public var files: BootFiles
+    /// Symbols for describing guest addresses when the image has none of its own (a
+    /// kernel's, from `KernelImage.linuxView`).
+    public var symbols: [Symbol] = []
 
     public static let defaultMemorySize: UInt64 = 64 << 20
     /// What the CLI gives a kernel when `--memory` is not given.

@@ -127,6 +127,9 @@ extension Machine {
                 }
                 if case .halt = probeHits(vcpu, at: regs.rip, .before, regs: regs) { haltHere(vcpu, address: regs.rip, .before, rip: regs.rip) }
                 previousRip = regs.rip
+            case .gateReached:
+                // Every vCPU parked; the pending probes patched; the gate's DR0 removed.
+                openGate(from: vcpu)
             case .reinjectBreakpoint:
                 // Not ours: deliver it to the guest as if we were not there. Inside a step
                 // over a probe (the guest's int3 is the probed instruction) the step goes on:

@@ -1,0 +1,104 @@
+import ELF
+import FlowTrace
+import Foundation
+import KVM
+import LinuxKernel
+import Machine
+import Testing
+import TestSupport
+
+/// What the kernel itself says, as /init reports it (guests/linux-init): symbols sampled from
+/// /proc/kallsyms and, for every "calling  FN+0x0/..." line of the log, FN's address.
+extension InitReport {
+    var sampledSymbols: [KernelSymbol] {
+        lines.compactMap { l -> KernelSymbol? in
+            let f = l.split(separator: " ")
+            guard f.count == 5, f[1] == "sym", let a = UInt64(f[2].dropFirst(2), radix: 16), f[3].count == 1 else { return nil }
+            return KernelSymbol(address: a, type: f[3].first!, name: String(f[4]))
+        }
+    }
+    var initcalls: [(address: UInt64, name: String)] {
+        lines.compactMap { l in
+            let f = l.split(separator: " ")
+            guard f.count == 4, f[1] == "initcall", let a = UInt64(f[2].dropFirst(2), radix: 16) else { return nil }
+            return (a, String(f[3]))
+        }
+    }
+}
+
+/// Debian's kernel traced by name: symbols from its own kallsyms tables (inside the xz
+/// payload), software probes behind the rest_init gate, an entry probe past the ftrace site.
+@Suite("a stock Linux kernel by symbol name", .serialized, .enabled(if: StockKernel.available, StockKernel.skipReason), .timeLimit(.minutes(20)))
+struct LinuxSymbolTests {
+    static func view() throws -> (KernelImage, LinuxKernelView, ELFImage) {
+        let kernel = try KernelImage(path: StockKernel.kernel)
+        let view = try #require(try kernel.linuxView())
+        return (kernel, view, try #require(view.image))
+    }
+
+    /// The symbols flowtrace decodes from the image equal the running kernel's /proc/kallsyms
+    /// (every 90th line: over 1,000 functions and data symbols).
+    @Test func symbolsEqualProcKallsyms() throws {
+        let (_, view, _) = try Self.view()
+        #expect(view.symbols.source == .kallsyms(compression: .xz))
+        let m = try Machine(path: StockKernel.kernel, configuration: .init(
+            vcpuCount: 1, memorySize: 512 << 20, files: BootFiles(commandLine: StockKernel.commandLine + " flowtrace.sample=90", initrd: StockKernel.initrd)))
+        let r = try m.run(timeout: .seconds(900))
+        #expect(r.ending == .reset("i8042"))
+        let sample = InitReport(r.console).sampledSymbols
+        #expect(sample.count >= 1000)
+        #expect(Set(sample.map(\.type)).isSuperset(of: ["T", "t", "D", "d", "b", "r"]))
+        let ours = Set(view.symbols.symbols)
+        let missing = sample.filter { !ours.contains($0) }
+        #expect(missing.isEmpty, "not as /proc/kallsyms has them: \(missing.prefix(10))")
+    }
+
+    /// do_one_initcall by name (placed past its ftrace site) with the int3 engine behind the
+    /// gate: one record per "calling" line, rdi = that initcall's address, in order; ksys_write
+    /// by name sees /init's writes; the log has no patching complaint.
+    @Test func initcallsAndWritesByName() throws {
+        let (_, view, image) = try Self.view()
+        let symbols = Symbolizer(image: image)
+        let patching = LinuxCodePatching(vmlinux: image, symbols: symbols)
+        let initcall = try #require(symbols.address(of: "do_one_initcall"))
+        guard case let .afterFentry(probeAt, site) = patching.place(initcall) else {
+            Issue.record("do_one_initcall has no ftrace site at its entry: \(patching.place(initcall))"); return
+        }
+        #expect(site == initcall || site == initcall + 4)
+        let write = try #require(symbols.address(of: "ksys_write"))
+        let writeAt: UInt64 = if case let .afterFentry(a, _) = patching.place(write) { a } else { write }
+        let line = StockKernel.commandLine.replacingOccurrences(of: " quiet", with: " loglevel=5") + " initcall_debug log_buf_len=8M flowtrace.initcalls"
+        var configuration = MachineConfiguration(vcpuCount: 2, memorySize: 512 << 20, files: BootFiles(commandLine: line, initrd: StockKernel.initrd))
+        configuration.symbols = image.symbols
+        let m = try Machine(path: StockKernel.kernel, configuration: configuration)
+        let gate = try #require(symbols.address(of: "rest_init"))
+        let vmlinux = try #require(view.vmlinux)
+        m.deferSoftwareProbes(until: ProbeGate(name: "rest_init", address: gate) { a in
+            for s in vmlinux.segments where s.virtualAddress <= a && a < s.virtualAddress &+ s.fileSize { return s.data[Int(a - s.virtualAddress)] }
+            return nil
+        })
+        let module = try TraceModule(target: m)
+        try module.addProbe(Probe("do_one_initcall", entries: [reg("rdi")]), at: probeAt)
+        try module.addProbe(Probe("ksys_write", entries: [reg("rdx")]), at: writeAt)
+        try module.enable()
+        #expect(m.engine?.engine == .int3)
+        #expect(m.probesWaitingForGate == 2)
+        let r = try m.run(timeout: .seconds(900))
+        #expect(r.ending == .reset("i8042"), "\(r.ending)")
+        #expect(m.probesWaitingForGate == 0)
+        #expect(m.lostProbes.isEmpty, "\(m.lostProbes)")
+        let report = InitReport(r.console)
+        let calls = module.report().filter { $0.address == probeAt }.map { u64($0.values[0]) ?? 0 }
+        let expected = report.initcalls
+        #expect(expected.count > 300)
+        #expect(calls.count == expected.count)
+        #expect(calls == expected.map(\.address), "first differences: \(zip(calls, expected).enumerated().filter { $1.0 != $1.1.address }.prefix(5).map { "\($0): 0x\(String($1.0, radix: 16)) vs \($1.1.name)" })")
+        let writes = module.report().filter { $0.address == writeAt }.map { u64($0.values[0]) ?? 0 }
+        #expect(writes == report.lines.map { UInt64($0.utf8.count + 1) })
+        // (Nested TCG makes the kernel warn about its XSAVE sizes: not a patching complaint.)
+        let complaints = r.console.map(\.text).filter { l in ["ftrace", "jump_label", "alternative", "static_call", "text_poke", "BUG:", "Oops", "int3"].contains { l.contains($0) } }
+        #expect(complaints.isEmpty, "\(complaints.prefix(5))")
+        try module.disable()
+        #expect(m.lostProbes.isEmpty)
+    }
+}
