@@ -17,11 +17,12 @@ extension InitReport {
             return KernelSymbol(address: a, type: f[3].first!, name: String(f[4]))
         }
     }
-    var initcalls: [(address: UInt64, name: String)] {
+    /// nil address: two symbols have the name, so the log cannot say which.
+    var initcalls: [(address: UInt64?, name: String)] {
         lines.compactMap { l in
             let f = l.split(separator: " ")
-            guard f.count == 4, f[1] == "initcall", let a = UInt64(f[2].dropFirst(2), radix: 16) else { return nil }
-            return (a, String(f[3]))
+            guard f.count == 4, f[1] == "initcall" else { return nil }
+            return (UInt64(f[2].dropFirst(2), radix: 16), String(f[3]))
         }
     }
 }
@@ -92,11 +93,17 @@ struct LinuxSymbolTests {
         let expected = report.initcalls
         #expect(expected.count > 300)
         #expect(calls.count == expected.count)
-        #expect(calls == expected.map(\.address), "first differences: \(zip(calls, expected).enumerated().filter { $1.0 != $1.1.address }.prefix(5).map { "\($0): 0x\(String($1.0, radix: 16)) vs \($1.1.name)" })")
+        // Each record's rdi is the logged function: its address where the name is unique,
+        // and in every case a function of that name by flowtrace's symbols.
+        let differences = zip(calls, expected).enumerated().filter { i in
+            (i.element.1.address != nil && i.element.0 != i.element.1.address) || symbols.describe(i.element.0) != i.element.1.name
+        }
+        #expect(differences.isEmpty, "\(differences.count) differ; first: \(differences.prefix(5).map { "\($0.offset): 0x\(String($0.element.0, radix: 16)) (\(symbols.describe($0.element.0))) vs \($0.element.1.name)" })")
+        #expect(expected.filter { $0.address != nil }.count > 300)
         let writes = module.report().filter { $0.address == writeAt }.map { u64($0.values[0]) ?? 0 }
         #expect(writes == report.lines.map { UInt64($0.utf8.count + 1) })
         // (Nested TCG makes the kernel warn about its XSAVE sizes: not a patching complaint.)
-        let complaints = r.console.map(\.text).filter { l in ["ftrace", "jump_label", "alternative", "static_call", "text_poke", "BUG:", "Oops", "int3"].contains { l.contains($0) } }
+        let complaints = r.console.map(\.text).filter { !$0.hasPrefix("flowtrace-init: ") }.filter { l in ["ftrace", "jump_label", "alternative", "static_call", "text_poke", "BUG:", "Oops", "int3"].contains { l.contains($0) } }
         #expect(complaints.isEmpty, "\(complaints.prefix(5))")
         try module.disable()
         #expect(m.lostProbes.isEmpty)

@@ -10,8 +10,9 @@
  *   flowtrace-init: sym ADDRESS TYPE NAME     (with flowtrace.sample=N: every Nth line of /proc/kallsyms
  *                                             that is not a module's)
  *   flowtrace-init: initcall ADDRESS NAME     (with flowtrace.initcalls: for each "calling  NAME+0x0/..."
- *                                             line of the kernel log (syslog(2)), in order, NAME's address
- *                                             from /proc/kallsyms)
+ *                                             line of the kernel log (syslog(2)) but the console initcalls
+ *                                             ("@ 0"), in order, NAME's address from /proc/kallsyms, or
+ *                                             0xambiguous when two symbols have that name)
  *   flowtrace-init: N writes before this one
  * then reboot(RB_AUTOBOOT): with reboot=k, the i8042 reset; with reboot=t, a triple fault.
  * With flowtrace.end=halt on the command line it halts instead (reboot(RB_HALT_SYSTEM):
@@ -60,6 +61,7 @@ static char ksyms[16 << 20];
 #define SLOTS (1 << 19)
 static char *slot_name[SLOTS];
 static char *slot_address[SLOTS];
+static char slot_ambiguous[SLOTS];
 
 static unsigned hash(const char *s, size_t n) {
     unsigned h = 2166136261u;
@@ -112,10 +114,14 @@ static void load_kallsyms(int sample) {
             char *tab = strchr(name, '\t');
             size_t len = tab ? (size_t)(tab - name) : strlen(name);
             unsigned h = hash(name, len) & (SLOTS - 1);
-            while (slot_name[h]) h = (h + 1) & (SLOTS - 1);
+            while (slot_name[h] && !(strncmp(slot_name[h], name, len) == 0 && slot_name[h][len] == 0)) h = (h + 1) & (SLOTS - 1);
             name[len] = 0;
-            slot_name[h] = name;
-            slot_address[h] = line;
+            if (slot_name[h]) {
+                slot_ambiguous[h] = 1; /* two symbols of that name: the log cannot say which */
+            } else {
+                slot_name[h] = name;
+                slot_address[h] = line;
+            }
             *type = 0;
             if (sample > 0 && !tab && count++ % sample == 0) hex_line("sym ", line, strlen(line), type + 1, strlen(type + 1));
             if (!tab) *type = ' ';
@@ -133,10 +139,15 @@ static void report_initcalls(void) {
         char *name = p + strlen("calling  ");
         size_t len = 0;
         while (name[len] && name[len] != '+' && name[len] != ' ' && name[len] != '\n') len++;
+        /* "@ 0": console initcalls, which start_kernel calls itself (console_init), not
+         * through do_one_initcall; the rest run in kernel_init (pid 1) or its workers. */
+        char *at = strstr(name, " @ ");
+        if (!at || (at[3] == '0' && (at[4] < '0' || at[4] > '9'))) continue;
         unsigned h = hash(name, len) & (SLOTS - 1);
         while (slot_name[h] && !(strncmp(slot_name[h], name, len) == 0 && slot_name[h][len] == 0)) h = (h + 1) & (SLOTS - 1);
         if (!slot_name[h]) continue;
-        hex_line("initcall ", slot_address[h], strcspn(slot_address[h], " "), name, len);
+        if (slot_ambiguous[h]) hex_line("initcall ", "ambiguous", 9, name, len);
+        else hex_line("initcall ", slot_address[h], strcspn(slot_address[h], " "), name, len);
     }
 }
 
