@@ -286,12 +286,8 @@ struct RunCommand: ParsableCommand {
         }
         if let fault = faultInjection { try inject(fault, into: machine) }
         // Software probes wait until the kernel has done its boot-time patching.
-        if patching != nil, let gate = symbols.address(of: "rest_init"), let vmlinux = view?.vmlinux {
-            let segments = vmlinux.segments.filter { $0.virtualAddress >= 0xFFFF_8000_0000_0000 }
-            machine.deferSoftwareProbes(until: ProbeGate(name: "rest_init", address: gate) { a in
-                for s in segments where s.virtualAddress <= a && a < s.virtualAddress &+ s.fileSize { return s.data[Int(a - s.virtualAddress)] }
-                return nil
-            })
+        if patching != nil, let gate = symbols.address(of: "rest_init"), let view {
+            machine.deferSoftwareProbes(until: ProbeGate(name: "rest_init", address: gate) { view.imageByte(at: $0) })
         }
         let tracer = try plan.arm(on: machine, engine: engine.request)
         if let tracer, let patching, let initMemory = patching.initMemory, let e = machine.engine?.engine, e == .int3 || e == .hlt,

@@ -73,11 +73,7 @@ struct LinuxSymbolTests {
         configuration.symbols = image.symbols
         let m = try Machine(path: StockKernel.kernel, configuration: configuration)
         let gate = try #require(symbols.address(of: "rest_init"))
-        let vmlinux = try #require(view.vmlinux)
-        m.deferSoftwareProbes(until: ProbeGate(name: "rest_init", address: gate) { a in
-            for s in vmlinux.segments where s.virtualAddress <= a && a < s.virtualAddress &+ s.fileSize { return s.data[Int(a - s.virtualAddress)] }
-            return nil
-        })
+        m.deferSoftwareProbes(until: ProbeGate(name: "rest_init", address: gate) { view.imageByte(at: $0) })
         let module = try TraceModule(target: m)
         try module.addProbe(Probe("do_one_initcall", entries: [reg("rdi")]), at: probeAt)
         try module.addProbe(Probe("ksys_write", entries: [reg("rdx")]), at: writeAt)

@@ -15,6 +15,16 @@ public struct LinuxKernelView: Sendable {
 
     /// `vmlinux` with `symbols` as its symbol table: what probe specs, filters, flow
     /// graphs and reports resolve names against.
+    /// The byte the kernel image has at link address `address` (nil: not in its file bytes):
+    /// what `ProbeGate` checks a location against.
+    public func imageByte(at address: UInt64) -> UInt8? {
+        guard let vmlinux else { return nil }
+        for s in vmlinux.segments where s.virtualAddress <= address && address < s.virtualAddress &+ s.fileSize {
+            return s.data[Int(address - s.virtualAddress)]
+        }
+        return nil
+    }
+
     public var image: ELFImage? {
         if symbols.source == .symtab { return vmlinux }
         return vmlinux.map { ELFImage(path: $0.path, entry: $0.entry, segments: $0.segments, symbols: symbols.elfSymbols, is64Bit: $0.is64Bit, notes: $0.notes) }
