@@ -200,7 +200,8 @@ struct KallsymsTests {
         case .bzip2: ("bzip2", ["-9", "-c"])
         }
         guard let path = Self.tool(tool) else { throw CompressorMissing(name: tool) }
-        let input = try temporaryFile(data, name: "payload-\(format)")
+        // Tests run in parallel: a name of its own per call.
+        let input = try temporaryFile(data, name: "payload-\(format)-\(UUID().uuidString)")
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args + [input]
