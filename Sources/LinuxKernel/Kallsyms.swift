@@ -38,15 +38,13 @@ public struct KallsymsError: Error, Sendable, Equatable, CustomStringConvertible
 /// and `start_kernel` in kernel space.
 public enum Kallsyms {
     public static func decode(_ image: [UInt8]) throws(KallsymsError) -> [KernelSymbol] {
-        try image.withUnsafeBufferPointer { (b: UnsafeBufferPointer<UInt8>) throws(KallsymsError) -> [KernelSymbol] in
-            try Decoder(b).run()
-        }
+        try Decoder(image).run()
     }
 }
 
 private struct Decoder {
-    let b: UnsafeBufferPointer<UInt8>
-    init(_ b: UnsafeBufferPointer<UInt8>) { self.b = b }
+    let b: [UInt8]
+    init(_ b: [UInt8]) { self.b = b }
 
     func u16(_ i: Int) -> Int { Int(b[i]) | Int(b[i + 1]) << 8 }
     func u32(_ i: Int) -> UInt32 { UInt32(b[i]) | UInt32(b[i + 1]) << 8 | UInt32(b[i + 2]) << 16 | UInt32(b[i + 3]) << 24 }

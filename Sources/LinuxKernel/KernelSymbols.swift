@@ -92,34 +92,33 @@ public enum SymbolFile {
 }
 
 /// The text after "Linux version " in a kernel image (its `linux_banner`), up to the line end.
-public func linuxVersionString(in bytes: [UInt8]) -> String? {
+public func linuxVersionString(in b: [UInt8]) -> String? {
     let needle = Array("Linux version ".utf8)
-    return bytes.withUnsafeBufferPointer { b -> String? in
-        var from = 0
-        while from + needle.count < b.count {
-            guard let hit = find(needle, in: b, from: from) else { return nil }
-            let at = hit + needle.count
-            var end = at
-            while end < b.count, end - at < 400, b[end] >= 0x20, b[end] < 0x7F { end += 1 }
-            // The banner has a version number then more; the format string "%s" does not.
-            if end - at > 4, b[at] >= 0x30, b[at] <= 0x39 { return String(decoding: b[at..<end], as: UTF8.self) }
-            from = at
-        }
-        return nil
+    var from = 0
+    while from + needle.count < b.count {
+        guard let hit = find(needle, in: b, from: from) else { return nil }
+        let at = hit + needle.count
+        var end = at
+        while end < b.count, end - at < 400, b[end] >= 0x20, b[end] < 0x7F { end += 1 }
+        // The banner has a version number then more; the format string "%s" does not.
+        if end - at > 4, b[at] >= 0x30, b[at] <= 0x39 { return String(decoding: b[at..<end], as: UTF8.self) }
+        from = at
     }
+    return nil
 }
 
 /// The offset of the first `needle` in `b` at or after `from`.
-func find(_ needle: [UInt8], in b: UnsafeBufferPointer<UInt8>, from: Int) -> Int? {
-    guard let first = needle.first, !b.isEmpty else { return nil }
+func find(_ needle: [UInt8], in b: [UInt8], from: Int) -> Int? {
+    guard let first = needle.first, from >= 0 else { return nil }
     var at = from
-    while at + needle.count <= b.count {
-        // SAFETY: memchr scans inside `b` from `at`.
-        guard let p = memchr(b.baseAddress! + at, Int32(first), b.count - at) else { return nil }
-        let i = b.baseAddress!.distance(to: p.assumingMemoryBound(to: UInt8.self))
-        guard i + needle.count <= b.count else { return nil }
-        if memcmp(b.baseAddress! + i, needle, needle.count) == 0 { return i }
-        at = i + 1
+    let last = b.count - needle.count
+    while at <= last {
+        if b[at] == first {
+            var k = 1
+            while k < needle.count, b[at + k] == needle[k] { k += 1 }
+            if k == needle.count { return at }
+        }
+        at += 1
     }
     return nil
 }

@@ -191,6 +191,21 @@ struct ExitHandlerTests {
         let odd = VMExit.debug(exception: 1, pc: 0x100010, dr6: 0, dr7: 0)
         #expect(rig.handle(odd, v, table: table(.int3)) == .fault(.exit(odd)))
     }
+
+    /// #BP comes out to flowtrace only while one of its int3s is written: with probes
+    /// waiting behind a gate (only DR0 at the gate) the guest's own int3s stay in the guest.
+    @Test func int3ExitsOnlyWhileATrapIsWritten() {
+        #expect(table(.int3, patched: [0x100010]).baseDebug(for: 0).softwareBreakpoints)
+        #expect(table(.int3, patched: [0x100010]).stepOverDebug(for: 0).softwareBreakpoints)
+        #expect(!table(.int3).baseDebug(for: 0).softwareBreakpoints)
+        #expect(!table(.hlt, patched: [0x100010]).baseDebug(for: 0).softwareBreakpoints)
+        var gated = table(.int3)
+        gated.gate = 0xFFFF_FFFF_8100_0000
+        gated.pending = [0xFFFF_FFFF_8100_0100]
+        let d = gated.baseDebug(for: 1)
+        #expect(!d.softwareBreakpoints)
+        #expect(d.hardwareBreakpoints && d.addresses[0] == 0xFFFF_FFFF_8100_0000 && d.dr7 & 1 == 1)
+    }
 }
 
 /// CPUID as the guest sees it.
