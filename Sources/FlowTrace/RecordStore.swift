@@ -3,11 +3,18 @@ import Locking
 import Glibc
 #endif
 
-/// A module's records: fixed-size slots in chunks, optionally bounded with O(1) eviction
-/// of the oldest record, guarded by a spin lock.
+/// A module's records: fixed-size slots in chunks, optionally bounded, guarded by a spin
+/// lock, optionally streamed to one consumer in sequence order.
 ///
-/// Slots live in chunks of `chunkSlots` so growth never copies records. Bounded stores are
-/// rings: once `capacity` records are kept, each new record overwrites the oldest.
+/// Records have logical positions (their order of arrival) from `base`, the first slot of
+/// the first chunk, to `end`. Two windows keep them: the records kept for reports
+/// (`keepFrom..<end`: with a `capacity`, the newest `capacity`; each record leaving it
+/// counts as evicted) and, while a stream is open, the records not yet handed to it
+/// (`streamed..<end`). A chunk is reused for new records once both windows have left it, so
+/// memory follows the windows, never the length of the trace, and growth never copies.
+///
+/// A stream bounds its window (`maxPending` records): a hit that finds it full waits until
+/// the consumer has taken some (the vCPU stalls rather than a record being dropped).
 ///
 /// A store that cannot get memory for a new chunk stops taking records: each record it
 /// cannot keep is counted as lost, and the records it has stay intact.
@@ -15,18 +22,30 @@ final class RecordStore: @unchecked Sendable {
     // SAFETY: every mutable member is read and written only while `lock` is held. That lock
     // is what keeps accesses exclusive, so the per-access dynamic exclusivity checks (which
     // cost more than the rest of an append) are switched off with @exclusivity(unchecked).
-    // Each chunk is `chunkSlots * slotSize` bytes from `allocator`, freed with free(3).
+    // Each chunk is `chunkSlots * slotSize` bytes from `allocator`, freed with free(3). The
+    // stream's consumer reads slots in `streamed..<end` outside `lock`: no append writes
+    // there (appends write at `end`) and no chunk holding them is reused or freed before
+    // `streamed` passes them, which only the consumer moves; `consumer` keeps
+    // `reconfigure` and `removeAll`, which do move records, away from such a read.
     typealias Chunk = UnsafeMutableRawPointer
     private let lock = SpinLock()
+    private let consumer = Locked<Void>(())
     private let allocator: @Sendable (Int) -> Chunk?
     @exclusivity(unchecked) private var chunks: [Chunk] = []
     @exclusivity(unchecked) private(set) var slotSize: Int
     /// 0 = unbounded.
     @exclusivity(unchecked) private var capacity: Int = 0
-    /// Physical index of the oldest record (non-zero only once a bounded ring has wrapped).
-    @exclusivity(unchecked) private var head = 0
+    /// Logical position of the first slot of `chunks[0]`.
+    @exclusivity(unchecked) private var base = 0
+    /// Logical position of the next record.
+    @exclusivity(unchecked) private var end = 0
+    /// The oldest record kept for reports.
+    @exclusivity(unchecked) private var keepFrom = 0
+    /// While a stream is open: the oldest record not yet handed to it.
+    @exclusivity(unchecked) private var streaming = false
+    @exclusivity(unchecked) private var streamed = 0
+    @exclusivity(unchecked) private var maxPending = 0
     // SAFETY: the counters below, like the fields above, are touched only under `lock`.
-    @exclusivity(unchecked) private var count = 0
     @exclusivity(unchecked) private var nextSequence: UInt64 = 0
     @exclusivity(unchecked) private var takenTotal: UInt64 = 0
     @exclusivity(unchecked) private var evictedTotal: UInt64 = 0
@@ -37,6 +56,16 @@ final class RecordStore: @unchecked Sendable {
     @exclusivity(unchecked) private var takenAt: [UInt64] = []
     @exclusivity(unchecked) private var evictedAt: [UInt64] = []
     @exclusivity(unchecked) private var lostAt: [UInt64] = []
+    /// Where a full stream's producers and its consumer meet (never touched under `lock`).
+    private let signal = ConditionLock(StreamSignal())
+
+    struct StreamSignal {
+        /// Bumped by the consumer each time it takes records.
+        var progress: UInt64 = 0
+        /// Bumped by a producer that wants the consumer to come (its window is half full or full).
+        var demand: UInt64 = 0
+        var open = false
+    }
 
     static let chunkShift = 12
     static let chunkSlots = 1 << chunkShift
@@ -55,9 +84,14 @@ final class RecordStore: @unchecked Sendable {
     deinit { for c in chunks { free(c) } }
 
     @inline(__always)
-    private func slot(_ physical: Int) -> UnsafeMutableRawPointer {
-        chunks[physical >> Self.chunkShift] + (physical & (Self.chunkSlots - 1)) * slotSize
+    private func slot(_ logical: Int) -> UnsafeMutableRawPointer {
+        let i = logical - base
+        return chunks[i >> Self.chunkShift] + (i & (Self.chunkSlots - 1)) * slotSize
     }
+
+    /// The oldest record either window still needs.
+    @inline(__always)
+    private var lowWater: Int { streaming ? min(streamed, keepFrom) : keepFrom }
 
     /// Copies a collected record into the store, stamping sequence number and time under
     /// the lock so the store stays in sequence order. Returns false when the record was
@@ -66,8 +100,22 @@ final class RecordStore: @unchecked Sendable {
     // SAFETY: `record` is a collected slot of `slotSize` bytes; it is copied into a chunk slot under `lock`.
     func append(_ record: UnsafeMutableRawPointer, location: Int, vcpu: Int) -> Bool {
         lock.lock()
-        defer { lock.unlock() }
-        if !(capacity > 0 && count == capacity), count >> Self.chunkShift == chunks.count, !growChunk() {
+        var poke = false
+        if streaming {
+            // A full window waits for the consumer; the record that fills half of it calls it.
+            while streaming, end - streamed >= maxPending {
+                lock.unlock()
+                waitForStreamRoom()
+                lock.lock()
+            }
+            poke = streaming && end - streamed == maxPending >> 1
+        }
+        defer {
+            lock.unlock()
+            if poke { signal.withLock { $0.demand &+= 1 } }
+        }
+        let evicting = capacity > 0 && end - keepFrom == capacity
+        if end - base == chunks.count << Self.chunkShift, !makeRoom(evicting: evicting) {
             lostAt[location] &+= 1
             lostTotal &+= 1
             return false
@@ -78,32 +126,61 @@ final class RecordStore: @unchecked Sendable {
         record.storeBytes(of: monotonicNanoseconds(), toByteOffset: RecordHeader.timestamp, as: UInt64.self)
         record.storeBytes(of: UInt32(truncatingIfNeeded: location), toByteOffset: RecordHeader.location, as: UInt32.self)
         record.storeBytes(of: UInt32(truncatingIfNeeded: vcpu), toByteOffset: RecordHeader.vcpu, as: UInt32.self)
-        let physical: Int
-        if capacity > 0 && count == capacity {
-            physical = head
-            let old = Int(slot(physical).load(fromByteOffset: RecordHeader.location, as: UInt32.self))
+        if evicting {
+            let old = Int(slot(keepFrom).load(fromByteOffset: RecordHeader.location, as: UInt32.self))
             evictedAt[old] &+= 1
             evictedTotal &+= 1
-            head += 1
-            if head == capacity { head = 0 }
-        } else {
-            physical = count
-            count += 1
+            keepFrom += 1
         }
-        slot(physical).copyMemory(from: record, byteCount: slotSize)
+        slot(end).copyMemory(from: record, byteCount: slotSize)
+        end += 1
         takenAt[location] &+= 1
         takenTotal &+= 1
         return true
     }
 
-    /// Adds a chunk; false (and no more tries) when the allocator has no memory.
-    private func growChunk() -> Bool {
+    /// A slot for the record at `end` when every chunk is full: the oldest chunk once
+    /// neither window needs it (counting the record `evicting` is about to evict), else a
+    /// new one; false (and no more tries) when the allocator has no memory.
+    private func makeRoom(evicting: Bool) -> Bool {
+        let keptFrom = keepFrom + (evicting ? 1 : 0)
+        let low = streaming ? min(streamed, keptFrom) : keptFrom
+        if low - base >= Self.chunkSlots {
+            chunks.append(chunks.removeFirst())
+            base += Self.chunkSlots
+            return true
+        }
         guard !exhausted, let c = allocator(Self.chunkSlots * slotSize) else {
             exhausted = true
             return false
         }
         chunks.append(c)
         return true
+    }
+
+    /// Frees the chunks before `lowWater`.
+    private func releaseUnneeded() {
+        while !chunks.isEmpty, lowWater - base >= Self.chunkSlots {
+            free(chunks.removeFirst())
+            base += Self.chunkSlots
+        }
+        if lowWater == end {
+            for c in chunks { free(c) }
+            chunks = []
+            base = end
+        }
+    }
+
+    /// Called by a producer (outside `lock`) whose stream window is full: wakes the
+    /// consumer and waits until it has taken records (or the stream closed).
+    @inline(never)
+    private func waitForStreamRoom() {
+        let seen = signal.withLock { s -> UInt64 in
+            s.demand &+= 1
+            return s.progress
+        }
+        let full = lock.withLock { streaming && end - streamed >= maxPending }
+        if full { signal.wait(until: { $0.progress != seen || !$0.open }) }
     }
 
     /// Collects the common probe's and the probe's entries into a stack slot and appends it
@@ -135,56 +212,61 @@ final class RecordStore: @unchecked Sendable {
     }
 
     /// Changes slot size and bound, keeping the newest records that fit (older ones are
-    /// counted as evicted). Called while no hits are in flight (module not enabled).
-    /// Without memory for the new layout the records stay as they are and the store takes
-    /// no more (they count as lost).
+    /// counted as evicted) and every record the stream has not taken yet. Called while no
+    /// hits are in flight (module not enabled). Without memory for the new layout the
+    /// records stay as they are and the store takes no more (they count as lost).
     func reconfigure(slotSize newSize: Int, capacity newCapacity: Int) {
-        lock.withLock {
-            exhausted = false
-            let keep = newCapacity > 0 ? min(count, newCapacity) : count
-            if newSize == slotSize && keep == count && head == 0 {
+        consumer.withLock { _ in
+            lock.withLock {
+                exhausted = false
+                let newKeepFrom = newCapacity > 0 ? max(keepFrom, end - newCapacity) : keepFrom
+                if newKeepFrom > keepFrom {
+                    for r in keepFrom..<newKeepFrom {
+                        let l = Int(slot(r).load(fromByteOffset: RecordHeader.location, as: UInt32.self))
+                        evictedAt[l] &+= 1
+                        evictedTotal &+= 1
+                    }
+                }
+                keepFrom = newKeepFrom
                 capacity = newCapacity
-                return
-            }
-            let oldSize = slotSize
-            let old = (0..<count).map { slot(($0 + head) % max(capacity, count)) }
-            var fresh: [Chunk] = []
-            for _ in 0 ..< (keep + Self.chunkSlots - 1) >> Self.chunkShift {
-                guard let c = allocator(Self.chunkSlots * newSize) else {
-                    for f in fresh { free(f) }
-                    exhausted = true
+                guard newSize != slotSize else {
+                    releaseUnneeded()
                     return
                 }
-                fresh.append(c)
+                let low = lowWater
+                var fresh: [Chunk] = []
+                for _ in 0 ..< (end - low + Self.chunkSlots - 1) >> Self.chunkShift {
+                    guard let c = allocator(Self.chunkSlots * newSize) else {
+                        for f in fresh { free(f) }
+                        exhausted = true
+                        releaseUnneeded()
+                        return
+                    }
+                    fresh.append(c)
+                }
+                for r in low..<end {
+                    let i = r - low
+                    let s = fresh[i >> Self.chunkShift] + (i & (Self.chunkSlots - 1)) * newSize
+                    s.initializeMemory(as: UInt8.self, repeating: 0, count: newSize)
+                    s.copyMemory(from: slot(r), byteCount: min(slotSize, newSize))
+                }
+                for c in chunks { free(c) }
+                chunks = fresh
+                base = low
+                slotSize = newSize
             }
-            let oldChunks = chunks
-            chunks = fresh
-            slotSize = newSize
-            for r in old[..<(count - keep)] {
-                let l = Int(r.load(fromByteOffset: RecordHeader.location, as: UInt32.self))
-                evictedAt[l] &+= 1
-                evictedTotal &+= 1
-            }
-            for (i, r) in old[(count - keep)...].enumerated() {
-                let s = slot(i)
-                s.initializeMemory(as: UInt8.self, repeating: 0, count: newSize)
-                s.copyMemory(from: r, byteCount: min(oldSize, newSize))
-            }
-            for c in oldChunks { free(c) }
-            head = 0
-            count = keep
-            capacity = newCapacity
         }
     }
 
-    /// Drops every record (counters of taken and evicted records stay).
+    /// Drops every record kept for reports (counters of taken and evicted records stay;
+    /// records an open stream has not taken yet are still handed to it).
     func removeAll() {
-        lock.withLock {
-            for c in chunks { free(c) }
-            chunks = []
-            head = 0
-            count = 0
-            exhausted = false
+        consumer.withLock { _ in
+            lock.withLock {
+                keepFrom = end
+                releaseUnneeded()
+                exhausted = false
+            }
         }
     }
 
@@ -193,23 +275,98 @@ final class RecordStore: @unchecked Sendable {
     /// buffer is empty and says how many records it misses.
     func snapshot() -> RecordBuffer {
         lock.withLock {
-            guard let buffer = RecordBuffer(count: count, slotSize: slotSize, allocator: allocator) else {
-                return RecordBuffer(missing: count, slotSize: slotSize)
-            }
-            var done = 0
-            // At most two runs: from head to the end of the ring, then from 0.
-            let ringEnd = capacity > 0 && count == capacity ? capacity : count
-            var physical = head
-            while done < count {
-                let run = min(count - done, ringEnd - physical, Self.chunkSlots - (physical & (Self.chunkSlots - 1)))
-                // SAFETY: `buffer` holds `count` slots (allocated above); runs stay inside the ring and a chunk.
-                (buffer.base.unsafelyUnwrapped + done * slotSize).copyMemory(from: slot(physical), byteCount: run * slotSize)
-                done += run
-                physical += run
-                if physical == ringEnd { physical = 0 }
-            }
-            return buffer
+            copy(keepFrom..<end)
         }
+    }
+
+    /// `range` (logical positions, all in the store) copied into a new buffer.
+    private func copy(_ range: Range<Int>) -> RecordBuffer {
+        guard let buffer = RecordBuffer(count: range.count, slotSize: slotSize, allocator: allocator) else {
+            return RecordBuffer(missing: range.count, slotSize: slotSize)
+        }
+        var r = range.lowerBound
+        while r < range.upperBound {
+            // One run per chunk.
+            let inChunk = Self.chunkSlots - ((r - base) & (Self.chunkSlots - 1))
+            let run = min(range.upperBound - r, inChunk)
+            // SAFETY: `buffer` holds `range.count` slots (allocated above); a run stays inside one chunk.
+            (buffer.base.unsafelyUnwrapped + (r - range.lowerBound) * slotSize).copyMemory(from: slot(r), byteCount: run * slotSize)
+            r += run
+        }
+        return buffer
+    }
+
+    // MARK: Stream
+
+    /// Opens the stream: from now on every record is kept until `takeStreamed` has handed it
+    /// out, at most `maxPendingBytes` of them (at least one chunk) waiting at a time.
+    func openStream(maxPendingBytes: Int) {
+        lock.withLock {
+            streaming = true
+            streamed = end
+            maxPending = max(Self.chunkSlots, maxPendingBytes / max(1, slotSize)) & ~(Self.chunkSlots - 1)
+        }
+        signal.withLock { $0.open = true }
+    }
+
+    /// Closes the stream: records it has not taken are no longer kept for it, and a
+    /// producer waiting for room goes on.
+    func closeStream() {
+        lock.withLock {
+            streaming = false
+            releaseUnneeded()
+        }
+        signal.withLock { $0.open = false }
+    }
+
+    /// The records the stream has not taken yet, oldest first, at most `limit` of them,
+    /// copied out; they count as taken by the stream. Empty when there are none (or no
+    /// stream is open). With `wait`, waits up to that long for a producer's call (a window
+    /// half full) when there are fewer than `limit`.
+    func takeStreamed(limit: Int, wait: Duration?) -> RecordBuffer {
+        if let wait {
+            let seen = signal.withLock { $0.demand }
+            let short = lock.withLock { streaming && end - streamed < limit }
+            if short { signal.wait(until: { $0.demand != seen || !$0.open }, timeout: wait) }
+        }
+        let buffer: RecordBuffer = consumer.withLock { _ in
+            let (from, count, size): (Int, Int, Int) = lock.withLock {
+                guard streaming else { return (0, 0, slotSize) }
+                return (streamed, min(limit, end - streamed), slotSize)
+            }
+            guard count > 0 else { return RecordBuffer(missing: 0, slotSize: size) }
+            // Outside `lock`: appends go on meanwhile (see SAFETY above).
+            let b = copyUnlocked(from: from, count: count)
+            lock.withLock { streamed = from + count }
+            return b
+        }
+        if buffer.count > 0 || buffer.missing > 0 { signal.withLock { $0.progress &+= 1 } }
+        return buffer
+    }
+
+    /// `copy` for the stream's window without holding `lock` over the copy: the chunk list
+    /// is read under it, the slots after it.
+    private func copyUnlocked(from: Int, count: Int) -> RecordBuffer {
+        let (runs, size): ([(UnsafeMutableRawPointer, Int)], Int) = lock.withLock {
+            var runs: [(UnsafeMutableRawPointer, Int)] = []
+            var r = from
+            while r < from + count {
+                let run = min(from + count - r, Self.chunkSlots - ((r - base) & (Self.chunkSlots - 1)))
+                runs.append((slot(r), run))
+                r += run
+            }
+            return (runs, slotSize)
+        }
+        guard let buffer = RecordBuffer(count: count, slotSize: size, allocator: allocator) else {
+            return RecordBuffer(missing: count, slotSize: size)
+        }
+        var done = 0
+        for (p, n) in runs {
+            // SAFETY: `buffer` holds `count` slots; each run lies in a chunk nobody reuses until `streamed` passes it.
+            (buffer.base.unsafelyUnwrapped + done * size).copyMemory(from: p, byteCount: n * size)
+            done += n
+        }
+        return buffer
     }
 
     struct Totals {
@@ -220,12 +377,17 @@ final class RecordStore: @unchecked Sendable {
         var evictedAt: [UInt64]
         var lost: UInt64
         var lostAt: [UInt64]
+        /// Records an open stream has not taken yet.
+        var pending: Int
+        /// Slots allocated (memory held, in records).
+        var slots: Int
     }
 
     var totals: Totals {
         lock.withLock {
-            Totals(kept: count, taken: takenTotal, evicted: evictedTotal, takenAt: takenAt, evictedAt: evictedAt,
-                   lost: lostTotal, lostAt: lostAt)
+            Totals(kept: end - keepFrom, taken: takenTotal, evicted: evictedTotal, takenAt: takenAt, evictedAt: evictedAt,
+                   lost: lostTotal, lostAt: lostAt, pending: streaming ? end - streamed : 0,
+                   slots: chunks.count << Self.chunkShift)
         }
     }
 }

@@ -272,6 +272,38 @@ public final class TraceModule: Sendable {
         }
     }
 
+    // MARK: Stream
+
+    /// Opens the module's record stream: every record taken from now on is handed, in
+    /// sequence order, to `takeStreamed` (one consumer, on a thread of its own), whatever
+    /// `maxRecords` keeps for `report()`. At most `maxPendingBytes` of records (at least
+    /// 4,096 records) wait for the consumer: a hit that finds that many waiting waits until
+    /// it takes some, so nothing is dropped and memory stays bounded, but a consumer that
+    /// stops taking stalls the guest until `closeStream()`.
+    public func openStream(maxPendingBytes: Int = 64 << 20) {
+        control.withLock { _ in store.openStream(maxPendingBytes: maxPendingBytes) }
+    }
+
+    /// The records taken since the last call (at most `maxRecords`, oldest first), as a
+    /// report to filter and write. Empty when there are none; with `wait`, waits up to
+    /// that long for hits to fill the stream's window halfway before answering with what
+    /// there is (a consumer's flush interval). Once the module is disabled and this returns
+    /// an empty report, the stream has handed out every record.
+    public func takeStreamed(maxRecords: Int = 16_384, wait: Duration? = nil) -> TraceReport {
+        let buffer = store.takeStreamed(limit: max(1, maxRecords), wait: wait)
+        return control.withLock { _ in
+            TraceReport(buffer: buffer, locations: plan.locations, commonProbe: commonProbe,
+                        commonLayout: commonLayout, probeBase: plan.probeBase, reasons: reasons)
+        }
+    }
+
+    /// The record store's own counts (tests: memory held, records waiting for the stream).
+    var storeTotals: RecordStore.Totals { store.totals }
+
+    /// Closes the stream: records it has not handed out are dropped from it (they stay in
+    /// `report()` if `maxRecords` keeps them), and a hit waiting for room goes on.
+    public func closeStream() { store.closeStream() }
+
     /// The module's counters.
     public var counters: TraceCounters {
         control.withLock { _ in

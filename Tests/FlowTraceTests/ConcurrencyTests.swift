@@ -1,6 +1,8 @@
-import FlowTrace
+@testable import FlowTrace
 import FlowTraceSimulation
 import Foundation
+import Locking
+import TestSupport
 import Synchronization
 import Testing
 
@@ -82,5 +84,126 @@ struct ConcurrencyTests {
         #expect(bad.load(ordering: .relaxed) == 0)
         #expect(reports.load(ordering: .relaxed) > 0)
         #expect(m.counters.recordsTaken == 150_000)
+    }
+}
+
+/// The record stream: every record handed out once, in sequence order, while vCPU threads
+/// hit; the producers wait for a full window; memory follows the windows, not the trace.
+@Suite("record stream", .serialized)
+struct RecordStreamTests {
+    /// 4 threads x 100,000 hits through a window of 4,096 records (so producers wait for the
+    /// consumer again and again) while only 1,000 records are kept: the consumer gets all
+    /// 400,000 exactly once, sequence numbers 0, 1, 2 ... in order, each thread's rdi
+    /// (its own hit counter) 0, 1, 2 ... in order.
+    @Test func everyRecordOnceInOrderThroughASmallWindow() throws {
+        try withWatchdog(120, "stream with a full window") {
+            let threads = 4, perThread = 100_000
+            let t = makeTarget(vcpus: threads)
+            let m = try TraceModule(target: t)
+            try m.addProbe(Probe("p", entries: entries("rdi")), at: 0x100)
+            m.openStream(maxPendingBytes: 1)   // the minimum: one chunk of 4,096 records
+            try m.enable(maxRecords: 1_000)
+            let producing = Atomic<Int>(threads)
+            let got = Locked<(count: Int, nextSeq: UInt64, next: [Int], bad: [String], maxPending: Int, maxSlots: Int)>(
+                (0, 0, Array(repeating: 0, count: threads), [], 0, 0))
+            onThreads(threads + 1) { k in
+                if k < threads {
+                    for i in 0..<perThread { _ = t.fire(at: 0x100, vcpu: k, overrides: [.general(7): UInt128(i)]) }
+                    producing.subtract(1, ordering: .releasing)
+                    return
+                }
+                // The consumer: until the producers are done and the stream is empty.
+                while true {
+                    let done = producing.load(ordering: .acquiring) == 0
+                    let batch = m.takeStreamed(maxRecords: 1_000, wait: .milliseconds(20))
+                    let totals = m.storeTotals
+                    got.withLock { g in
+                        g.maxPending = max(g.maxPending, totals.pending)
+                        g.maxSlots = max(g.maxSlots, totals.slots)
+                        for r in batch {
+                            if r.sequence != g.nextSeq, g.bad.count < 5 { g.bad.append("seq \(r.sequence), expected \(g.nextSeq)") }
+                            g.nextSeq = r.sequence + 1
+                            guard case let .register(v)? = r.values.first else { g.bad.append("no rdi at \(r.sequence)"); continue }
+                            if v.asUInt64 != UInt64(g.next[r.vcpu]), g.bad.count < 5 {
+                                g.bad.append("vCPU \(r.vcpu): rdi \(v.asUInt64), expected \(g.next[r.vcpu])")
+                            }
+                            g.next[r.vcpu] = Int(v.asUInt64) + 1
+                            g.count += 1
+                        }
+                    }
+                    if done && batch.isEmpty { break }
+                }
+            }
+            let g = got.withLock { $0 }
+            #expect(g.bad == [])
+            #expect(g.count == threads * perThread)
+            #expect(g.next == Array(repeating: perThread, count: threads))
+            let c = m.counters
+            #expect(c.recordsTaken == UInt64(threads * perThread) && c.recordsLost == 0)
+            #expect(c.recordsKept == 1_000)
+            #expect(m.report().map(\.sequence) == Array(UInt64(threads * perThread - 1_000)..<UInt64(threads * perThread)))
+            // The window never held more than its 4,096 records; memory: that window and
+            // the 1,000 kept, in whole chunks, plus the one being filled.
+            #expect(g.maxPending <= RecordStore.chunkSlots)
+            #expect(g.maxSlots <= 3 * RecordStore.chunkSlots)
+        }
+    }
+
+    /// A producer waiting for room goes on when the stream is closed (no consumer at all),
+    /// and the module keeps what `maxRecords` says.
+    @Test func closingReleasesAWaitingProducer() throws {
+        try withWatchdog(60, "a producer waiting on a closed stream") {
+            let t = makeTarget()
+            let m = try TraceModule(target: t)
+            try m.addProbe(Probe("p", entries: entries("rdi")), at: 0x100)
+            m.openStream(maxPendingBytes: 1)
+            try m.enable(maxRecords: 10)
+            let fired = Atomic<Int>(0)
+            let producer = try JoinableThread {
+                for i in 0..<(RecordStore.chunkSlots + 100) {
+                    _ = t.fire(at: 0x100, vcpu: 0, overrides: [.general(7): UInt128(i)])
+                    fired.add(1, ordering: .relaxed)
+                }
+            }
+            // The window fills: the producer stops at its 4,097th hit until the stream closes.
+            while m.storeTotals.pending < RecordStore.chunkSlots { sched_yield() }
+            #expect(fired.load(ordering: .relaxed) == RecordStore.chunkSlots)
+            m.closeStream()
+            producer.join()
+            #expect(fired.load(ordering: .relaxed) == RecordStore.chunkSlots + 100)
+            #expect(m.counters.recordsTaken == UInt64(RecordStore.chunkSlots + 100))
+            #expect(m.report().map(\.sequence) == Array(UInt64(RecordStore.chunkSlots + 90)..<UInt64(RecordStore.chunkSlots + 100)))
+            #expect(m.takeStreamed().isEmpty)
+        }
+    }
+
+    /// Re-enabling with a wider probe (a new slot size) keeps the records the stream has not
+    /// taken yet, with their values, and `clear()` drops only the kept ones.
+    @Test func reconfigureAndClearKeepWhatTheStreamHasNotTaken() throws {
+        let t = makeTarget()
+        let m = try TraceModule(target: t)
+        try m.addProbe(Probe("p", entries: entries("rdi")), at: 0x100)
+        m.openStream()
+        try m.enable(maxRecords: 5)
+        for i in 0..<10_000 { _ = t.fire(at: 0x100, vcpu: 0, overrides: [.general(7): UInt128(i)]) }
+        try m.disable()
+        m.clear()
+        #expect(m.report().isEmpty)
+        try m.addProbe(Probe("wide", entries: entries("rsi") + [try .memory(at: 0x1000, size: 64)]), at: 0x200)
+        try m.enable(maxRecords: 5)
+        _ = t.fire(at: 0x200, vcpu: 0)
+        var values: [UInt64] = []
+        var seqs: [UInt64] = []
+        while true {
+            let b = m.takeStreamed(maxRecords: 3_000)
+            if b.isEmpty { break }
+            for r in b {
+                seqs.append(r.sequence)
+                if r.address == 0x100, case let .register(v)? = r.values.first { values.append(v.asUInt64) }
+            }
+        }
+        #expect(seqs == Array(0...10_000))
+        #expect(values == Array(0..<10_000))
+        #expect(m.report().map(\.address) == [0x200])
     }
 }
