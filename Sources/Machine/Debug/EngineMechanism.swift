@@ -48,11 +48,11 @@ struct PatchingEngine: EngineMechanism {
     func baseDebug(_ b: Breakpoints, vcpu: Int) -> GuestDebug {
         var d = GuestDebug()
         // A hlt trap needs no debug state; int3s must exit (every vCPU: the bytes are shared),
-        // but only while one of ours is written: before that (probes waiting for the gate)
-        // and after the last is removed, the guest's own int3s (a kernel's self-test and
-        // text_poke_bp while it patches itself) go straight to its handler instead of out
-        // to us and back in.
-        d.softwareBreakpoints = trap == X86Opcode.int3 && !b.patches.patches.isEmpty
+        // but only while one of ours is written or about to be (arming sets this before it
+        // writes the first byte): while every location waits for the gate, and after the
+        // last is removed, the guest's own int3s (a kernel's self-test, text_poke_bp while
+        // it patches itself) go straight to its handler instead of out to us and back in.
+        d.softwareBreakpoints = trap == X86Opcode.int3 && (!b.patches.patches.isEmpty || b.owners.count > b.pending.count)
         return d
     }
 
