@@ -61,9 +61,31 @@ public struct ReportWriter {
     public func write(_ report: TraceReport, to sink: ByteSink) {
         switch format {
         case .jsonl: writeJSONL(report, sink)
-        case .csv: writeCSV(report, sink)
+        case .csv:
+            writeCSVHeader(sink)
+            writeCSV(report, sink)
         case .table: writeTable(report, sink)
         case .chrome: writeChrome(report, sink)
+        }
+        sink.flush()
+    }
+
+    /// Whether the format can be written record by record while a run goes on (jsonl, csv:
+    /// `begin`, then `append` per batch); table (column widths) and chrome (one JSON
+    /// document) need every record first.
+    public var streams: Bool { format == .jsonl || format == .csv }
+
+    /// Starts a streamed report (the CSV header).
+    public func begin(_ sink: ByteSink) {
+        if format == .csv { writeCSVHeader(sink) }
+    }
+
+    /// Writes one batch of a streamed report (jsonl or csv rows) and flushes it.
+    public func append(_ report: TraceReport, to sink: ByteSink) {
+        switch format {
+        case .jsonl: writeJSONL(report, sink)
+        case .csv: writeCSV(report, sink)
+        case .table, .chrome: preconditionFailure("\(format) is not a streamed format")
         }
         sink.flush()
     }
@@ -129,10 +151,13 @@ public struct ReportWriter {
 
     // MARK: CSV
 
+    private func writeCSVHeader(_ sink: ByteSink) {
+        let header = ["seq", "ts_ns", "vcpu", "addr", "location", "when"] + columns + commonKeys.map { "common:" + $0 }
+        sink.write(header.map(csvField).joined(separator: ",") + "\n")
+    }
+
     private func writeCSV(_ report: TraceReport, _ sink: ByteSink) {
         let cols = columns
-        let header = ["seq", "ts_ns", "vcpu", "addr", "location", "when"] + cols + commonKeys.map { "common:" + $0 }
-        sink.write(header.map(csvField).joined(separator: ",") + "\n")
         let position = Dictionary(cols.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
         for r in report {
             var cells = [String](repeating: "", count: cols.count)

@@ -103,9 +103,11 @@ struct RunCommand: ParsableCommand {
           seq=A..B  ts=A..B (ns since the start; us/ms/s suffixes)  vcpu=A..B  addr=SYMBOL
           addr=A..B  value:ITEM=V  common:ITEM=V (V: a number for a register, hex bytes for memory)
           Ranges may leave out an end (seq=100..) or be one number (vcpu=1).
-        OUTPUT: the records go to stdout, or -o FILE, after the run: --format table (default on
-        a terminal), jsonl (default otherwise; for -o, the file's extension .jsonl/.csv/.json/.txt
-        picks it), csv, chrome (Chrome trace-event JSON for Perfetto UI). While records go to
+        OUTPUT: the records go to stdout, or -o FILE: --format table (default on a terminal),
+        jsonl (default otherwise; for -o, the file's extension .jsonl/.csv/.json/.txt picks it),
+        csv, chrome (Chrome trace-event JSON for Perfetto UI). jsonl and csv are written while the
+        guest runs, in sequence order (-o FILE is opened, truncated, once the run starts); table
+        and chrome after the run, from the records kept (--max-records). While records go to
         stdout the guest's console goes to stderr. A summary per location goes to stderr.
         PLATFORM: payload (flowtrace's ELF payloads: no interrupt controller, hlt ends a vCPU) or
         pc (KVM's in-kernel PIC, IOAPIC, LAPIC and PIT: interrupts, hlt waits for one; the hlt
@@ -170,8 +172,8 @@ struct RunCommand: ParsableCommand {
     @Option(help: "Take at most this many records, then stop tracing (0: no limit).")
     var hits: UInt64 = 0
 
-    @Option(name: .customLong("max-records"), help: "Keep at most this many records; beyond it the oldest are evicted (0: no limit).")
-    var maxRecords: Int = 1_000_000
+    @Option(name: .customLong("max-records"), help: "Keep at most this many records in memory; beyond it the oldest are evicted (0: no limit; default 1000000, or 10000 for jsonl and csv, which are written while the guest runs and lose nothing to it).")
+    var maxRecords: Int?
 
     @Option(name: .customLong("probe"), help: ArgumentHelp("A probe (repeatable); see PROBE SPECS.", valueName: "spec"))
     var probeSpecs: [String] = []
@@ -217,7 +219,7 @@ struct RunCommand: ParsableCommand {
         if let t = timeout, !(t > 0 && t <= 1e9) {
             throw fail("--timeout \(t): must be a positive number of seconds, at most 1e9", status: ExitStatus.usage)
         }
-        guard maxRecords >= 0 else { throw fail("--max-records \(maxRecords): must be 0 (no limit) or more", status: ExitStatus.usage) }
+        if let m = maxRecords, m < 0 { throw fail("--max-records \(m): must be 0 (no limit) or more", status: ExitStatus.usage) }
         // The image is checked first so a bad file is reported as such even without KVM.
         let kernel: KernelImage
         let bootProtocol: BootProtocol
@@ -306,6 +308,17 @@ struct RunCommand: ParsableCommand {
         let consoleToStderr = tracer != nil && plan.output == nil
         var result: RunResult
         let origin = monotonicNanoseconds()
+        let title = (guest as NSString).lastPathComponent
+        var stream: RecordStreamWriter?
+        if let tracer { stream = try plan.startStream(tracer, symbols: symbols, timeOrigin: origin, title: title) }
+        /// The records, whatever the ending: the stream's rest, or the whole report.
+        func writeRecords(_ tracer: Tracer) -> (Int, String?) {
+            if tracer.module.state == .enabled {
+                do { try tracer.module.disable() } catch { printError("flowtrace: warning: \(error.description)") }
+            }
+            if let stream { return stream.finish() }
+            return plan.writeReport(tracer, symbols: symbols, timeOrigin: origin, title: title)
+        }
         do {
             result = try machine.run(timeout: timeout.map { .milliseconds(Int64($0 * 1000)) }) { line in
                 if let progress {
@@ -323,6 +336,12 @@ struct RunCommand: ParsableCommand {
             }
         } catch {
             progress?.finish()
+            // The records taken so far are still written.
+            if let tracer {
+                let (written, failure) = writeRecords(tracer)
+                printError("flowtrace: \(written) records written to \(plan.output ?? "stdout") (\(plan.format.rawValue)) before the failure")
+                if let failure { printError("flowtrace: error: \(failure)") }
+            }
             // Nothing the user typed gets here: a bug, or the host refusing something.
             if error.isInternal { throw fail("internal error (a bug of flowtrace, please report it): \(error.description)", status: ExitStatus.software) }
             throw fail("host failure: \(error.description)", status: ExitStatus.software)
@@ -334,12 +353,7 @@ struct RunCommand: ParsableCommand {
         // Records first, whatever the ending, then the summary, then the status.
         var writeFailure: String?
         var written = 0
-        if let tracer {
-            if tracer.module.state == .enabled {
-                do { try tracer.module.disable() } catch { printError("flowtrace: warning: \(error.description)") }
-            }
-            (written, writeFailure) = plan.writeReport(tracer, symbols: symbols, timeOrigin: origin, title: (guest as NSString).lastPathComponent)
-        }
+        if let tracer { (written, writeFailure) = writeRecords(tracer) }
         let name = (guest as NSString).lastPathComponent
         let elapsed = Double(result.elapsed.components.seconds) + Double(result.elapsed.components.attoseconds) / 1e18
         let seconds = String(format: "%.3f s", elapsed)
@@ -505,6 +519,8 @@ struct TracePlan {
     let combination: FilterCombination
     let reverse: Bool
     let format: ReportFormat
+    /// The records are written while the guest runs (jsonl, csv), not after.
+    let streams: Bool
     /// nil: stdout. Checked to be writable; opened only to write the records.
     let output: String?
 
@@ -656,7 +672,6 @@ struct TracePlan {
             throw fail("--vcpu '\(c.vcpuSelection)': expected a vCPU id (0 to \(c.vcpus - 1)) or 'any'", status: ExitStatus.usage)
         }
         hits = c.hits
-        maxRecords = c.maxRecords
         combination = c.match
         reverse = c.reverse
         output = c.output
@@ -667,6 +682,8 @@ struct TracePlan {
         } else {
             format = isTerminal(STDOUT_FILENO) ? .table : .jsonl
         }
+        streams = format == .jsonl || format == .csv
+        maxRecords = c.maxRecords ?? (streams ? 10_000 : 1_000_000)
         if let o = c.output, !probes.isEmpty {
             do { try ByteSink.checkWritable(o) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
         }
@@ -700,6 +717,7 @@ struct TracePlan {
                 }
                 located.append((l.probe, p))
             }
+            if streams { module.openStream() }
             try module.enable(hitLimit: hits, maxRecords: maxRecords)
             let chosen = machine.engine.map { "\($0.engine): \($0.reason)" } ?? "none"
             return Tracer(module: module, probes: located, flows: flows, engine: chosen)
@@ -721,17 +739,7 @@ struct TracePlan {
         if !filters.isEmpty || reverse {
             report = report.filtered(by: filters.map { $0.filter(timeOrigin: timeOrigin) }, combining: combination, reverse: reverse)
         }
-        var writer = ReportWriter(
-            format: format, probes: tracer.probes.map { ($0.0, $0.1.items.map(\.key)) }, commonKeys: commonItems.map(\.key),
-            describe: { a in
-                guard let (s, off) = symbols.locate(a) else { return hex(a) }
-                return "\(s.name)+0x\(String(off, radix: 16))"
-            },
-            timeOrigin: timeOrigin, title: "flowtrace: \(title)")
-        writer.symbolize = { v in
-            guard let (s, off) = symbols.locate(v), s.kind == .function else { return nil }
-            return "\(s.name)+0x\(String(off, radix: 16))"
-        }
+        let writer = makeWriter(tracer, symbols: symbols, timeOrigin: timeOrigin, title: title)
         let out: ByteSink
         if let output {
             do { out = try ByteSink(replacing: output) } catch { return (0, "writing the records to \(output): \(error.message)") }
@@ -744,6 +752,47 @@ struct TracePlan {
             return (report.count, "\(report.missing) records could not be copied for the report (out of memory)")
         }
         return (report.count, nil)
+    }
+
+    /// Starts writing the records while the guest runs (jsonl, csv): opens the output
+    /// (truncating -o FILE) and a writer thread taking the module's stream. nil: not a
+    /// streamed format, or no probes.
+    func startStream(_ tracer: Tracer, symbols: Symbolizer, timeOrigin: UInt64, title: String) throws(ExitCode) -> RecordStreamWriter? {
+        guard streams else { return nil }
+        let sink: ByteSink
+        if let output {
+            do { sink = try ByteSink(overwriting: output) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
+        } else {
+            sink = ByteSink(fd: STDOUT_FILENO)
+        }
+        let filter: (@Sendable (TraceReport) -> TraceReport)?
+        if filters.isEmpty && !reverse {
+            filter = nil
+        } else {
+            let f = filters.map { $0.filter(timeOrigin: timeOrigin) }, c = combination, r = reverse
+            filter = { $0.filtered(by: f, combining: c, reverse: r) }
+        }
+        do {
+            return try RecordStreamWriter(module: tracer.module, writer: makeWriter(tracer, symbols: symbols, timeOrigin: timeOrigin, title: title),
+                                          sink: sink, destination: output ?? "stdout", filter: filter)
+        } catch {
+            throw fail("starting the record writer: \(error.description)", status: ExitStatus.software)
+        }
+    }
+
+    func makeWriter(_ tracer: Tracer, symbols: Symbolizer, timeOrigin: UInt64, title: String) -> ReportWriter {
+        var writer = ReportWriter(
+            format: format, probes: tracer.probes.map { ($0.0, $0.1.items.map(\.key)) }, commonKeys: commonItems.map(\.key),
+            describe: { a in
+                guard let (s, off) = symbols.locate(a) else { return hex(a) }
+                return "\(s.name)+0x\(String(off, radix: 16))"
+            },
+            timeOrigin: timeOrigin, title: "flowtrace: \(title)")
+        writer.symbolize = { v in
+            guard let (s, off) = symbols.locate(v), s.kind == .function else { return nil }
+            return "\(s.name)+0x\(String(off, radix: 16))"
+        }
+        return writer
     }
 
     func summary(_ tracer: Tracer, written: Int, elapsed: Double, stepOvers: (outOfLine: UInt64, inPlace: UInt64)) -> String {
@@ -778,7 +827,8 @@ struct TracePlan {
         }
         var total = "flowtrace: \(c.hitsSeen) hits (\(formatRate(rate)) hits/s), \(c.recordsTaken) records taken, \(c.recordsKept) kept"
         if c.recordsLost > 0 { total += ", \(c.recordsLost) lost (no memory for them; lower --max-records)" }
-        if c.evicted > 0 { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
+        // Streamed records were all written: the evicted ones only left memory.
+        if c.evicted > 0, !streams { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
         if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(hits)" }
         if c.suppressedWrongVCPU > 0 { total += ", \(c.suppressedWrongVCPU) on other vCPUs than --vcpu" }
         lines.append(total)
@@ -787,7 +837,7 @@ struct TracePlan {
             lines.append("flowtrace: \(stepOvers.inPlace) of \(stepOvers.inPlace + stepOvers.outOfLine) step-overs in place (the other vCPUs held for each): "
                          + "their instructions depend on where they run, or the guest left the boot page tables or rewrote them")
         }
-        lines.append("flowtrace: \(written) records written to \(output ?? "stdout") (\(format.rawValue))"
+        lines.append("flowtrace: \(written) records written to \(output ?? "stdout") (\(format.rawValue)\(streams ? ", while the guest ran" : ""))"
                      + (filters.isEmpty && !reverse ? "" : " after --filter (\(filters.count) filter\(filters.count == 1 ? "" : "s"), --match \(combination.rawValue)\(reverse ? ", --reverse" : ""))"))
         return lines.joined(separator: "\n")
     }

@@ -96,6 +96,68 @@ struct OutputSafetyTests {
     }
 }
 
+/// jsonl and csv reach the output while the guest runs, in sequence order, and all of it.
+@Suite("records streamed while the guest runs", .serialized, .timeLimit(.minutes(5)))
+struct StreamCLITests {
+    /// spin never ends: 5,000 complete records are in the -o file while flowtrace still
+    /// runs it; after Ctrl-C the file holds every record taken, spin_step(0), (1), ... in
+    /// order, as many as the summary says were taken and written.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func recordsReachTheFileWhileTheGuestRuns() throws {
+        let out = try temporaryFile([], name: "live.jsonl")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Guests.flowtrace)
+        p.arguments = ["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out, "--timeout", "300"]
+        let stdout = Pipe(), stderr = Pipe()
+        p.standardOutput = stdout
+        p.standardError = stderr
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        let errText = LockedBox(Data())
+        let errDone = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            errText.set(stderr.fileHandleForReading.readDataToEndOfFile())
+            _ = stdout.fileHandleForReading.readDataToEndOfFile()
+            errDone.signal()
+        }
+        // Polls the file itself (the condition), until it has the lines or the run ends.
+        let deadline = ContinuousClock.now + .seconds(120)
+        var lines = 0
+        while p.isRunning, lines < 5_000, ContinuousClock.now < deadline {
+            lines = (try? Data(contentsOf: URL(fileURLWithPath: out)))?.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) } ?? 0
+            if lines < 5_000 { usleep(20_000) }
+        }
+        let runningWithRecords = p.isRunning
+        kill(p.processIdentifier, SIGINT)
+        errDone.wait()
+        p.waitUntilExit()
+        let err = String(decoding: errText.get(), as: UTF8.self)
+        #expect(runningWithRecords, "the run ended before 5,000 records reached the file: \(err)")
+        #expect(lines >= 5_000)
+        #expect(p.terminationStatus == 130)
+        let records = try parseJSONLines(String(contentsOfFile: out, encoding: .utf8))
+        #expect(records.count > lines)
+        #expect(records.map { $0["seq"] as? Int } == (0..<records.count).map { Optional($0) })
+        let rdi = records.map { hexValue(($0["values"] as? [String: Any])?["rdi"]) }
+        #expect(rdi == (0..<records.count).map { Optional(UInt64($0)) })
+        #expect(count(before: " records taken", in: err) == records.count)
+        #expect(err.contains("flowtrace: \(records.count) records written to \(out) (jsonl, while the guest ran)"))
+    }
+
+    /// csv streams too: the header once, then exactly the rows the filter selects.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func csvStreamsWithFilters() throws {
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "--format", "csv", "--filter", "value:rdi=2")
+        #expect(r.status == 0)
+        let rows = r.stdout.split(separator: "\n")
+        #expect(rows.first == "seq,ts_ns,vcpu,addr,location,when,rdi")
+        #expect(rows.dropFirst().allSatisfy { $0.hasSuffix(",fib+0x0,before,0x2") })
+        // fib(15) calls fib(2) fib(14) = 377 times.
+        #expect(rows.count == 1 + 377)
+        #expect(r.stderr.contains("flowtrace: 377 records written to stdout (csv, while the guest ran) after --filter"))
+    }
+}
+
 @Suite("input that used to crash")
 struct CrashRegressionTests {
     /// Fullwidth digits pass Character.isHexDigit but not UInt8(_:radix:): the filter

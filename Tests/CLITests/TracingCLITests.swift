@@ -205,11 +205,19 @@ struct TracingCLITests {
         let limited = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "--hits", "10", "--format", "jsonl")
         #expect(limited.status == 0)
         #expect(try parseJSONLines(limited.stdout).map { hexValue(($0["values"] as? [String: Any])?["rdi"]) } == fibArguments.prefix(10).map { Optional($0) })
-        let bounded = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[fib_calls]:8", "--max-records", "100", "--format", "jsonl")
+        // jsonl is written while the guest runs: --max-records bounds memory, nothing is lost.
+        let streamed = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[fib_calls]:8", "--max-records", "100", "--format", "jsonl")
+        #expect(streamed.status == 0)
+        let all = try parseJSONLines(streamed.stdout)
+        #expect(all.map { $0["seq"] as? Int } == (0..<1973).map { Optional($0) })
+        #expect(all.map { littleEndian((($0["values"] as? [String: Any])?["[fib_calls]:8"] as? String) ?? "") } == (0..<1973).map { Optional(UInt64($0)) })
+        #expect(streamed.stderr.contains("1973 records taken, 100 kept\n"))
+        #expect(streamed.stderr.contains("flowtrace: 1973 records written to stdout (jsonl, while the guest ran)"))
+        // The table is written from what is kept: the newest 100.
+        let bounded = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[fib_calls]:8", "--max-records", "100", "--format", "table")
         #expect(bounded.status == 0)
-        let kept = try parseJSONLines(bounded.stdout)
-        #expect(kept.map { $0["seq"] as? Int } == (1873..<1973).map { Optional($0) })
-        #expect(kept.map { littleEndian((($0["values"] as? [String: Any])?["[fib_calls]:8"] as? String) ?? "") } == (1873..<1973).map { Optional(UInt64($0)) })
+        let seqs = bounded.stdout.split(separator: "\n").dropFirst().compactMap { Int($0.split(separator: " ").first ?? "") }
+        #expect(seqs == Array(1873..<1973))
         #expect(bounded.stderr.contains("1873 evicted"))
     }
 
