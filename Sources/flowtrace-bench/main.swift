@@ -136,7 +136,7 @@ let parts = CommandLine.arguments.dropFirst()
 var figures: [Figure] = []
 let kvm = KVMHost.isUsable()
 for part in parts.isEmpty ? ["core", "exits", "io", "scaling", "engines", "graph"] : Array(parts) {
-    if part != "core", !kvm, ["exits", "io", "scaling", "engines"].contains(part) {
+    if part != "core", !kvm, ["exits", "io", "scaling", "engines", "stream"].contains(part) {
         figures.append(Figure(label: "\(part)", value: "skipped: needs a usable /dev/kvm", json: #"{"bench":"\#(part)","skipped":"needs a usable /dev/kvm"}"#))
         continue
     }
@@ -148,8 +148,9 @@ for part in parts.isEmpty ? ["core", "exits", "io", "scaling", "engines", "graph
         case "scaling": figures += try scaling()
         case "engines": figures += try engines(guests: ProcessInfo.processInfo.environment["GUESTS"] ?? "guests/build")
         case "graph": figures += try graphs(guests: ProcessInfo.processInfo.environment["GUESTS"] ?? "guests/build")
+        case "stream": figures += try stream()
         default:
-            FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core, exits, io, scaling, engines, graph\n".utf8))
+            FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core, exits, io, scaling, engines, graph, stream\n".utf8))
             exit(64)
         }
     } catch {
