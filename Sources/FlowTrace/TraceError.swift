@@ -28,6 +28,8 @@ public enum TraceError: Error, Equatable, Sendable, CustomStringConvertible {
     case targetFailure(String)
     /// Another control operation on the module (add, enable, disable) was in progress.
     case concurrentOperation(String)
+    /// A condition that cannot be compiled; the first value names the offending part.
+    case invalidCondition(String, reason: String)
 
     public var description: String {
         switch self {
@@ -56,6 +58,8 @@ public enum TraceError: Error, Equatable, Sendable, CustomStringConvertible {
             return "\(size) bytes at 0x\(String(address, radix: 16)) unreadable: \(reason)"
         case let .target(text), let .targetFailure(text):
             return text
+        case let .invalidCondition(_, reason):
+            return "condition: \(reason)"
         case let .concurrentOperation(op):
             return "cannot \(op) a trace module while another thread adds probes to, enables or disables it: one control operation at a time"
         }

@@ -10,6 +10,8 @@ public struct ProbeLocation: Sendable {
     public let address: UInt64
     public let probe: Probe
     public let timing: ProbeTiming
+    /// Evaluated at each hit before anything is recorded; nil: every hit counts.
+    public let condition: ProbeCondition?
     let layout: ProbeLayout
 }
 
@@ -26,16 +28,25 @@ public struct LocationCounters: Sendable, Equatable {
     public var evicted: UInt64
     /// Hits here whose record was lost: the store had no memory for it.
     public var lost: UInt64
+    /// Hits here whose condition was false ("filtered at the hit"), read failures included.
+    public var filtered: UInt64
+    /// Hits here whose condition could not be evaluated (a register or memory read failed),
+    /// counted in `filtered` too, and the reason of the latest.
+    public var conditionUnreadable: UInt64
+    public var conditionUnreadableReason: String?
 
-    public init(address: UInt64, timing: ProbeTiming, hits: UInt64, taken: UInt64, evicted: UInt64, lost: UInt64 = 0) {
+    public init(address: UInt64, timing: ProbeTiming, hits: UInt64, taken: UInt64, evicted: UInt64, lost: UInt64 = 0,
+                filtered: UInt64 = 0, conditionUnreadable: UInt64 = 0, conditionUnreadableReason: String? = nil) {
         self.address = address; self.timing = timing; self.hits = hits; self.taken = taken; self.evicted = evicted
-        self.lost = lost
+        self.lost = lost; self.filtered = filtered; self.conditionUnreadable = conditionUnreadable
+        self.conditionUnreadableReason = conditionUnreadableReason
     }
 
     /// Records kept here now.
     public var kept: UInt64 { taken - evicted }
-    /// Hits here that took no record (another vCPU than the module's, or over the limit).
-    public var suppressed: UInt64 { hits &- taken &- lost }
+    /// Hits here that took no record for another reason than the condition (another vCPU
+    /// than the module's, or over the limit).
+    public var suppressed: UInt64 { hits &- taken &- lost &- filtered }
 }
 
 /// A module's counters.
@@ -56,6 +67,8 @@ public struct TraceCounters: Sendable, Equatable {
     public var suppressedOverLimit: UInt64
     /// Hits delivered while the module was not enabled.
     public var suppressedDisabled: UInt64
+    /// Hits whose location's condition was false (see `LocationCounters.filtered`).
+    public var filteredAtHit: UInt64 = 0
     /// Per location, in the order they were added.
     public var locations: [LocationCounters]
 
@@ -99,6 +112,10 @@ public final class TraceModule: Sendable {
         let addresses: [UInt64]
         let timings: [ProbeTiming]
         let hits: [HitCounter]
+        /// Per location: its condition (nil: none) and what it filtered.
+        let conditions: [ProbeCondition?]
+        let filtered: [ConditionCounter]
+        let anyCondition: Bool
         let commonBase = RecordHeader.size
         let probeBase: Int
         let slotSize: Int
@@ -110,6 +127,10 @@ public final class TraceModule: Sendable {
             timings = locations.map(\.timing)
             let kept = old?.hits ?? []
             hits = locations.indices.map { $0 < kept.count ? kept[$0] : HitCounter() }
+            conditions = locations.map(\.condition)
+            let keptFiltered = old?.filtered ?? []
+            filtered = locations.indices.map { $0 < keptFiltered.count ? keptFiltered[$0] : ConditionCounter() }
+            anyCondition = conditions.contains { $0 != nil }
             probeBase = RecordHeader.size + commonLayout.size
             let widest = locations.map(\.layout.size).max() ?? 0
             slotSize = (probeBase + widest + 7) & ~7
@@ -174,13 +195,20 @@ public final class TraceModule: Sendable {
     /// The probe locations, in the order they were added.
     public var locations: [ProbeLocation] { control.withLock { _ in plan.locations } }
 
-    /// Places `probe` at `address`. Only while `created`; one probe per address.
-    public func addProbe(_ probe: Probe, at address: UInt64, timing: ProbeTiming = .before) throws(TraceError) {
-        try addProbes([(probe, address, timing)])
+    /// Places `probe` at `address`. Only while `created`; one probe per address. With a
+    /// `condition`, a hit there counts only when it is true (see `ProbeCondition`).
+    public func addProbe(_ probe: Probe, at address: UInt64, timing: ProbeTiming = .before,
+                         condition: ProbeCondition? = nil) throws(TraceError) {
+        try addProbes([(probe, address, timing, condition)])
     }
 
     /// Places several probes at once: all of them, or (on an error) none.
     public func addProbes(_ list: [(probe: Probe, address: UInt64, timing: ProbeTiming)]) throws(TraceError) {
+        try addProbes(list.map { ($0.probe, $0.address, $0.timing, nil) })
+    }
+
+    /// Places several probes with their conditions at once: all of them, or none.
+    public func addProbes(_ list: [(probe: Probe, address: UInt64, timing: ProbeTiming, condition: ProbeCondition?)]) throws(TraceError) {
         try exclusively("add a probe to") { () throws(TraceError) in
             guard target != nil else { throw TraceError.targetGone }
             guard stateValue.load(ordering: .sequentiallyConsistent) == 0 else {
@@ -191,7 +219,8 @@ public final class TraceModule: Sendable {
                 guard taken.insert(p.address).inserted else { throw TraceError.duplicateLocation(p.address) }
             }
             let locations = list.map { p in
-                ProbeLocation(address: p.address, probe: p.probe, timing: p.timing, layout: ProbeLayout(entries: p.probe.retain()))
+                ProbeLocation(address: p.address, probe: p.probe, timing: p.timing, condition: p.condition,
+                              layout: ProbeLayout(entries: p.probe.retain()))
             }
             // Hits that saw `enabled` before a self-disable may still read the plan.
             drainHitsInFlight()
@@ -314,7 +343,11 @@ public final class TraceModule: Sendable {
                                  hits: p.hits[i].value.load(ordering: .relaxed),
                                  taken: i < t.takenAt.count ? t.takenAt[i] : 0,
                                  evicted: i < t.evictedAt.count ? t.evictedAt[i] : 0,
-                                 lost: i < t.lostAt.count ? t.lostAt[i] : 0)
+                                 lost: i < t.lostAt.count ? t.lostAt[i] : 0,
+                                 filtered: p.filtered[i].filtered.load(ordering: .relaxed),
+                                 conditionUnreadable: p.filtered[i].unreadable.load(ordering: .relaxed),
+                                 conditionUnreadableReason: p.filtered[i].unreadable.load(ordering: .relaxed) > 0
+                                     ? reasons.reason(p.filtered[i].reason.load(ordering: .relaxed)) : nil)
             }
             let wrongVCPU = suppressedWrongVCPU.load(ordering: .relaxed)
             let overLimit = suppressedOverLimit.load(ordering: .relaxed)
@@ -325,6 +358,7 @@ public final class TraceModule: Sendable {
                 hitsSeen: locations.reduce(0) { $0 + $1.hits } + disabled,
                 recordsTaken: t.taken, recordsKept: t.kept, evicted: t.evicted, recordsLost: t.lost,
                 suppressedWrongVCPU: wrongVCPU, suppressedOverLimit: overLimit, suppressedDisabled: disabled,
+                filteredAtHit: locations.reduce(0) { $0 + $1.filtered },
                 locations: locations)
         }
     }
@@ -352,6 +386,22 @@ public final class TraceModule: Sendable {
         guard vcpus.contains(vcpu) else {
             suppressedWrongVCPU.add(1, ordering: .relaxed)
             return .continue
+        }
+        // The condition comes before the budget: a false one takes nothing.
+        if p.anyCondition, let condition = p.conditions[location] {
+            switch condition.evaluate(context) {
+            case .pass:
+                break
+            case .fail:
+                p.filtered[location].filtered.add(1, ordering: .relaxed)
+                return .continue
+            case let .unreadable(error):
+                let f = p.filtered[location]
+                f.reason.store(reasons.index(for: error.description), ordering: .relaxed)
+                f.unreadable.add(1, ordering: .relaxed)
+                f.filtered.add(1, ordering: .relaxed)
+                return .continue
+            }
         }
         // One compare-exchange loop takes a hit from the budget, so concurrent vCPUs can
         // never take more than the limit.
@@ -385,6 +435,14 @@ public final class TraceModule: Sendable {
 /// One location's hit count (atomics cannot live in arrays directly).
 private final class HitCounter: Sendable {
     let value = Atomic<UInt64>(0)
+}
+
+/// One location's condition figures: hits filtered, read failures among them, and the
+/// reason (a `ReasonTable` index) of the latest failure.
+private final class ConditionCounter: Sendable {
+    let filtered = Atomic<UInt64>(0)
+    let unreadable = Atomic<UInt64>(0)
+    let reason = Atomic<UInt8>(0)
 }
 
 

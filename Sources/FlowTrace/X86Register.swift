@@ -113,7 +113,7 @@ public struct X86Register: Hashable, Sendable, CustomStringConvertible {
         return out
     }
 
-    private static func suggestions(for name: String) -> [String] {
+    public static func suggestions(for name: String) -> [String] {
         closestNames(to: name, among: catalog.keys, maxDistance: max(1, name.count / 2))
     }
 }

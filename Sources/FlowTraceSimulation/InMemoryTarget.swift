@@ -60,19 +60,25 @@ public final class InMemoryTarget: TraceTarget {
         return action
     }
 
-    struct Context: HitContext {
-        let vcpu: Int
+    /// The hit context `fire` delivers, for evaluating something against this target's
+    /// registers and memory directly.
+    public func context(vcpu: Int = 0, overrides: [X86Register.Storage: UInt128] = [:]) -> Context {
+        Context(vcpu: vcpu, target: self, overrides: overrides)
+    }
+
+    public struct Context: HitContext {
+        public let vcpu: Int
         let target: InMemoryTarget
         let overrides: [X86Register.Storage: UInt128]
 
-        func read(_ register: X86Register) throws(TraceError) -> RegisterValue {
+        public func read(_ register: X86Register) throws(TraceError) -> RegisterValue {
             guard let raw = overrides[register.storage] ?? target.registers[register.storage] else {
                 throw TraceError.registerUnreadable(register.name, reason: "not available in this target")
             }
             return RegisterValue(width: register.width, raw: raw, shift: register.shift)
         }
 
-        func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
+        public func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
             let t = target
             guard address >= t.memoryBase, address - t.memoryBase + UInt64(buffer.byteCount) <= UInt64(t.memory.count) else {
                 throw TraceError.memoryUnreadable(address: address, size: buffer.byteCount, reason: "not mapped")

@@ -18,7 +18,7 @@ public struct ItemSpec: Sendable {
     public let entry: ProbeEntry
 }
 
-/// A parsed `--probe` spec: `LOCATION[@before|@after][:ITEM[,ITEM...]]`.
+/// A parsed `--probe` spec: `LOCATION[@before|@after][:ITEM[,ITEM...]][ if EXPR]`.
 ///
 /// - LOCATION: `symbol`, `symbol+0xOFF`, `symbol+DEC`, or an address (`0x...` or decimal).
 /// - ITEM: a register name, or memory `[EXPR]` / `[EXPR]:SIZE` (SIZE 1-4096 bytes, default 8)
@@ -26,6 +26,10 @@ public struct ItemSpec: Sendable {
 ///   at most one index `REG*SCALE` (SCALE 1, 2, 4 or 8; a second plain register is an index
 ///   with scale 1), and constants added or subtracted as the displacement. An EXPR without
 ///   registers is constant memory.
+/// - EXPR: a condition evaluated at the hit (see `ProbeCondition`): registers, `[EXPR]` or
+///   `[EXPR]:SIZE` memory (SIZE 1, 2, 4 or 8, default 8), numbers (decimal, `0x` hex),
+///   symbols (their address), parentheses, and with C's precedence `* + - << >> < <= > >=
+///   == != & ^ | && ||` and the unary `! ~ -`.
 public struct ProbeSpec: Sendable {
     /// The spec as given.
     public let text: String
@@ -35,6 +39,8 @@ public struct ProbeSpec: Sendable {
     public var location: String
     public let timing: ProbeTiming
     public let items: [ItemSpec]
+    /// The `if EXPR` part, compiled; nil without one.
+    public let condition: ProbeCondition?
 
     /// Parses `text`, resolving symbols with `symbols`.
     public static func parse(_ text: String, symbols: Symbolizer) throws(SpecError) -> ProbeSpec {
@@ -156,9 +162,111 @@ struct SpecParser {
             timing = t
         }
         var items: [ItemSpec] = []
-        if accept(":") { items = try self.items() }
+        if accept(":"), !atKeyword("if") { items = try self.items() }
+        var condition: ProbeCondition?
+        if atKeyword("if") {
+            _ = word()
+            skipSpace()
+            let start = i
+            guard peek() != nil else { throw SpecError("expected a condition after 'if', e.g. 'if rdi < 3'") }
+            var depth = 0
+            let e = try expression(0, nesting: &depth)
+            try expectEnd()
+            let source = String(decoding: bytes[start..<bytes.count], as: UTF8.self).trimmingCharacters(in: .whitespaces)
+            do { condition = try ProbeCondition(e, text: source) } catch {
+                if case let .invalidCondition(what, reason) = error { throw SpecError("'\(what)': \(reason)") }
+                throw SpecError(error.description)
+            }
+        }
         try expectEnd()
-        return ProbeSpec(text: text, address: address, location: location, timing: timing, items: items)
+        return ProbeSpec(text: text, address: address, location: location, timing: timing, items: items, condition: condition)
+    }
+
+    /// Whether the next word is `keyword` (nothing is consumed).
+    mutating func atKeyword(_ keyword: String) -> Bool {
+        let save = i
+        defer { i = save }
+        return word() == keyword
+    }
+
+    // MARK: Conditions
+
+    static let binaryOperators: [(text: String, op: ProbeCondition.BinaryOperator, precedence: Int)] = [
+        ("||", .logicalOr, 1), ("&&", .logicalAnd, 2), ("==", .equal, 6), ("!=", .notEqual, 6),
+        ("<=", .lessOrEqual, 7), (">=", .greaterOrEqual, 7), ("<<", .shiftLeft, 8), (">>", .shiftRight, 8),
+        ("|", .bitOr, 3), ("^", .bitXor, 4), ("&", .bitAnd, 5), ("<", .less, 7), (">", .greater, 7),
+        ("+", .add, 9), ("-", .subtract, 9), ("*", .multiply, 10),
+    ]
+    /// Parentheses, brackets and unary operators nested deeper than this are refused.
+    static let maximumNesting = 64
+
+    /// The binary operator at the cursor (two-character ones first), not consumed.
+    mutating func binaryOperator() -> (op: ProbeCondition.BinaryOperator, precedence: Int, length: Int)? {
+        skipSpace()
+        for (t, op, p) in Self.binaryOperators {
+            let u = Array(t.utf8)
+            if i + u.count <= bytes.count, Array(bytes[i..<i + u.count]) == u { return (op, p, u.count) }
+        }
+        return nil
+    }
+
+    /// Precedence climbing: operands joined by operators binding at least `minimum`.
+    mutating func expression(_ minimum: Int, nesting: inout Int) throws(SpecError) -> ProbeCondition.Expression {
+        var lhs = try unary(nesting: &nesting)
+        while let (op, precedence, length) = binaryOperator(), precedence >= minimum {
+            i += length
+            let rhs = try expression(precedence + 1, nesting: &nesting)
+            lhs = .binary(op, lhs, rhs)
+        }
+        return lhs
+    }
+
+    mutating func unary(nesting: inout Int) throws(SpecError) -> ProbeCondition.Expression {
+        nesting += 1
+        defer { nesting -= 1 }
+        guard nesting <= Self.maximumNesting else {
+            throw SpecError("condition nested too deeply at \(here()) (more than \(Self.maximumNesting) levels)")
+        }
+        if peek() == UInt8(ascii: "!"), i + 1 < bytes.count, bytes[i + 1] == UInt8(ascii: "=") {
+            throw SpecError("expected an operand at '!='")
+        }
+        for op in ProbeCondition.UnaryOperator.allCases where accept(Character(op.rawValue)) {
+            return .unary(op, try unary(nesting: &nesting))
+        }
+        return try primary(nesting: &nesting)
+    }
+
+    mutating func primary(nesting: inout Int) throws(SpecError) -> ProbeCondition.Expression {
+        let at = here()
+        if accept("(") {
+            let e = try expression(0, nesting: &nesting)
+            guard accept(")") else { throw SpecError("expected ')' at \(here())") }
+            return e
+        }
+        if accept("[") {
+            let address = try expression(0, nesting: &nesting)
+            guard accept("]") else { throw SpecError("expected ']' at \(here())") }
+            var size = 8
+            if accept(":") {
+                let sizeAt = here()
+                let n = try number("a memory size (1, 2, 4 or 8) after ':'")
+                guard [1, 2, 4, 8].contains(n) else {
+                    throw SpecError("memory size \(sizeAt) in a condition: use 1, 2, 4 or 8")
+                }
+                size = Int(n)
+            }
+            return .memory(address, size: size)
+        }
+        guard let c = peek(), Self.isWordByte(c) else {
+            if peek() == nil { throw SpecError("expected an operand at the end of the condition") }
+            throw SpecError("expected an operand at \(at)")
+        }
+        if c >= 0x30 && c <= 0x39 { return .constant(try number("a number")) }
+        guard let name = word() else { throw SpecError("expected an operand at \(at)") }
+        if let r = X86Register.named(name) { return .register(r) }
+        if let symbol = symbols.symbol(named: name) { return .constant(symbol.address) }
+        let hint = X86Register.suggestions(for: name) + symbols.suggestions(for: name, limit: 2)
+        throw SpecError("'\(name)' is neither a register nor a symbol" + (hint.isEmpty ? "" : " (did you mean \(hint.prefix(3).map { "'\($0)'" }.joined(separator: ", "))?)"))
     }
 
     mutating func location() throws(SpecError) -> (UInt64, String) {

@@ -702,7 +702,8 @@ struct TracePlan {
             let commonProbe = commonItems.isEmpty ? nil : Probe("common", entries: commonItems.map(\.entry))
             let module = try TraceModule(target: machine, vcpus: selection, commonProbe: commonProbe)
             for (spec, _) in specs {
-                try module.addProbe(Probe(spec.text, entries: spec.items.map(\.entry)), at: spec.address, timing: spec.timing)
+                try module.addProbe(Probe(spec.text, entries: spec.items.map(\.entry)), at: spec.address, timing: spec.timing,
+                                    condition: spec.condition)
             }
             for f in flows {
                 try module.addFlowGraph(f.graph, entry: Probe("\(f.graph.name) entry", entries: f.entryItems.map(\.entry)),
@@ -798,14 +799,17 @@ struct TracePlan {
     func summary(_ tracer: Tracer, written: Int, elapsed: Double, stepOvers: (outOfLine: UInt64, inPlace: UInt64)) -> String {
         let c = tracer.module.counters
         let withBlocks = !tracer.flows.isEmpty
-        var rows = [["LOCATION"] + (withBlocks ? ["BLOCK"] : []) + ["WHEN", "HITS", "KEPT", "EVICTED", "SUPPRESSED"]]
+        let withConditions = tracer.module.locations.contains { $0.condition != nil }
+        var rows = [["LOCATION"] + (withBlocks ? ["BLOCK"] : []) + ["WHEN", "HITS"] + (withConditions ? ["FILTERED"] : []) + ["KEPT", "EVICTED", "SUPPRESSED"]]
         for (l, (_, planned)) in zip(c.locations, tracer.probes) {
             rows.append([planned.location] + (withBlocks ? [planned.block ?? "-"] : [])
-                        + [l.timing.rawValue, "\(l.hits)", "\(l.kept)", "\(l.evicted)", "\(l.suppressed)"])
+                        + [l.timing.rawValue, "\(l.hits)"] + (withConditions ? ["\(l.filtered)"] : [])
+                        + ["\(l.kept)", "\(l.evicted)", "\(l.suppressed)"])
         }
         let rate = elapsed > 0 ? Double(c.hitsSeen) / elapsed : 0
         var lines = ["flowtrace: engine \(tracer.engine)"]
-        lines.append(table(rows, rightAligned: withBlocks ? [3, 4, 5, 6] : [2, 3, 4, 5]))
+        let firstNumber = withBlocks ? 3 : 2
+        lines.append(table(rows, rightAligned: Set(firstNumber..<rows[0].count)))
         for f in tracer.flows {
             // Entry hits are calls and exit hits returns, whatever the records kept.
             var entries: UInt64 = 0, exits: UInt64 = 0
@@ -829,9 +833,13 @@ struct TracePlan {
         if c.recordsLost > 0 { total += ", \(c.recordsLost) lost (no memory for them; lower --max-records)" }
         // Streamed records were all written: the evicted ones only left memory.
         if c.evicted > 0, !streams { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
+        if c.filteredAtHit > 0 { total += ", \(c.filteredAtHit) filtered at the hit by their condition" }
         if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(hits)" }
         if c.suppressedWrongVCPU > 0 { total += ", \(c.suppressedWrongVCPU) on other vCPUs than --vcpu" }
         lines.append(total)
+        for (l, (_, planned)) in zip(c.locations, tracer.probes) where l.conditionUnreadable > 0 {
+            lines.append("flowtrace: \(planned.location): the condition could not be evaluated at \(l.conditionUnreadable) hit\(l.conditionUnreadable == 1 ? "" : "s") (counted as false): \(l.conditionUnreadableReason ?? "unknown reason")")
+        }
         if stepOvers.inPlace > 0 {
             // Worth knowing on several vCPUs: each in-place step held the others.
             lines.append("flowtrace: \(stepOvers.inPlace) of \(stepOvers.inPlace + stepOvers.outOfLine) step-overs in place (the other vCPUs held for each): "

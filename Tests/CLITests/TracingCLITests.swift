@@ -221,6 +221,33 @@ struct TracingCLITests {
         #expect(bounded.stderr.contains("1873 evicted"))
     }
 
+    // MARK: conditions at the hit
+
+    /// `if rdi < 3`: exactly the calls fib(0), fib(1), fib(2), in the guest's own order
+    /// (the arguments its recursion makes), F(14) + F(15) + F(14) = 1364 of the 1973; the
+    /// other 609 are filtered at the hit and take none of --hits.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func conditionsSelectAtTheHit() throws {
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi if rdi < 3", "--format", "jsonl")
+        #expect(r.status == 0)
+        let rdi = try parseJSONLines(r.stdout).map { hexValue(($0["values"] as? [String: Any])?["rdi"]) }
+        #expect(rdi == fibArguments.filter { $0 < 3 }.map { Optional($0) })
+        #expect(rdi.count == 1364)
+        #expect(r.stderr.contains("1973 hits"))
+        #expect(r.stderr.contains("1364 records taken, 1364 kept, 609 filtered at the hit by their condition"))
+        #expect(r.stderr.contains("  LOCATION  WHEN    HITS  FILTERED  KEPT  EVICTED  SUPPRESSED\n  fib       before  1973       609  1364        0           0"))
+        // The budget counts passing hits only: the first 10 calls with rdi == 1.
+        let limited = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi,[rsp]:8 if rdi == 1 && [rsp]:8 != 0", "--hits", "10", "--format", "jsonl")
+        #expect(limited.status == 0)
+        #expect(try parseJSONLines(limited.stdout).map { hexValue(($0["values"] as? [String: Any])?["rdi"]) } == Array(repeating: Optional(UInt64(1)), count: 10))
+        // A condition reading memory the guest does not map: false at every hit, and said why.
+        let unmapped = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi if [0x7fff00000000]:4 == 0", "--format", "jsonl")
+        #expect(unmapped.status == 0 && unmapped.stdout.isEmpty)
+        #expect(unmapped.stderr.contains("flowtrace: fib: the condition could not be evaluated at 1973 hits (counted as false): 4 bytes at 0x7fff00000000 unreadable: guest-virtual address 0x7fff00000000 is not mapped"))
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi if rdi <"), status: 64,
+                           "--probe 'fib:rdi if rdi <': expected an operand at the end of the condition")
+    }
+
     // MARK: filters select exactly the right records
 
     @Test(.enabled(if: kvmUsable, kvmSkipReason))
