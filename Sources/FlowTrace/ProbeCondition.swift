@@ -35,9 +35,29 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
     public let description: String
     public let expression: Expression
     let program: [Instruction]
+    /// The same condition as range tests on registers, all or any of which must hold, when
+    /// it is only comparisons of registers with constants joined by `&&` (or by `||`): the
+    /// commonest kind, run without an interpreter.
+    let ranges: RangeTests?
+
+    /// `register` in `low ... low + span` (unsigned), or with `inside` false outside it.
+    struct RangeTest: Sendable {
+        let register: X86Register
+        let low: UInt64
+        let span: UInt64
+        let inside: Bool
+
+        @inline(__always)
+        func holds(_ v: UInt64) -> Bool { (v &- low <= span) == inside }
+    }
+
+    struct RangeTests: Sendable {
+        let all: Bool
+        let tests: [RangeTest]
+    }
 
     /// The deepest stack a program may need.
-    public static let maximumDepth = 32
+    public static let maximumDepth = 16
 
     enum Instruction: Sendable {
         case constant(UInt64)
@@ -51,6 +71,8 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
         case orJump(to: Int)
         /// The right side of `&&` / `||` as 0 or 1.
         case truth
+        /// `register OP constant` in one step (the commonest comparison).
+        case registerWithConstant(X86Register, BinaryOperator, UInt64)
     }
 
     /// Compiles `expression`; `text` is how it reads. Throws for a register wider than 64
@@ -66,6 +88,54 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
         self.description = text
         self.expression = expression
         self.program = program
+        ranges = Self.rangeTests(expression)
+    }
+
+    /// `e` as range tests, if it is comparisons of registers with constants all joined by
+    /// `&&` or all by `||`.
+    static func rangeTests(_ e: Expression) -> RangeTests? {
+        func operands(_ e: Expression, _ op: BinaryOperator) -> [Expression] {
+            if case let .binary(o, a, b) = e, o == op { return operands(a, op) + operands(b, op) }
+            return [e]
+        }
+        for joiner in [BinaryOperator.logicalAnd, .logicalOr] {
+            let parts = operands(e, joiner)
+            let tests = parts.compactMap(rangeTest)
+            if tests.count == parts.count, parts.count > 1 || joiner == .logicalAnd { return RangeTests(all: joiner == .logicalAnd, tests: tests) }
+        }
+        return nil
+    }
+
+    /// `register CMP constant` (or `constant CMP register`) as a range test.
+    static func rangeTest(_ e: Expression) -> RangeTest? {
+        guard case let .binary(op, a, b) = e else { return nil }
+        let r: X86Register, c: UInt64, cmp: BinaryOperator
+        switch (a, b) {
+        case let (.register(x), .constant(k)): (r, c, cmp) = (x, k, op)
+        case let (.constant(k), .register(x)):
+            // Mirrored: c < r is r > c.
+            let mirror: [BinaryOperator: BinaryOperator] = [.less: .greater, .lessOrEqual: .greaterOrEqual, .greater: .less,
+                                                            .greaterOrEqual: .lessOrEqual, .equal: .equal, .notEqual: .notEqual]
+            guard let m = mirror[op] else { return nil }
+            (r, c, cmp) = (x, k, m)
+        default: return nil
+        }
+        switch r.width {
+        case .u8, .u16, .u32, .u64: break
+        case .u128, .descriptorTable: return nil
+        }
+        func range(_ low: UInt64, _ high: UInt64, inside: Bool = true) -> RangeTest {
+            RangeTest(register: r, low: low, span: high - low, inside: inside)
+        }
+        switch cmp {
+        case .equal: return range(c, c)
+        case .notEqual: return range(c, c, inside: false)
+        case .less: return c == 0 ? range(0, .max, inside: false) : range(0, c - 1)
+        case .lessOrEqual: return range(0, c)
+        case .greater: return c == .max ? range(0, .max, inside: false) : range(c + 1, .max)
+        case .greaterOrEqual: return range(c, .max)
+        default: return nil
+        }
     }
 
     private static func emit(_ e: Expression, into p: inout [Instruction], depth: inout Int, deepest: inout Int) throws(TraceError) {
@@ -89,6 +159,9 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
         case let .unary(op, x):
             try emit(x, into: &p, depth: &depth, deepest: &deepest)
             p.append(.unary(op))
+        case let .binary(op, .register(r), .constant(c)) where op != .logicalAnd && op != .logicalOr:
+            try emit(.register(r), into: &p, depth: &depth, deepest: &deepest)
+            p[p.count - 1] = .registerWithConstant(r, op, c)
         case let .binary(op, a, b) where op == .logicalAnd || op == .logicalOr:
             try emit(a, into: &p, depth: &depth, deepest: &deepest)
             let jump = p.count
@@ -114,46 +187,77 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
     }
 
     /// Runs the program against `context`.
-    @inline(__always)
     public func evaluate<C: HitContext>(_ context: C) -> Outcome {
-        var stack = InlineArray<32, UInt64>(repeating: 0)
-        var top = -1
-        var pc = 0
-        let count = program.count
-        while pc < count {
-            switch program[pc] {
+        do throws(TraceError) {
+            if let ranges { return try Self.run(ranges.tests, from: 0, to: ranges.tests.count, all: ranges.all, context) ? .pass : .fail }
+            return try Self.run(program, from: 0, to: program.count, context) ? .pass : .fail
+        } catch {
+            return .unreadable(error)
+        }
+    }
+
+    /// Runs `code[from..<to]` (one condition's program; the module keeps every location's
+    /// in one array) against `context`: whether it holds, or the error of a read that
+    /// failed (typed, so the passing path has nothing to clean up). Jump targets are
+    /// relative to `from`. The value on top of the stack lives in `acc`; the stack holds
+    /// the ones below it.
+    @inline(__always)
+    static func run<C: HitContext>(_ code: [Instruction], from: Int, to end: Int, _ context: C) throws(TraceError) -> Bool {
+        var stack = InlineArray<16, UInt64>(repeating: 0)
+        var depth = 0          // values: `acc` and `depth - 1` in `stack` below it
+        var acc: UInt64 = 0
+        var pc = from
+        while pc < end {
+            switch code[pc] {
             case let .constant(c):
-                top += 1; stack[top] = c
+                if depth > 0 { stack[depth - 1] = acc }
+                depth += 1
+                acc = c
             case let .register(r):
-                do throws(TraceError) {
-                    let v = try context.read(r).asUInt64
-                    top += 1; stack[top] = v
-                } catch { return .unreadable(error) }
+                if depth > 0 { stack[depth - 1] = acc }
+                depth += 1
+                acc = try context.readInteger(r)
+            case let .registerWithConstant(r, op, c):
+                if depth > 0 { stack[depth - 1] = acc }
+                depth += 1
+                acc = apply(op, try context.readInteger(r), c)
             case let .load(size):
-                do throws(TraceError) { stack[top] = try Self.load(size, at: stack[top], context) } catch { return .unreadable(error) }
+                acc = try load(size, at: acc, context)
             case let .unary(op):
-                let x = stack[top]
                 switch op {
-                case .not: stack[top] = x == 0 ? 1 : 0
-                case .complement: stack[top] = ~x
-                case .negate: stack[top] = 0 &- x
+                case .not: acc = acc == 0 ? 1 : 0
+                case .complement: acc = ~acc
+                case .negate: acc = 0 &- acc
                 }
             case let .binary(op):
-                let b = stack[top], a = stack[top - 1]
-                top -= 1
-                stack[top] = Self.apply(op, a, b)
+                depth -= 1
+                acc = apply(op, stack[depth - 1], acc)
             case let .andJump(target):
-                if stack[top] == 0 { pc = target; continue }
-                top -= 1
+                if acc == 0 { pc = from + target; continue }
+                depth -= 1
+                if depth > 0 { acc = stack[depth - 1] }
             case let .orJump(target):
-                if stack[top] != 0 { stack[top] = 1; pc = target; continue }
-                top -= 1
+                if acc != 0 { acc = 1; pc = from + target; continue }
+                depth -= 1
+                if depth > 0 { acc = stack[depth - 1] }
             case .truth:
-                stack[top] = stack[top] == 0 ? 0 : 1
+                acc = acc == 0 ? 0 : 1
             }
             pc += 1
         }
-        return stack[0] != 0 ? .pass : .fail
+        return acc != 0
+    }
+
+    /// Range tests `tests[from..<to]`: all of them hold, or (`all` false) any.
+    @inline(__always)
+    static func run<C: HitContext>(_ tests: [RangeTest], from: Int, to end: Int, all: Bool, _ context: C) throws(TraceError) -> Bool {
+        var i = from
+        while i < end {
+            let t = tests[i]
+            if t.holds(try context.readInteger(t.register)) != all { return !all }
+            i += 1
+        }
+        return all
     }
 
     @inline(__always)
@@ -200,3 +304,4 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
         return v
     }
 }
+

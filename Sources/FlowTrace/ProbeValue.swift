@@ -9,7 +9,7 @@ public enum RegisterValue: Hashable, Sendable, CustomStringConvertible {
     case descriptorTable(base: UInt64, limit: UInt16)
 
     /// The value zero-extended to 64 bits (the base for descriptor tables, the low half of u128).
-    public var asUInt64: UInt64 {
+    @inlinable public var asUInt64: UInt64 {
         switch self {
         case let .u8(v): UInt64(v)
         case let .u16(v): UInt64(v)
@@ -21,7 +21,7 @@ public enum RegisterValue: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// The value in `width`, taken from 128 bits of storage shifted right by `shift`.
-    public init(width: X86Register.Width, raw: UInt128, shift: Int = 0) {
+    @inlinable public init(width: X86Register.Width, raw: UInt128, shift: Int = 0) {
         let v = raw >> UInt128(shift)
         switch width {
         case .u8: self = .u8(UInt8(truncatingIfNeeded: v))

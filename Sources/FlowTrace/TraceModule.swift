@@ -112,8 +112,18 @@ public final class TraceModule: Sendable {
         let addresses: [UInt64]
         let timings: [ProbeTiming]
         let hits: [HitCounter]
-        /// Per location: its condition (nil: none) and what it filtered.
-        let conditions: [ProbeCondition?]
+        /// Every location's condition program, one after the other (plain values: the hit
+        /// path reads them without reference counting), and per location its range
+        /// (empty: no condition) and what it filtered.
+        let conditionCode: [ProbeCondition.Instruction]
+        let conditionStart: [Int]
+        let conditionEnd: [Int]
+        /// Conditions that are range tests (see `ProbeCondition.ranges`) run as such: every
+        /// location's tests in one array, its range, and whether all or any must hold.
+        let rangeTests: [ProbeCondition.RangeTest]
+        let rangeStart: [Int]
+        let rangeEnd: [Int]
+        let rangeAll: [Bool]
         let filtered: [ConditionCounter]
         let anyCondition: Bool
         let commonBase = RecordHeader.size
@@ -127,10 +137,30 @@ public final class TraceModule: Sendable {
             timings = locations.map(\.timing)
             let kept = old?.hits ?? []
             hits = locations.indices.map { $0 < kept.count ? kept[$0] : HitCounter() }
-            conditions = locations.map(\.condition)
+            var code: [ProbeCondition.Instruction] = [], starts: [Int] = [], ends: [Int] = []
+            var tests: [ProbeCondition.RangeTest] = [], testStarts: [Int] = [], testEnds: [Int] = [], all: [Bool] = []
+            for l in locations {
+                starts.append(code.count)
+                testStarts.append(tests.count)
+                if let r = l.condition?.ranges {
+                    tests += r.tests
+                } else {
+                    code += l.condition?.program ?? []
+                }
+                ends.append(code.count)
+                testEnds.append(tests.count)
+                all.append(l.condition?.ranges?.all ?? true)
+            }
+            rangeTests = tests
+            rangeStart = testStarts
+            rangeEnd = testEnds
+            rangeAll = all
+            conditionCode = code
+            conditionStart = starts
+            conditionEnd = ends
             let keptFiltered = old?.filtered ?? []
             filtered = locations.indices.map { $0 < keptFiltered.count ? keptFiltered[$0] : ConditionCounter() }
-            anyCondition = conditions.contains { $0 != nil }
+            anyCondition = !code.isEmpty || !tests.isEmpty
             probeBase = RecordHeader.size + commonLayout.size
             let widest = locations.map(\.layout.size).max() ?? 0
             slotSize = (probeBase + widest + 7) & ~7
@@ -388,18 +418,23 @@ public final class TraceModule: Sendable {
             return .continue
         }
         // The condition comes before the budget: a false one takes nothing.
-        if p.anyCondition, let condition = p.conditions[location] {
-            switch condition.evaluate(context) {
-            case .pass:
-                break
-            case .fail:
+        if p.anyCondition {
+            let holds: Bool
+            do throws(TraceError) {
+                if p.rangeStart[location] < p.rangeEnd[location] {
+                    holds = try ProbeCondition.run(p.rangeTests, from: p.rangeStart[location], to: p.rangeEnd[location],
+                                                   all: p.rangeAll[location], context)
+                } else if p.conditionStart[location] < p.conditionEnd[location] {
+                    holds = try ProbeCondition.run(p.conditionCode, from: p.conditionStart[location], to: p.conditionEnd[location], context)
+                } else {
+                    holds = true
+                }
+            } catch {
+                countConditionFailure(p.filtered[location], error)
+                holds = false
+            }
+            if !holds {
                 p.filtered[location].filtered.add(1, ordering: .relaxed)
-                return .continue
-            case let .unreadable(error):
-                let f = p.filtered[location]
-                f.reason.store(reasons.index(for: error.description), ordering: .relaxed)
-                f.unreadable.add(1, ordering: .relaxed)
-                f.filtered.add(1, ordering: .relaxed)
                 return .continue
             }
         }
@@ -429,6 +464,15 @@ public final class TraceModule: Sendable {
             target?.moduleReachedHitLimit(self)
         }
         return halt ? .halt : .continue
+    }
+}
+
+extension TraceModule {
+    /// Off the fast path: a condition's read failed; counted with its reason.
+    @inline(never)
+    fileprivate func countConditionFailure(_ f: ConditionCounter, _ error: TraceError) {
+        f.reason.store(reasons.index(for: error.description), ordering: .relaxed)
+        f.unreadable.add(1, ordering: .relaxed)
     }
 }
 

@@ -51,6 +51,29 @@ public protocol HitContext {
     /// Copies guest-virtual memory at `address` into `buffer` (all of it: `buffer.byteCount`
     /// bytes); throws `TraceError.memoryUnreadable` with a reason.
     func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError)
+    /// A register of at most 64 bits as a plain integer (what conditions compute with).
+    /// The default goes through `read`; a context can answer it without building a
+    /// `RegisterValue`.
+    func readInteger(_ register: X86Register) throws(TraceError) -> UInt64
+}
+
+extension HitContext {
+    public func readInteger(_ register: X86Register) throws(TraceError) -> UInt64 { try read(register).asUInt64 }
+}
+
+extension X86Register {
+    /// The register's value from 128 bits of storage as an integer of its width (at most
+    /// 64 bits: the low 64 of wider ones).
+    @inlinable
+    public func integer(fromStorage raw: UInt128) -> UInt64 {
+        let v = UInt64(truncatingIfNeeded: raw >> UInt128(shift))
+        switch width {
+        case .u8: return v & 0xFF
+        case .u16: return v & 0xFFFF
+        case .u32: return v & 0xFFFF_FFFF
+        case .u64, .u128, .descriptorTable: return v
+        }
+    }
 }
 
 /// What a trace module needs from a machine.

@@ -78,6 +78,13 @@ public final class InMemoryTarget: TraceTarget {
             return RegisterValue(width: register.width, raw: raw, shift: register.shift)
         }
 
+        public func readInteger(_ register: X86Register) throws(TraceError) -> UInt64 {
+            guard let raw = overrides[register.storage] ?? target.registers[register.storage] else {
+                throw TraceError.registerUnreadable(register.name, reason: "not available in this target")
+            }
+            return register.integer(fromStorage: raw)
+        }
+
         public func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
             let t = target
             guard address >= t.memoryBase, address - t.memoryBase + UInt64(buffer.byteCount) <= UInt64(t.memory.count) else {

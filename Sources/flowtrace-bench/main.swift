@@ -29,6 +29,11 @@ struct ArrayContext: HitContext {
         return RegisterValue(width: register.width, raw: UInt128(registers[i]), shift: register.shift)
     }
 
+    func readInteger(_ register: X86Register) throws(TraceError) -> UInt64 {
+        guard case let .general(i) = register.storage else { throw .registerUnreadable(register.name, reason: "not simulated") }
+        return register.integer(fromStorage: UInt128(registers[i]))
+    }
+
     func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
         guard address >= memoryBase, Int(address - memoryBase) + buffer.byteCount <= memory.count else {
             throw .memoryUnreadable(address: address, size: buffer.byteCount, reason: "not mapped")
@@ -50,10 +55,18 @@ func residentBytes() -> Int {
     return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
 }
 
-func hitBench(threads: Int, hitsPerThread: Int) throws -> Double {
+/// `rdi > 5 && rsi < 0x10000`: two comparisons, true for the bench's registers (so the hit
+/// records as it does without a condition).
+func twoComparisons() throws -> ProbeCondition {
+    let rdi = X86Register.named("rdi")!, rsi = X86Register.named("rsi")!
+    return try ProbeCondition(.binary(.logicalAnd, .binary(.greater, .register(rdi), .constant(5)),
+                                      .binary(.less, .register(rsi), .constant(0x10000))), text: "rdi > 5 && rsi < 0x10000")
+}
+
+func hitBench(threads: Int, hitsPerThread: Int, condition: ProbeCondition? = nil) throws -> Double {
     let target = InMemoryTarget(vcpuCount: threads)
     let module = try TraceModule(target: target)
-    try module.addProbe(probeOf4RegistersAnd16Bytes(), at: 0x100)
+    try module.addProbe(probeOf4RegistersAnd16Bytes(), at: 0x100, condition: condition)
     try module.enable(maxRecords: 100_000)
     let mem = [UInt8](repeating: 0x5A, count: 4096)
     let group = DispatchGroup()
@@ -115,6 +128,19 @@ func core() throws -> [Figure] {
                               value: "\(f1(r.median)) [\(f1(r.min))-\(f1(r.max))]",
                               json: #"{"bench":"core.hit","threads":\#(threads),"ns_per_hit":\#(f1(r.median)),"min":\#(f1(r.min)),"max":\#(f1(r.max)),"runs":\#(runs)}"#))
     }
+    // The same hit with a two-comparison condition that holds, alternating with the plain
+    // hit so drift hits both alike; the goal is at most 1.2x.
+    var plain: [Double] = [], conditional: [Double] = [], ratios: [Double] = []
+    let condition = try twoComparisons()
+    for _ in 0..<runs {
+        let a = try hitBench(threads: 1, hitsPerThread: 1_000_000)
+        let b = try hitBench(threads: 1, hitsPerThread: 1_000_000, condition: condition)
+        plain.append(a); conditional.append(b); ratios.append(b / a)
+    }
+    let q = median(ratios)
+    figures.append(Figure(label: "core hit with 'rdi > 5 && rsi < 0x10000' / without (ns/hit, ratio; median of \(runs), ratio min-max)",
+                          value: "\(f1(median(conditional))) / \(f1(median(plain))), \(String(format: "%.3f", q)) [\(String(format: "%.3f", ratios.min()!))-\(String(format: "%.3f", ratios.max()!))]",
+                          json: #"{"bench":"core.condition","ns_per_hit":\#(f1(median(conditional))),"plain_ns_per_hit":\#(f1(median(plain))),"ratio":\#(String(format: "%.3f", q)),"ratio_min":\#(String(format: "%.3f", ratios.min()!)),"ratio_max":\#(String(format: "%.3f", ratios.max()!)),"runs":\#(runs)}"#))
     let n = 1_000_000
     var last = (reportMs: 0.0, filterMs: 0.0, kept: 0, bytesPerRecord: 0.0, slotPayload: 0)
     let total = try repeated(runs) {

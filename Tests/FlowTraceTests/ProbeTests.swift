@@ -1,4 +1,4 @@
-import FlowTrace
+@testable import FlowTrace
 import FlowTraceSimulation
 import Testing
 
@@ -56,5 +56,44 @@ struct ProbeTests {
         try module.enable()
         target.fire(at: 0x100, vcpu: 0)
         #expect(module.report().first?.values == [.register(.u64(5))])
+    }
+}
+
+/// Conditions made only of register-constant comparisons run as range tests: they must
+/// answer exactly as the general program does, at the edges (0, the constant, max) too.
+@Suite("conditions as range tests")
+struct ConditionRangeTests {
+    @Test func rangeTestsAgreeWithThePrograms() throws {
+        let rdi = X86Register.named("rdi")!, esi = X86Register.named("esi")!
+        let comparisons: [ProbeCondition.BinaryOperator] = [.equal, .notEqual, .less, .lessOrEqual, .greater, .greaterOrEqual]
+        let constants: [UInt64] = [0, 1, 5, 0xFFFF_FFFF, 0x1_0000_0000, .max - 1, .max]
+        let values: [UInt64] = [0, 1, 4, 5, 6, 0xFFFF_FFFF, 0x1_0000_0000, .max - 1, .max]
+        var checked = 0, asRanges = 0
+        for op in comparisons {
+            for c in constants {
+                for mirrored in [false, true] {
+                    let r: ProbeCondition.Expression = .register(mirrored ? esi : rdi)
+                    let k: ProbeCondition.Expression = .constant(c)
+                    let one: ProbeCondition.Expression = mirrored ? .binary(op, k, r) : .binary(op, r, k)
+                    for e in [one, .binary(.logicalAnd, one, .binary(.notEqual, .register(rdi), .constant(4))),
+                              .binary(.logicalOr, one, .binary(.equal, .register(rdi), .constant(6)))] {
+                        let condition = try ProbeCondition(e, text: "\(e)")
+                        if condition.ranges != nil { asRanges += 1 }
+                        for v in values {
+                            let t = InMemoryTarget(registers: [.general(7): UInt128(v), .general(6): UInt128(v)])
+                            let viaRanges = condition.evaluate(t.context())
+                            var viaProgram: ProbeCondition.Outcome
+                            do throws(TraceError) {
+                                viaProgram = try ProbeCondition.run(condition.program, from: 0, to: condition.program.count, t.context()) ? .pass : .fail
+                            } catch { viaProgram = .unreadable(error) }
+                            #expect(viaRanges == viaProgram, "\(e) at \(v)")
+                            checked += 1
+                        }
+                    }
+                }
+            }
+        }
+        #expect(asRanges == comparisons.count * constants.count * 2 * 3)
+        #expect(checked == asRanges * values.count)
     }
 }

@@ -65,6 +65,14 @@ struct MachineHitContext: HitContext {
         return RegisterValue(width: register.width, raw: raw, shift: register.shift)
     }
 
+    func readInteger(_ register: X86Register) throws(TraceError) -> UInt64 {
+        do throws(KVMError) {
+            return register.integer(fromStorage: try rawValue(register.storage))
+        } catch {
+            throw TraceError.registerUnreadable(register.name, reason: error.description)
+        }
+    }
+
     private func rawValue(_ storage: X86Register.Storage) throws(KVMError) -> UInt128 {
         let r = snapshot.registers
         switch storage {
