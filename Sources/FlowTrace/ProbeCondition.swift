@@ -147,7 +147,7 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
             switch r.width {
             case .u8, .u16, .u32, .u64: break
             case .u128, .descriptorTable:
-                throw TraceError.invalidCondition(r.name, reason: "\(r.name) is wider than 64 bits; conditions compute in 64 bits")
+                throw TraceError.invalidCondition(r.name, reason: "\(r.name) is wider than 64 bits; conditions and aggregations compute in 64 bits")
             }
             p.append(.register(r)); push()
         case let .memory(address, size):
@@ -203,6 +203,12 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
     /// the ones below it.
     @inline(__always)
     static func run<C: HitContext>(_ code: [Instruction], from: Int, to end: Int, _ context: C) throws(TraceError) -> Bool {
+        try value(code, from: from, to: end, context) != 0
+    }
+
+    /// The value `code[from..<to]` computes (its last value on the stack).
+    @inline(__always)
+    static func value<C: HitContext>(_ code: [Instruction], from: Int, to end: Int, _ context: C) throws(TraceError) -> UInt64 {
         var stack = InlineArray<16, UInt64>(repeating: 0)
         var depth = 0          // values: `acc` and `depth - 1` in `stack` below it
         var acc: UInt64 = 0
@@ -245,7 +251,12 @@ public struct ProbeCondition: Sendable, CustomStringConvertible {
             }
             pc += 1
         }
-        return acc != 0
+        return acc
+    }
+
+    /// The expression's value at a hit (what `--count-by` and `--hist` count).
+    public func value<C: HitContext>(_ context: C) throws(TraceError) -> UInt64 {
+        try Self.value(program, from: 0, to: program.count, context)
     }
 
     /// Range tests `tests[from..<to]`: all of them hold, or (`all` false) any.

@@ -115,6 +115,8 @@ final class RecordStore: @unchecked Sendable {
             if poke { signal.withLock { $0.demand &+= 1 } }
         }
         let evicting = capacity > 0 && end - keepFrom == capacity
+        // Read before `makeRoom`, which may reuse the chunk that holds it.
+        let evictedLocation = evicting ? Int(slot(keepFrom).load(fromByteOffset: RecordHeader.location, as: UInt32.self)) : 0
         if end - base == chunks.count << Self.chunkShift, !makeRoom(evicting: evicting) {
             lostAt[location] &+= 1
             lostTotal &+= 1
@@ -127,8 +129,7 @@ final class RecordStore: @unchecked Sendable {
         record.storeBytes(of: UInt32(truncatingIfNeeded: location), toByteOffset: RecordHeader.location, as: UInt32.self)
         record.storeBytes(of: UInt32(truncatingIfNeeded: vcpu), toByteOffset: RecordHeader.vcpu, as: UInt32.self)
         if evicting {
-            let old = Int(slot(keepFrom).load(fromByteOffset: RecordHeader.location, as: UInt32.self))
-            evictedAt[old] &+= 1
+            evictedAt[evictedLocation] &+= 1
             evictedTotal &+= 1
             keepFrom += 1
         }

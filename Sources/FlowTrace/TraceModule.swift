@@ -105,7 +105,7 @@ public final class TraceModule: Sendable {
     public let commonProbe: Probe?
     let commonLayout: ProbeLayout
 
-    private final class Plan: Sendable {
+    fileprivate final class Plan: Sendable {
         let locations: [ProbeLocation]
         // The hit path's view of `locations`, one plain array per field.
         let layouts: [ProbeLayout]
@@ -126,12 +126,22 @@ public final class TraceModule: Sendable {
         let rangeAll: [Bool]
         let filtered: [ConditionCounter]
         let anyCondition: Bool
+        /// Computed at each hit taken; states per location, then per aggregation.
+        let aggregations: [Aggregation]
+        let aggregationStates: [[AggregationState]]
         let commonBase = RecordHeader.size
         let probeBase: Int
         let slotSize: Int
 
-        init(locations: [ProbeLocation], commonLayout: ProbeLayout, carrying old: Plan?) {
+        init(locations: [ProbeLocation], commonLayout: ProbeLayout, aggregations: [Aggregation], carrying old: Plan?) {
             self.locations = locations
+            self.aggregations = aggregations
+            let keptStates = old?.aggregationStates ?? []
+            aggregationStates = locations.indices.map { l in
+                aggregations.indices.map { k in
+                    l < keptStates.count && k < keptStates[l].count ? keptStates[l][k] : AggregationState(aggregations[k])
+                }
+            }
             layouts = locations.map(\.layout)
             addresses = locations.map(\.address)
             timings = locations.map(\.timing)
@@ -207,7 +217,7 @@ public final class TraceModule: Sendable {
         commonLayout = ProbeLayout(entries: commonProbe?.retain() ?? [])
         self.target = target
         control = Locked(Control())
-        planBox = QuiescentBox(Plan(locations: [], commonLayout: commonLayout, carrying: nil))
+        planBox = QuiescentBox(Plan(locations: [], commonLayout: commonLayout, aggregations: [], carrying: nil))
         store = RecordStore(slotSize: planBox.current.slotSize, allocator: allocator)
     }
 
@@ -255,9 +265,37 @@ public final class TraceModule: Sendable {
             // Hits that saw `enabled` before a self-disable may still read the plan.
             drainHitsInFlight()
             control.withLock { _ in
-                planBox.replace(Plan(locations: plan.locations + locations, commonLayout: commonLayout, carrying: plan))
+                planBox.replace(Plan(locations: plan.locations + locations, commonLayout: commonLayout, aggregations: plan.aggregations, carrying: plan))
             }
             store.ensureLocations(plan.locations.count)
+        }
+    }
+
+    /// Adds an aggregation, computed at every hit the module takes from now on at each of its
+    /// locations (see `aggregationResults`). Only while `created`.
+    public func addAggregation(_ aggregation: Aggregation) throws(TraceError) {
+        try exclusively("add an aggregation to") { () throws(TraceError) in
+            guard target != nil else { throw TraceError.targetGone }
+            guard stateValue.load(ordering: .sequentiallyConsistent) == 0 else {
+                throw TraceError.invalidState(operation: "add an aggregation to", state: .enabled)
+            }
+            drainHitsInFlight()
+            control.withLock { _ in
+                planBox.replace(Plan(locations: plan.locations, commonLayout: commonLayout, aggregations: plan.aggregations + [aggregation], carrying: plan))
+            }
+        }
+    }
+
+    /// What each aggregation found, per location: aggregations in the order they were
+    /// added, locations in order within each.
+    public var aggregationResults: [AggregationResult] {
+        control.withLock { _ in
+            let p = plan
+            return p.aggregations.indices.flatMap { k in
+                p.locations.indices.map { l in
+                    p.aggregationStates[l][k].result(p.aggregations[k], address: p.locations[l].address, timing: p.locations[l].timing, reasons: reasons)
+                }
+            }
         }
     }
 
@@ -454,6 +492,7 @@ public final class TraceModule: Sendable {
             }
             lastHit = left == 1
         }
+        if !p.aggregations.isEmpty { aggregate(p, location, context) }
         let timing = p.timings[location]
         let halt = store.record(slotSize: p.slotSize, common: commonLayout, commonBase: p.commonBase,
                                 probe: p.layouts[location], probeBase: p.probeBase, context: context,
@@ -468,6 +507,19 @@ public final class TraceModule: Sendable {
 }
 
 extension TraceModule {
+    /// Each aggregation's value at this hit, counted at its location.
+    fileprivate func aggregate<C: HitContext>(_ p: Plan, _ location: Int, _ context: C) {
+        let states = p.aggregationStates[location]
+        for (k, a) in p.aggregations.enumerated() {
+            do throws(TraceError) {
+                states[k].add(try a.expression.value(context), a)
+            } catch {
+                states[k].reason.store(reasons.index(for: error.description), ordering: .relaxed)
+                states[k].unreadable.value.add(1, ordering: .relaxed)
+            }
+        }
+    }
+
     /// Off the fast path: a condition's read failed; counted with its reason.
     @inline(never)
     fileprivate func countConditionFailure(_ f: ConditionCounter, _ error: TraceError) {

@@ -57,6 +57,23 @@ public func parseItems(_ text: String, symbols: Symbolizer) throws(SpecError) ->
     return items
 }
 
+/// Parses an expression with the condition grammar (`rdi`, `[rdi+8]:4`, `caller`,
+/// `rdi & 0xff`), compiled: what `--count-by` and `--hist` count.
+public func parseExpression(_ text: String, symbols: Symbolizer) throws(SpecError) -> ProbeCondition {
+    var p = SpecParser(text, symbols: symbols)
+    guard p.peek() != nil else { throw SpecError("empty expression: give a register, [memory], caller or an expression of them") }
+    var depth = 0
+    let e = try p.expression(0, nesting: &depth)
+    try p.expectEnd()
+    do { return try ProbeCondition(e, text: text.trimmingCharacters(in: .whitespaces)) } catch {
+        if case let .invalidCondition(what, reason) = error { throw SpecError("'\(what)': \(reason)") }
+        throw SpecError(error.description)
+    }
+}
+
+/// `caller`: the return address at a function's entry, `[rsp]:8`.
+let callerEntry = try! ProbeEntry.memory(MemoryOperand(base: .register(X86Register.named("rsp")!)), size: 8)
+
 /// Parses one item (`rdi`, `[rsp+8]:4`), as probe-data filters name them.
 public func parseItem(_ text: String, symbols: Symbolizer) throws(SpecError) -> ItemSpec {
     var p = SpecParser(text, symbols: symbols)
@@ -264,6 +281,7 @@ struct SpecParser {
         if c >= 0x30 && c <= 0x39 { return .constant(try number("a number")) }
         guard let name = word() else { throw SpecError("expected an operand at \(at)") }
         if let r = X86Register.named(name) { return .register(r) }
+        if name == "caller" { return .memory(.register(X86Register.named("rsp")!), size: 8) }
         if let symbol = symbols.symbol(named: name) { return .constant(symbol.address) }
         let hint = X86Register.suggestions(for: name) + symbols.suggestions(for: name, limit: 2)
         throw SpecError("'\(name)' is neither a register nor a symbol" + (hint.isEmpty ? "" : " (did you mean \(hint.prefix(3).map { "'\($0)'" }.joined(separator: ", "))?)"))
@@ -314,7 +332,11 @@ struct SpecParser {
         if accept("[") {
             entry = try memoryItem()
         } else if let first = peek(), Self.isWordByte(first), let name = word() {
-            do { entry = try .register(named: name) } catch { throw SpecError(error.description) }
+            if name == "caller" {
+                entry = callerEntry
+            } else {
+                do { entry = try .register(named: name) } catch { throw SpecError(error.description) }
+            }
         } else if peek() == UInt8(ascii: "]") {
             throw SpecError("unbalanced brackets: ']' without '['")
         } else {

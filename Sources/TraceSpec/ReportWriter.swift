@@ -94,6 +94,19 @@ public struct ReportWriter {
         keys[ObjectIdentifier(record.probe)] ?? record.entries.map(\.description)
     }
 
+    /// The record's values as shown: `caller` (8 bytes at rsp) as the address it holds.
+    private func values(of r: TraceRecord) -> [ProbeValue] { Self.shown(keys(of: r), r.values) }
+
+    static func shown(_ keys: [String], _ values: [ProbeValue]) -> [ProbeValue] {
+        guard keys.contains("caller") else { return values }
+        return zip(keys, values).map { k, v in
+            if k == "caller", case let .memory(_, bytes) = v, bytes.count == 8 {
+                return .register(.u64(bytes.enumerated().reduce(0) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }))
+            }
+            return v
+        } + values.dropFirst(keys.count)
+    }
+
     private func relative(_ ts: UInt64) -> UInt64 { ts >= timeOrigin ? ts - timeOrigin : 0 }
 
     // MARK: JSON Lines
@@ -102,11 +115,11 @@ public struct ReportWriter {
         for r in report {
             var s = "{\"seq\":\(r.sequence),\"ts_ns\":\(relative(r.timestamp)),\"vcpu\":\(r.vcpu),\"addr\":\"0x\(String(r.address, radix: 16))\","
             s += "\"location\":\(jsonString(describe(r.address))),\"when\":\"\(r.timing.rawValue)\",\"values\":"
-            s += jsonObject(keys(of: r), r.values)
-            s += ",\"common\":" + jsonObject(commonKeys, r.commonValues)
+            s += jsonObject(keys(of: r), values(of: r))
+            s += ",\"common\":" + jsonObject(commonKeys, Self.shown(commonKeys, r.commonValues))
             if symbolize != nil {
                 var named = ""
-                for (k, v) in zip(keys(of: r), r.values) {
+                for (k, v) in zip(keys(of: r), values(of: r)) {
                     guard let n = symbol(v) else { continue }
                     named += (named.isEmpty ? "" : ",") + jsonString(k) + ":" + jsonString(n)
                 }
@@ -161,11 +174,11 @@ public struct ReportWriter {
         let position = Dictionary(cols.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
         for r in report {
             var cells = [String](repeating: "", count: cols.count)
-            for (k, v) in zip(keys(of: r), r.values) {
+            for (k, v) in zip(keys(of: r), values(of: r)) {
                 if let p = position[k] { cells[p] = Self.text(v) + (symbol(v).map { " <\($0)>" } ?? "") }
             }
             let fixed = ["\(r.sequence)", "\(relative(r.timestamp))", "\(r.vcpu)", "0x" + String(r.address, radix: 16), describe(r.address), r.timing.rawValue]
-            sink.write((fixed + cells + r.commonValues.map(Self.text)).map(csvField).joined(separator: ",") + "\n")
+            sink.write((fixed + cells + Self.shown(commonKeys, r.commonValues).map(Self.text)).map(csvField).joined(separator: ",") + "\n")
         }
     }
 
@@ -195,10 +208,10 @@ public struct ReportWriter {
         rows.reserveCapacity(report.count + 1)
         for r in report {
             var cells = [String](repeating: "-", count: cols.count)
-            for (k, v) in zip(keys(of: r), r.values) { if let p = position[k] { cells[p] = Self.text(v) } }
+            for (k, v) in zip(keys(of: r), values(of: r)) { if let p = position[k] { cells[p] = Self.text(v) + (symbol(v).map { " <\($0)>" } ?? "") } }
             let us = relative(r.timestamp)
             let time = "\(us / 1000).\(String(us % 1000 + 1000).dropFirst())"
-            rows.append(["\(r.sequence)", time, "\(r.vcpu)", describe(r.address), r.timing.rawValue] + cells + r.commonValues.map(Self.text))
+            rows.append(["\(r.sequence)", time, "\(r.vcpu)", describe(r.address), r.timing.rawValue] + cells + Self.shown(commonKeys, r.commonValues).map(Self.text))
         }
         var widths = [Int](repeating: 0, count: header.count)
         for row in rows { for (i, c) in row.enumerated() where i < widths.count { widths[i] = max(widths[i], c.count) } }
@@ -229,8 +242,8 @@ public struct ReportWriter {
             let ns = relative(r.timestamp)
             var s = ",\n{\"name\":\(jsonString(describe(r.address))),\"cat\":\"\(r.timing.rawValue)\",\"ph\":\"i\",\"s\":\"t\","
             s += "\"ts\":\(ns / 1000).\(String(ns % 1000 + 1000).dropFirst()),\"pid\":1,\"tid\":\(r.vcpu),"
-            s += "\"args\":{\"seq\":\(r.sequence),\"addr\":\"0x\(String(r.address, radix: 16))\",\"values\":\(jsonObject(keys(of: r), r.values))"
-            if !commonKeys.isEmpty { s += ",\"common\":" + jsonObject(commonKeys, r.commonValues) }
+            s += "\"args\":{\"seq\":\(r.sequence),\"addr\":\"0x\(String(r.address, radix: 16))\",\"values\":\(jsonObject(keys(of: r), values(of: r)))"
+            if !commonKeys.isEmpty { s += ",\"common\":" + jsonObject(commonKeys, Self.shown(commonKeys, r.commonValues)) }
             s += "}}"
             sink.write(s)
         }

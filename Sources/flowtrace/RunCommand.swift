@@ -76,7 +76,11 @@ enum SerialMode: Equatable {
 }
 
 extension FilterCombination: ExpressibleByArgument {}
-extension ReportFormat: ExpressibleByArgument {}
+/// `--format`: the record formats, and `json` for `--count-by` / `--hist` results.
+enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
+    case table, jsonl, csv, chrome, json
+    var records: ReportFormat? { ReportFormat(rawValue: rawValue) }
+}
 
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -103,6 +107,14 @@ struct RunCommand: ParsableCommand {
           seq=A..B  ts=A..B (ns since the start; us/ms/s suffixes)  vcpu=A..B  addr=SYMBOL
           addr=A..B  value:ITEM=V  common:ITEM=V (V: a number for a register, hex bytes for memory)
           Ranges may leave out an end (seq=100..) or be one number (vcpu=1).
+        AGGREGATIONS: --count-by ITEM counts the hits at each location per value of ITEM (a
+          register, [memory]:1|2|4|8, caller, or an expression of them as in conditions);
+          --hist ITEM draws a power-of-two histogram of its values, --hist-linear
+          ITEM:MIN:MAX:STEP one with STEP-wide buckets. Computed at each hit taken (after
+          --vcpu, the condition and --hits), without records: the tables (--top N values) or
+          JSON (--format json, -o x.json) replace the records on stdout or in -o FILE.
+          ITEM caller: at a function's first instruction, the return address ([rsp]:8).
+          Example: --probe fib --count-by caller --hist rdi
         OUTPUT: the records go to stdout, or -o FILE: --format table (default on a terminal),
         jsonl (default otherwise; for -o, the file's extension .jsonl/.csv/.json/.txt picks it),
         csv, chrome (Chrome trace-event JSON for Perfetto UI). jsonl and csv are written while the
@@ -205,8 +217,20 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .customLong("exit-counts"), help: "Print how many exits of each kind the run took (and the busiest I/O ports).")
     var exitCounts = false
 
-    @Option(help: "Report format: table, jsonl, csv or chrome.")
-    var format: ReportFormat?
+    @Option(help: "Report format: table, jsonl, csv or chrome for records; table or json for --count-by and --hist.")
+    var format: OutputFormat?
+
+    @Option(name: .customLong("count-by"), help: ArgumentHelp("Count the hits at each location per value of ITEM, instead of writing records (repeatable); see AGGREGATIONS.", valueName: "item"))
+    var countBy: [String] = []
+
+    @Option(name: .customLong("hist"), help: ArgumentHelp("A power-of-two histogram of ITEM's values at each location (repeatable); see AGGREGATIONS.", valueName: "item"))
+    var hist: [String] = []
+
+    @Option(name: .customLong("hist-linear"), help: ArgumentHelp("A histogram of ITEM's values in STEP-wide buckets from MIN to MAX (repeatable).", valueName: "item:min:max:step"))
+    var histLinear: [String] = []
+
+    @Option(help: "How many values --count-by shows per location, most hits first (0: all).")
+    var top: Int = 20
 
     @Option(name: .short, help: ArgumentHelp("Write the records to this file instead of stdout.", valueName: "file"))
     var output: String?
@@ -317,6 +341,7 @@ struct RunCommand: ParsableCommand {
                 do { try tracer.module.disable() } catch { printError("flowtrace: warning: \(error.description)") }
             }
             if let stream { return stream.finish() }
+            if !plan.aggregations.isEmpty { return plan.writeAggregations(tracer, symbols: symbols) }
             return plan.writeReport(tracer, symbols: symbols, timeOrigin: origin, title: title)
         }
         do {
@@ -339,7 +364,7 @@ struct RunCommand: ParsableCommand {
             // The records taken so far are still written.
             if let tracer {
                 let (written, failure) = writeRecords(tracer)
-                printError("flowtrace: \(written) records written to \(plan.output ?? "stdout") (\(plan.format.rawValue)) before the failure")
+                printError("flowtrace: \(written) \(plan.aggregations.isEmpty ? "records" : "results") written to \(plan.output ?? "stdout") before the failure")
                 if let failure { printError("flowtrace: error: \(failure)") }
             }
             // Nothing the user typed gets here: a bug, or the host refusing something.
@@ -519,6 +544,11 @@ struct TracePlan {
     let combination: FilterCombination
     let reverse: Bool
     let format: ReportFormat
+    /// --count-by, --hist, --hist-linear: what the module computes instead of records, and
+    /// how they are written (json, or tables).
+    let aggregations: [Aggregation]
+    let aggregationsAsJSON: Bool
+    let top: Int
     /// The records are written while the guest runs (jsonl, csv), not after.
     let streams: Bool
     /// nil: stdout. Checked to be writable; opened only to write the records.
@@ -646,7 +676,9 @@ struct TracePlan {
         if probes.isEmpty {
             let needing = [c.common != nil ? "--common" : nil, c.filterSpecs.isEmpty ? nil : "--filter",
                            c.hits != 0 ? "--hits" : nil, c.reverse ? "--reverse" : nil, c.format != nil ? "--format" : nil,
-                           c.output != nil ? "-o" : nil, c.vcpuSelection != "any" ? "--vcpu" : nil].compactMap { $0 }
+                           c.output != nil ? "-o" : nil, c.vcpuSelection != "any" ? "--vcpu" : nil,
+                           c.countBy.isEmpty ? nil : "--count-by", c.hist.isEmpty ? nil : "--hist",
+                           c.histLinear.isEmpty ? nil : "--hist-linear"].compactMap { $0 }
             if let first = needing.first {
                 throw fail("\(first) needs at least one --probe or --flow (e.g. --probe fib:rdi)", status: ExitStatus.usage)
             }
@@ -675,15 +707,65 @@ struct TracePlan {
         combination = c.match
         reverse = c.reverse
         output = c.output
-        if let f = c.format {
-            format = f
-        } else if let o = c.output {
-            format = ReportFormat.guess(fromPath: o) ?? .jsonl
-        } else {
-            format = isTerminal(STDOUT_FILENO) ? .table : .jsonl
+        var aggregations: [Aggregation] = []
+        func expression(_ option: String, _ text: String) throws(ExitCode) -> ProbeCondition {
+            do { return try parseExpression(text, symbols: symbols) } catch {
+                throw fail("\(option) '\(text)': \(error.message)", status: ExitStatus.usage)
+            }
         }
-        streams = format == .jsonl || format == .csv
-        maxRecords = c.maxRecords ?? (streams ? 10_000 : 1_000_000)
+        func add(_ option: String, _ text: String, _ e: ProbeCondition, _ kind: Aggregation.Kind, item: String? = nil) throws(ExitCode) {
+            let key = (item ?? text).filter { !$0.isWhitespace }
+            do { aggregations.append(try Aggregation(item: key, expression: e, kind: kind)) } catch {
+                if case let .invalidCondition(_, reason) = error { throw fail("\(option) '\(text)': \(reason)", status: ExitStatus.usage) }
+                throw fail("\(option) '\(text)': \(error.description)", status: ExitStatus.usage)
+            }
+        }
+        for t in c.countBy { try add("--count-by", t, try expression("--count-by", t), .count) }
+        for t in c.hist { try add("--hist", t, try expression("--hist", t), .log2Histogram) }
+        for t in c.histLinear {
+            // ITEM:MIN:MAX:STEP, the numbers from the right (ITEM may hold a ':', as in [rdi]:4).
+            let parts = t.split(separator: ":", omittingEmptySubsequences: false)
+            guard parts.count >= 4 else {
+                throw fail("--hist-linear '\(t)': expected ITEM:MIN:MAX:STEP, e.g. rdi:0:100:10", status: ExitStatus.usage)
+            }
+            let numbers = parts.suffix(3).map { parseNumber($0.trimmingCharacters(in: .whitespaces)) }
+            guard let lo = numbers[0], let hi = numbers[1], let step = numbers[2] else {
+                let bad = parts.suffix(3).first { parseNumber($0.trimmingCharacters(in: .whitespaces)) == nil } ?? ""
+                throw fail("--hist-linear '\(t)': '\(bad)' is not a number (MIN, MAX and STEP: decimal or 0x hex)", status: ExitStatus.usage)
+            }
+            let item = parts.dropLast(3).joined(separator: ":")
+            try add("--hist-linear", t, try expression("--hist-linear", item), .linearHistogram(min: lo, max: hi, step: step), item: item)
+        }
+        self.aggregations = aggregations
+        guard c.top >= 0 else { throw fail("--top \(c.top): must be 0 (all) or more", status: ExitStatus.usage) }
+        top = c.top == 0 ? Int.max : c.top
+        if !aggregations.isEmpty {
+            // The aggregations replace the records: a table, or one JSON document.
+            switch c.format {
+            case .json?: aggregationsAsJSON = true
+            case .table?: aggregationsAsJSON = false
+            case let f?: throw fail("--format \(f.rawValue): --count-by and --hist write a table or json", status: ExitStatus.usage)
+            case nil: aggregationsAsJSON = c.output.map { $0.lowercased().hasSuffix(".json") } ?? false
+            }
+            if !c.filterSpecs.isEmpty || c.reverse {
+                throw fail("--filter selects records, which --count-by and --hist do not write; put the selection in the probe's condition (--probe 'LOC if EXPR')", status: ExitStatus.usage)
+            }
+            format = .table
+        } else {
+            aggregationsAsJSON = false
+            if let f = c.format {
+                guard let r = f.records else {
+                    throw fail("--format json is for --count-by and --hist; records are table, jsonl, csv or chrome", status: ExitStatus.usage)
+                }
+                format = r
+            } else if let o = c.output {
+                format = ReportFormat.guess(fromPath: o) ?? .jsonl
+            } else {
+                format = isTerminal(STDOUT_FILENO) ? .table : .jsonl
+            }
+        }
+        streams = aggregations.isEmpty && (format == .jsonl || format == .csv)
+        maxRecords = c.maxRecords ?? (!aggregations.isEmpty ? 1 : streams ? 10_000 : 1_000_000)
         if let o = c.output, !probes.isEmpty {
             do { try ByteSink.checkWritable(o) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
         }
@@ -718,6 +800,7 @@ struct TracePlan {
                 }
                 located.append((l.probe, p))
             }
+            for a in aggregations { try module.addAggregation(a) }
             if streams { module.openStream() }
             try module.enable(hitLimit: hits, maxRecords: maxRecords)
             let chosen = machine.engine.map { "\($0.engine): \($0.reason)" } ?? "none"
@@ -732,6 +815,22 @@ struct TracePlan {
         } catch {
             throw fail(error.localizedDescription, status: ExitStatus.software)
         }
+    }
+
+    /// Writes the aggregations' results (tables or JSON); returns how many and the write error.
+    func writeAggregations(_ tracer: Tracer, symbols: Symbolizer) -> (Int, String?) {
+        let results = tracer.module.aggregationResults
+        let names = Dictionary(tracer.probes.map { ($0.1.address, $0.1.location) }, uniquingKeysWith: { a, _ in a })
+        let o = AggregationOutput(results: results, locationNames: names, symbols: symbols, top: top)
+        let out: ByteSink
+        if let output {
+            do { out = try ByteSink(replacing: output) } catch { return (0, "writing the results to \(output): \(error.message)") }
+        } else {
+            out = ByteSink(fd: STDOUT_FILENO)
+        }
+        out.write(aggregationsAsJSON ? o.json() : o.text())
+        do { try out.commit() } catch { return (0, "writing the results to \(output ?? "stdout"): \(error.message)") }
+        return (results.count, nil)
     }
 
     /// Writes the filtered report; returns how many records it wrote and the write error, if any.
@@ -832,7 +931,7 @@ struct TracePlan {
         var total = "flowtrace: \(c.hitsSeen) hits (\(formatRate(rate)) hits/s), \(c.recordsTaken) records taken, \(c.recordsKept) kept"
         if c.recordsLost > 0 { total += ", \(c.recordsLost) lost (no memory for them; lower --max-records)" }
         // Streamed records were all written: the evicted ones only left memory.
-        if c.evicted > 0, !streams { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
+        if c.evicted > 0, !streams, aggregations.isEmpty { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
         if c.filteredAtHit > 0 { total += ", \(c.filteredAtHit) filtered at the hit by their condition" }
         if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(hits)" }
         if c.suppressedWrongVCPU > 0 { total += ", \(c.suppressedWrongVCPU) on other vCPUs than --vcpu" }
@@ -844,6 +943,10 @@ struct TracePlan {
             // Worth knowing on several vCPUs: each in-place step held the others.
             lines.append("flowtrace: \(stepOvers.inPlace) of \(stepOvers.inPlace + stepOvers.outOfLine) step-overs in place (the other vCPUs held for each): "
                          + "their instructions depend on where they run, or the guest left the boot page tables or rewrote them")
+        }
+        if !aggregations.isEmpty {
+            lines.append("flowtrace: \(written) result\(written == 1 ? "" : "s") (\(aggregations.count) aggregation\(aggregations.count == 1 ? "" : "s") x \(c.locations.count) location\(c.locations.count == 1 ? "" : "s")) written to \(output ?? "stdout") (\(aggregationsAsJSON ? "json" : "table")); no records")
+            return lines.joined(separator: "\n")
         }
         lines.append("flowtrace: \(written) records written to \(output ?? "stdout") (\(format.rawValue)\(streams ? ", while the guest ran" : ""))"
                      + (filters.isEmpty && !reverse ? "" : " after --filter (\(filters.count) filter\(filters.count == 1 ? "" : "s"), --match \(combination.rawValue)\(reverse ? ", --reverse" : ""))"))

@@ -375,3 +375,83 @@ func int3TrapsHere() throws -> Bool {
 }
 
 func flowtrace(_ args: [String]) throws -> ProcessOutput { try run(Guests.flowtrace, args) }
+
+/// --count-by, --hist and --hist-linear on fib(15), against the guest's own recursion: fib(n)
+/// runs F(16-n) times for n >= 1 and fib(0) F(14) = 377 times; every fib(n >= 2) calls fib
+/// from its two call sites, main once.
+@Suite("flowtrace run --count-by and --hist", .serialized, .timeLimit(.minutes(3)))
+struct AggregationCLITests {
+    static func fibonacci(_ n: Int) -> UInt64 { n <= 2 ? 1 : fibonacci(n - 1) + fibonacci(n - 2) }
+    /// fib(n)'s calls in fib(15), n = 0 ... 15.
+    static let calls: [UInt64] = (0...15).map { $0 == 0 ? 377 : fibonacci(16 - $0) }
+
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func countsAndHistogramsMatchTheRecursion() throws {
+        let out = try temporaryFile([], name: "fib-aggregations.json")
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib", "--count-by", "rdi", "--count-by", "caller",
+                              "--hist", "rdi", "--hist-linear", "rdi:0:16:4", "--max-records", "1", "-o", out)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr.contains("flowtrace: 4 results (4 aggregations x 1 location) written to \(out) (json); no records"))
+        let doc = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out))) as? [String: Any])
+        let list = try #require(doc["aggregations"] as? [[String: Any]])
+        #expect(list.map { $0["kind"] as? String } == ["count", "count", "hist", "hist-linear"])
+        #expect(list.allSatisfy { $0["hits"] as? Int == 1973 && $0["location"] as? String == "fib" })
+        // Counts per argument: exactly the recursion's, most first (ties by value).
+        let values = try #require(list[0]["values"] as? [[String: Any]])
+        var expected = Self.calls.enumerated().map { (UInt64($0.offset), $0.element) }
+        expected.sort { $0.1 != $1.1 ? $0.1 > $1.1 : $0.0 < $1.0 }
+        #expect(values.map { hexValue($0["value"]) } == expected.map { Optional($0.0) })
+        #expect(values.map { ($0["count"] as? Int).map(UInt64.init) } == expected.map { Optional($0.1) })
+        // Callers: fib's two call sites 986 times each (one per fib(n >= 2)), guest_main once.
+        let callers = try #require(list[1]["values"] as? [[String: Any]])
+        #expect(callers.map { $0["count"] as? Int } == [986, 986, 1])
+        #expect(callers.map { (($0["symbol"] as? String) ?? "").split(separator: "+").first.map(String.init) } == ["fib", "fib", "guest_main"])
+        #expect(UInt64(Self.calls[2...].reduce(0, +)) == 986)
+        // log2 buckets: [0], [1], [2, 4), [4, 8), [8, 16), the rest empty.
+        let buckets = try #require(list[2]["buckets"] as? [[String: Any]])
+        func sum(_ r: ClosedRange<Int>) -> UInt64 { Self.calls[r].reduce(0, +) }
+        #expect(buckets.prefix(6).map { ($0["count"] as? Int).map(UInt64.init) } == [sum(0...0), sum(1...1), sum(2...3), sum(4...7), sum(8...15), 0])
+        #expect(buckets.count == 65 && buckets.dropFirst(5).allSatisfy { $0["count"] as? Int == 0 })
+        let linear = try #require(list[3]["buckets"] as? [[String: Any]])
+        #expect(linear.map { ($0["count"] as? Int).map(UInt64.init) } == [sum(0...3), sum(4...7), sum(8...11), sum(12...15), 0])
+        // The same counts as a full record run gives.
+        let records = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi,caller", "--format", "jsonl")
+        let rows = try parseJSONLines(records.stdout)
+        var byArgument: [UInt64: UInt64] = [:], byCaller: [String: Int] = [:]
+        for row in rows {
+            let v = row["values"] as? [String: Any]
+            if let a = hexValue(v?["rdi"]) { byArgument[a, default: 0] += 1 }
+            if let c = v?["caller"] as? String { byCaller[c, default: 0] += 1 }
+        }
+        #expect(byArgument == Dictionary(uniqueKeysWithValues: expected))
+        #expect(Set(byCaller.values) == [986, 1] && byCaller.count == 3)
+        #expect(Set(callers.compactMap { $0["value"] as? String }) == Set(byCaller.keys))
+    }
+
+    /// The tables people read: values sorted by count with --top, bpftrace-style bars.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func tablesAndBars() throws {
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib if rdi < 4", "--count-by", "rdi", "--top", "2", "--hist", "rdi", "--format", "table")
+        #expect(r.status == 0, "\(r.stderr)")
+        let text = r.stdout
+        #expect(text.hasPrefix("""
+        fib (before): count by rdi, 1597 hits, 4 values (top 2)
+          rdi  COUNT
+          0x1    610
+          0x0    377
+
+        fib (before): hist of rdi, 1597 hits
+          [0]     377 |@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@                    |
+          [1]     610 |@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@|
+          [2, 4)  610 |@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@|
+
+        """), "\(text)")
+        #expect(r.stderr.contains("376 filtered at the hit"))
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--probe", "fib", "--count-by", "rdi", "--format", "csv"), status: 64,
+                           "--format csv: --count-by and --hist write a table or json")
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--probe", "fib", "--hist-linear", "rdi:0:10"), status: 64,
+                           "--hist-linear 'rdi:0:10': expected ITEM:MIN:MAX:STEP")
+        expectOneLineError(try flowtrace("run", Guests.path("fib"), "--probe", "fib", "--count-by", "[rdi]:3"), status: 64,
+                           "--count-by '[rdi]:3': memory size '3'")
+    }
+}

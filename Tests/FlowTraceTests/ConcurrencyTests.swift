@@ -149,6 +149,23 @@ struct RecordStreamTests {
         }
     }
 
+    /// `maxRecords` 1 to 3 across several chunk boundaries: the newest are kept, the rest
+    /// counted as evicted (the chunk of the record being evicted is the one reused).
+    @Test func tinyBoundsAcrossChunks() throws {
+        for cap in 1...3 {
+            let t = makeTarget()
+            let m = try TraceModule(target: t)
+            try m.addProbe(Probe("p", entries: entries("rdi")), at: 0x100)
+            try m.enable(maxRecords: cap)
+            let n = 3 * RecordStore.chunkSlots + 5
+            for i in 0..<n { t.fire(at: 0x100, vcpu: 0, overrides: [.general(7): UInt128(i)]) }
+            let kept = m.report().compactMap { r -> UInt64? in if case let .register(v)? = r.values.first { v.asUInt64 } else { nil } }
+            #expect(kept == (n - cap..<n).map { UInt64($0) }, "cap \(cap)")
+            #expect(m.counters.evicted == UInt64(n - cap))
+            #expect(m.storeTotals.slots <= 2 * RecordStore.chunkSlots)
+        }
+    }
+
     /// A producer waiting for room goes on when the stream is closed (no consumer at all),
     /// and the module keeps what `maxRecords` says.
     @Test func closingReleasesAWaitingProducer() throws {
@@ -205,5 +222,50 @@ struct RecordStreamTests {
         #expect(seqs == Array(0...10_000))
         #expect(values == Array(0..<10_000))
         #expect(m.report().map(\.address) == [0x200])
+    }
+}
+
+/// Counts and histograms computed at the hit, from several vCPU threads at once: exact.
+@Suite("aggregations at the hit", .serialized)
+struct AggregationTests {
+    /// 4 threads x 50,000 hits, rdi = i % 100 (every value 0 ... 99 2,000 times per
+    /// thread), rsi = i: counts per value, log2 and linear buckets match what the values
+    /// give; a memory read that fails is counted with its reason; --max-records 1 keeps one.
+    @Test func exactUnderContention() throws {
+        let t = makeTarget(vcpus: 4)
+        let m = try TraceModule(target: t)
+        try m.addProbe(Probe("p", entries: []), at: 0x100)
+        let rdi = ProbeCondition.Expression.register(X86Register.named("rdi")!)
+        let rsi = ProbeCondition.Expression.register(X86Register.named("rsi")!)
+        try m.addAggregation(Aggregation(item: "rdi", expression: ProbeCondition(rdi, text: "rdi"), kind: .count))
+        try m.addAggregation(Aggregation(item: "rsi", expression: ProbeCondition(rsi, text: "rsi"), kind: .log2Histogram))
+        try m.addAggregation(Aggregation(item: "rdi", expression: ProbeCondition(rdi, text: "rdi"), kind: .linearHistogram(min: 10, max: 50, step: 20)))
+        // Memory at 0x1000 + rdi*8: mapped for rdi < 64 (512 bytes), not beyond.
+        let slot = ProbeCondition.Expression.memory(.binary(.add, .constant(0x1000), .binary(.multiply, rdi, .constant(8))), size: 1)
+        try m.addAggregation(Aggregation(item: "[0x1000+rdi*8]:1", expression: ProbeCondition(slot, text: "mem"), kind: .count))
+        try m.enable(maxRecords: 1)
+        onThreads(4) { k in
+            for i in 0..<50_000 { t.fire(at: 0x100, vcpu: k, overrides: [.general(7): UInt128(i % 100), .general(6): UInt128(i)]) }
+        }
+        let r = m.aggregationResults
+        #expect(r.count == 4)
+        #expect(r[0].hits == 200_000 && r[0].values.count == 100)
+        #expect(r[0].values.allSatisfy { $0.count == 2_000 })
+        #expect(r[0].values.map(\.value) == Array(0..<100))      // ties: lower value first
+        // log2 of rsi = 0 ... 49,999, 4 times each.
+        var log2 = [UInt64](repeating: 0, count: 65)
+        for i in 0..<50_000 { log2[i == 0 ? 0 : 64 - UInt64(i).leadingZeroBitCount] += 4 }
+        #expect(r[1].buckets.map(\.count) == log2)
+        #expect(r[1].buckets[2].low == 2 && r[1].buckets[2].high == 4 && r[1].buckets[64].high == nil)
+        // Linear: below 10, [10, 30), [30, 50), 50 and above.
+        let linear: [UInt64] = [10 * 2_000, 20 * 2_000, 20 * 2_000, 50 * 2_000]
+        #expect(r[2].buckets.map(\.count) == linear)
+        #expect(r[2].buckets.map(\.low) == [0, 10, 30, 50])
+        // Memory: byte (rdi*8) & 0xff for rdi < 64; unreadable for 64 ... 99.
+        #expect(r[3].hits == 64 * 2_000 && r[3].unreadable == 36 * 2_000)
+        #expect(r[3].unreadableReason?.contains("unreadable: not mapped") == true)
+        let bytes: Set<UInt64> = Set((0..<64).map { (v: Int) -> UInt64 in UInt64((v * 8) & 0xFF) })
+        #expect(Set(r[3].values.map(\.value)) == bytes)
+        #expect(m.counters.recordsTaken == 200_000 && m.counters.recordsKept == 1)
     }
 }

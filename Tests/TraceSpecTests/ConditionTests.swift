@@ -76,7 +76,7 @@ struct ConditionTests {
         #expect(specError("fib:rdi if [rdi]:3 == 0") == "memory size '3' in a condition: use 1, 2, 4 or 8")
         #expect(specError("fib:rdi if [rdi == 0") == "expected ']' at the end")
         #expect(specError("fib:rdi if rdx < fibb") == "'fibb' is neither a register nor a symbol (did you mean 'fib'?)")
-        #expect(specError("fib:rdi if xmm0 == 0") == "'xmm0': xmm0 is wider than 64 bits; conditions compute in 64 bits")
+        #expect(specError("fib:rdi if xmm0 == 0") == "'xmm0': xmm0 is wider than 64 bits; conditions and aggregations compute in 64 bits")
         #expect(specError("fib:rdi if != 3") == "expected an operand at '!='")
         #expect(specError("fib if rdi == 99999999999999999999") == "number '99999999999999999999' does not fit in 64 bits")
         #expect(specError("fib:rdi if " + String(repeating: "(", count: 70) + "1" + String(repeating: ")", count: 70))
