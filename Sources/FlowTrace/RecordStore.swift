@@ -32,12 +32,13 @@ final class RecordStore: @unchecked Sendable {
     private let consumer = Locked<Void>(())
     private let allocator: @Sendable (Int) -> Chunk?
     @exclusivity(unchecked) private var chunks: [Chunk] = []
+    // SAFETY: the fields below, like `chunks`, are touched only under `lock`.
     @exclusivity(unchecked) private(set) var slotSize: Int
     /// 0 = unbounded.
     @exclusivity(unchecked) private var capacity: Int = 0
     /// Logical position of the first slot of `chunks[0]`.
     @exclusivity(unchecked) private var base = 0
-    /// Logical position of the next record.
+    /// Logical position of the next record (SAFETY: under `lock`, as every field here).
     @exclusivity(unchecked) private var end = 0
     /// The oldest record kept for reports.
     @exclusivity(unchecked) private var keepFrom = 0
@@ -348,6 +349,8 @@ final class RecordStore: @unchecked Sendable {
     /// `copy` for the stream's window without holding `lock` over the copy: the chunk list
     /// is read under it, the slots after it.
     private func copyUnlocked(from: Int, count: Int) -> RecordBuffer {
+        // SAFETY: the chunk pointers are read under `lock`; the slots they point at are read
+        // after it, which the class's SAFETY paragraph allows for `streamed..<end`.
         let (runs, size): ([(UnsafeMutableRawPointer, Int)], Int) = lock.withLock {
             var runs: [(UnsafeMutableRawPointer, Int)] = []
             var r = from
