@@ -5,9 +5,9 @@ import TestSupport
 
 private let kvmUsable = KVMHost.isUsable()
 
-/// Starts `flowtrace args`, waits (on its stdout) for the line `marker`, sends SIGINT, and
-/// returns what it left.
-func interruptAfter(_ marker: String, _ args: [String]) throws -> ProcessOutput {
+/// `flowtrace args` started, its stderr collected on another thread (`stderr()` waits for
+/// its end); stdout is the caller's to read.
+func startFlowtrace(_ args: [String]) throws -> (process: Process, stdout: Pipe, stderr: () -> String) {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: Guests.flowtrace)
     p.arguments = args
@@ -22,6 +22,13 @@ func interruptAfter(_ marker: String, _ args: [String]) throws -> ProcessOutput 
         errText.set(err.fileHandleForReading.readDataToEndOfFile())
         errDone.signal()
     }
+    return (p, out, { errDone.wait(); return String(decoding: errText.get(), as: UTF8.self) })
+}
+
+/// Starts `flowtrace args`, waits (on its stdout) for the line `marker`, sends SIGINT, and
+/// returns what it left.
+func interruptAfter(_ marker: String, _ args: [String]) throws -> ProcessOutput {
+    let (p, out, stderr) = try startFlowtrace(args)
     var seen = Data()
     while !String(decoding: seen, as: UTF8.self).contains(marker + "\n") {
         let d = out.fileHandleForReading.availableData
@@ -30,10 +37,9 @@ func interruptAfter(_ marker: String, _ args: [String]) throws -> ProcessOutput 
     }
     kill(p.processIdentifier, SIGINT)
     seen += out.fileHandleForReading.readDataToEndOfFile()
-    errDone.wait()
+    let err = stderr()
     p.waitUntilExit()
-    return ProcessOutput(status: p.terminationStatus, stdout: String(decoding: seen, as: UTF8.self),
-                         stderr: String(decoding: errText.get(), as: UTF8.self))
+    return ProcessOutput(status: p.terminationStatus, stdout: String(decoding: seen, as: UTF8.self), stderr: err)
 }
 
 /// The number in `text` before `suffix` (`"1973 records taken"` -> 1973).
@@ -105,20 +111,11 @@ struct StreamCLITests {
     @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func recordsReachTheFileWhileTheGuestRuns() throws {
         let out = try temporaryFile([], name: "live.jsonl")
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Guests.flowtrace)
-        p.arguments = ["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out, "--timeout", "300"]
-        let stdout = Pipe(), stderr = Pipe()
-        p.standardOutput = stdout
-        p.standardError = stderr
-        p.standardInput = FileHandle.nullDevice
-        try p.run()
-        let errText = LockedBox(Data())
-        let errDone = DispatchSemaphore(value: 0)
+        let (p, stdout, stderr) = try startFlowtrace(["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out, "--timeout", "300"])
+        let outDone = DispatchSemaphore(value: 0)
         DispatchQueue.global().async {
-            errText.set(stderr.fileHandleForReading.readDataToEndOfFile())
             _ = stdout.fileHandleForReading.readDataToEndOfFile()
-            errDone.signal()
+            outDone.signal()
         }
         // Polls the file itself (the condition), until it has the lines or the run ends.
         let deadline = ContinuousClock.now + .seconds(120)
@@ -129,9 +126,9 @@ struct StreamCLITests {
         }
         let runningWithRecords = p.isRunning
         kill(p.processIdentifier, SIGINT)
-        errDone.wait()
+        let err = stderr()
+        outDone.wait()
         p.waitUntilExit()
-        let err = String(decoding: errText.get(), as: UTF8.self)
         #expect(runningWithRecords, "the run ended before 5,000 records reached the file: \(err)")
         #expect(lines >= 5_000)
         #expect(p.terminationStatus == 130)

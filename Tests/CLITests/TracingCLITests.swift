@@ -104,7 +104,7 @@ struct TracingCLITests {
         // The console moved to stderr so stdout is only records; the summary follows.
         #expect(r.stderr.contains("fib(15) = 610, calls = 1973"))
         #expect(r.stderr.contains("1973 hits"))
-        #expect(r.stderr.contains("1973 records written to stdout (jsonl)"))
+        #expect(r.stderr.contains("1973 records written to stdout (jsonl, while the guest ran)"))
         #expect(r.stderr.contains("guest exited with status 0"))
     }
 
@@ -140,7 +140,7 @@ struct TracingCLITests {
         // The boot page tables' root, as the loader lays it out.
         #expect(Set(data.map { $0[8] }) == ["0x\(String(BootLayout.pml4Address, radix: 16))"])
         #expect(data.allSatisfy { $0[9].hasPrefix("base=0x1000 limit=0x") })
-        #expect(r.stderr.contains("1000 records written to \(out) (csv)"))
+        #expect(r.stderr.contains("1000 records written to \(out) (csv, while the guest ran)"))
     }
 
     @Test(.enabled(if: kvmUsable, kvmSkipReason))

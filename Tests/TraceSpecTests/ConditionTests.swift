@@ -139,24 +139,7 @@ struct ConditionFuzzTests {
         var rng = SplitMix64(state: 0xC0_DD17)
         var parsed = 0, rejected = 0, outcomes: [String: Int] = [:]
         for n in 0..<110_000 {
-            var s: [Unicode.Scalar]
-            if n % 3 == 0 {
-                s = (0..<Int.random(in: 0...30, using: &rng)).map { _ in Self.alphabet.randomElement(using: &rng)! }
-            } else {
-                s = Array(Self.seeds.randomElement(using: &rng)!.unicodeScalars)
-                for _ in 0..<Int.random(in: 1...4, using: &rng) {
-                    let at = Int.random(in: 0...s.count, using: &rng)
-                    switch Int.random(in: 0..<4, using: &rng) {
-                    case 0: s.insert(Self.alphabet.randomElement(using: &rng)!, at: at)
-                    case 1: if at < s.count { s.remove(at: at) }
-                    case 2: if at < s.count { s[at] = Self.alphabet.randomElement(using: &rng)! }
-                    default:
-                        let other = Array(Self.seeds.randomElement(using: &rng)!.unicodeScalars)
-                        s.insert(contentsOf: other[Int.random(in: 0...other.count, using: &rng)...], at: at)
-                    }
-                }
-            }
-            let text = "fib:rdi if " + String(String.UnicodeScalarView(s))
+            let text = "fib:rdi if " + fuzzText(random: n % 3 == 0, seeds: Self.seeds, alphabet: Self.alphabet, maxLength: 30, mutations: 1...4, using: &rng)
             do {
                 let p = try ProbeSpec.parse(text, symbols: symbols)
                 guard let c = p.condition else { Issue.record("\(text): no condition"); continue }

@@ -120,6 +120,29 @@ struct ProbeSpecTests {
     }
 }
 
+/// A fuzz input: `random` a string of up to `maxLength` characters of `alphabet`, else a
+/// seed with characters inserted, deleted, replaced, or another seed's tail spliced in.
+func fuzzText(random: Bool, seeds: [String], alphabet: [Unicode.Scalar], maxLength: Int, mutations: ClosedRange<Int>,
+              using rng: inout SplitMix64) -> String {
+    if random {
+        let length = Int.random(in: 0...maxLength, using: &rng)
+        return String(String.UnicodeScalarView((0..<length).map { _ in alphabet.randomElement(using: &rng)! }))
+    }
+    var s = Array(seeds.randomElement(using: &rng)!.unicodeScalars)
+    for _ in 0..<Int.random(in: mutations, using: &rng) {
+        let at = Int.random(in: 0...s.count, using: &rng)
+        switch Int.random(in: 0..<4, using: &rng) {
+        case 0: s.insert(alphabet.randomElement(using: &rng)!, at: at)
+        case 1: if at < s.count { s.remove(at: at) }
+        case 2: if at < s.count { s[at] = alphabet.randomElement(using: &rng)! }
+        default:
+            let other = Array(seeds.randomElement(using: &rng)!.unicodeScalars)
+            s.insert(contentsOf: other[Int.random(in: 0...other.count, using: &rng)...], at: at)
+        }
+    }
+    return String(String.UnicodeScalarView(s))
+}
+
 @Suite("probe spec fuzzing")
 struct ProbeSpecFuzzTests {
     static let seeds = ["fib:rdi", "fib+0x1a@after:rax", "sum:[rdi+rsi*8]:8,rsi", "0x100000:[0x2000]:16",
@@ -138,26 +161,7 @@ struct ProbeSpecFuzzTests {
         var rng = SplitMix64(state: 0xF10_7ACE)
         var parsed = 0, rejected = 0
         for n in 0..<120_000 {
-            var text: String
-            if n % 3 == 0 {
-                let length = Int.random(in: 0...24, using: &rng)
-                text = String(String.UnicodeScalarView((0..<length).map { _ in Self.alphabet.randomElement(using: &rng)! }))
-            } else {
-                var s = Array(Self.seeds.randomElement(using: &rng)!.unicodeScalars)
-                for _ in 0..<Int.random(in: 1...3, using: &rng) {
-                    let at = Int.random(in: 0...s.count, using: &rng)
-                    switch Int.random(in: 0..<4, using: &rng) {
-                    case 0: s.insert(Self.alphabet.randomElement(using: &rng)!, at: at)
-                    case 1: if at < s.count { s.remove(at: at) }
-                    case 2: if at < s.count { s[at] = Self.alphabet.randomElement(using: &rng)! }
-                    default:
-                        let other = Array(Self.seeds.randomElement(using: &rng)!.unicodeScalars)
-                        let from = Int.random(in: 0...other.count, using: &rng)
-                        s.insert(contentsOf: other[from...], at: at)
-                    }
-                }
-                text = String(String.UnicodeScalarView(s))
-            }
+            let text = fuzzText(random: n % 3 == 0, seeds: Self.seeds, alphabet: Self.alphabet, maxLength: 24, mutations: 1...3, using: &rng)
             switch Self.parse(text) {
             case let .success(p):
                 parsed += 1
