@@ -87,16 +87,20 @@ struct RunCommand: ParsableCommand {
         commandName: "run",
         abstract: "Boot an ELF guest, run it to the end, and trace it with probes.",
         discussion: """
-        PROBE SPECS: LOCATION[@before|@after][:ITEM[,ITEM...]]
+        PROBE SPECS: LOCATION[@before|@after][:ITEM[,ITEM...]][ if EXPR]
           LOCATION  symbol, symbol+0xOFF, symbol+DEC, or an address 0x...
           @before   record before the instruction at LOCATION runs (default);
           @after    record after it ran (the engine single-steps it first)
           ITEM      a register (rdi, eax, ah, xmm0, rip, rflags, cr3, gdtr, ...), or memory
                     [EXPR] or [EXPR]:SIZE (SIZE 1-4096 bytes, default 8); EXPR is BASE,
                     BASE+INDEX*SCALE, each with an optional +DISP/-DISP; BASE is a register,
-                    a constant or a symbol; SCALE is 1, 2, 4 or 8
+                    a constant or a symbol; SCALE is 1, 2, 4 or 8; or caller (the return
+                    address at a function's entry, [rsp]:8)
+          if EXPR   a condition at the hit: a false one takes no --hits and no record.
+                    Registers, [EXPR]:1|2|4|8, numbers, symbols, caller, ( ), and C's
+                    * + - << >> < <= > >= == != & ^ | && || ! ~, unsigned 64-bit
           Examples: --probe fib:rdi   --probe 'fib@after:rax'   --probe 'element:[rdi+rsi*8]:8,rsi'
-                    --probe '0x100000:rip,[rsp]:8' --common cr3
+                    --probe '0x100000:rip,[rsp]:8' --common cr3   --probe 'fib:rdi if rdi < 3'
         FLOW: --flow FUNCTION[:ITEM,...] probes the function's control-flow graph (see flowtrace graph):
           its entry block before the first instruction, each exit block after its last (the ret),
           every other block before its first; ITEMs are collected at each (--flow-entry and
