@@ -17,8 +17,15 @@ public struct MemoryOperand: Hashable, Sendable, CustomStringConvertible {
     /// Validates `scale` (1, 2, 4 or 8).
     public init(base: Base, index: X86Register? = nil, scale: Int = 1, displacement: Int64 = 0) throws(TraceError) {
         guard [1, 2, 4, 8].contains(scale) else { throw TraceError.invalidScale(scale) }
+        self.init(checked: base, index: index, scale: scale, displacement: displacement)
+    }
+
+    private init(checked base: Base, index: X86Register?, scale: Int, displacement: Int64) {
         self.base = base; self.index = index; self.scale = scale; self.displacement = displacement
     }
+
+    /// `[base]`, nothing to validate.
+    public static func at(_ base: Base) -> MemoryOperand { MemoryOperand(checked: base, index: nil, scale: 1, displacement: 0) }
 
     /// `rdi+rsi*8+16`, `0x2000`, `rsp-8`.
     public var description: String {
@@ -78,6 +85,9 @@ public enum ProbeEntry: Sendable, CustomStringConvertible {
         try checkSize(size)
         return .indirectMemory(operand, size: size)
     }
+
+    /// `caller`: the 8 bytes at rsp, the return address at a function's first instruction.
+    public static let caller = ProbeEntry.indirectMemory(.at(.register(.rsp)), size: 8)
 
     private static func checkSize(_ size: Int) throws(TraceError) {
         guard size >= 1, size <= maximumMemorySize else { throw TraceError.invalidMemorySize(size) }

@@ -55,6 +55,9 @@ public struct X86Register: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { name }
 
+    /// The stack pointer (the base of `ProbeEntry.caller`).
+    public static let rsp = X86Register(storage: .general(4), width: .u64, shift: 0)
+
     /// The register called `name` (case-insensitive), or nil.
     public static func named(_ name: String) -> X86Register? { catalog[name.lowercased()] }
 

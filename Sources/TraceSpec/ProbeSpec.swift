@@ -71,9 +71,6 @@ public func parseExpression(_ text: String, symbols: Symbolizer) throws(SpecErro
     }
 }
 
-/// `caller`: the return address at a function's entry, `[rsp]:8`.
-let callerEntry = try! ProbeEntry.memory(MemoryOperand(base: .register(X86Register.named("rsp")!)), size: 8)
-
 /// Parses one item (`rdi`, `[rsp+8]:4`), as probe-data filters name them.
 public func parseItem(_ text: String, symbols: Symbolizer) throws(SpecError) -> ItemSpec {
     var p = SpecParser(text, symbols: symbols)
@@ -281,7 +278,7 @@ struct SpecParser {
         if c >= 0x30 && c <= 0x39 { return .constant(try number("a number")) }
         guard let name = word() else { throw SpecError("expected an operand at \(at)") }
         if let r = X86Register.named(name) { return .register(r) }
-        if name == "caller" { return .memory(.register(X86Register.named("rsp")!), size: 8) }
+        if name == "caller" { return .memory(.register(.rsp), size: 8) }
         if let symbol = symbols.symbol(named: name) { return .constant(symbol.address) }
         let hint = X86Register.suggestions(for: name) + symbols.suggestions(for: name, limit: 2)
         throw SpecError("'\(name)' is neither a register nor a symbol" + (hint.isEmpty ? "" : " (did you mean \(hint.prefix(3).map { "'\($0)'" }.joined(separator: ", "))?)"))
@@ -333,7 +330,7 @@ struct SpecParser {
             entry = try memoryItem()
         } else if let first = peek(), Self.isWordByte(first), let name = word() {
             if name == "caller" {
-                entry = callerEntry
+                entry = .caller
             } else {
                 do { entry = try .register(named: name) } catch { throw SpecError(error.description) }
             }

@@ -58,7 +58,7 @@ func residentBytes() -> Int {
 /// `rdi > 5 && rsi < 0x10000`: two comparisons, true for the bench's registers (so the hit
 /// records as it does without a condition).
 func twoComparisons() throws -> ProbeCondition {
-    let rdi = X86Register.named("rdi")!, rsi = X86Register.named("rsi")!
+    let rdi = try X86Register.resolve("rdi"), rsi = try X86Register.resolve("rsi")
     return try ProbeCondition(.binary(.logicalAnd, .binary(.greater, .register(rdi), .constant(5)),
                                       .binary(.less, .register(rsi), .constant(0x10000))), text: "rdi > 5 && rsi < 0x10000")
 }

@@ -105,34 +105,60 @@ struct OutputSafetyTests {
 /// jsonl and csv reach the output while the guest runs, in sequence order, and all of it.
 @Suite("records streamed while the guest runs", .serialized, .timeLimit(.minutes(5)))
 struct StreamCLITests {
-    /// spin never ends: 5,000 complete records are in the -o file while flowtrace still
-    /// runs it; after Ctrl-C the file holds every record taken, spin_step(0), (1), ... in
-    /// order, as many as the summary says were taken and written.
+    /// spin never ends: with -o a FIFO, 5,000 complete records come out of it while
+    /// flowtrace still runs spin; after Ctrl-C the rest follows, every record taken,
+    /// spin_step(0), (1), ... in order, as many as the summary says were taken and written.
+    /// (Reading the FIFO is the synchronisation: each read returns what flowtrace wrote.)
     @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func recordsReachTheFileWhileTheGuestRuns() throws {
-        let out = try temporaryFile([], name: "live.jsonl")
+        let dir = (try temporaryFile([], name: "fifo-dir-marker") as NSString).deletingLastPathComponent
+        let out = dir + "/live.jsonl"
+        unlink(out)
+        try #require(mkfifo(out, 0o600) == 0, "mkfifo \(out): errno \(errno)")
+        defer { unlink(out) }
         let (p, stdout, stderr) = try startFlowtrace(["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out, "--timeout", "300"])
         let outDone = DispatchSemaphore(value: 0)
         DispatchQueue.global().async {
             _ = stdout.fileHandleForReading.readDataToEndOfFile()
             outDone.signal()
         }
-        // Polls the file itself (the condition), until it has the lines or the run ends.
-        let deadline = ContinuousClock.now + .seconds(120)
-        var lines = 0
-        while p.isRunning, lines < 5_000, ContinuousClock.now < deadline {
-            lines = (try? Data(contentsOf: URL(fileURLWithPath: out)))?.reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) } ?? 0
-            if lines < 5_000 { usleep(20_000) }
+        // The reader: everything that comes out of the FIFO, and a signal once 5,000 lines have.
+        let got = LockedBox(Data())
+        let fiveThousand = DispatchSemaphore(value: 0), ended = DispatchSemaphore(value: 0)
+        DispatchQueue.global().async {
+            var signalled = false
+            // Blocks until flowtrace opens its end (once the run starts).
+            if let h = FileHandle(forReadingAtPath: out) {
+                while true {
+                    let d = h.availableData
+                    if d.isEmpty { break }
+                    got.modify { $0 += d }
+                    if !signalled, got.get().reduce(0, { $0 + ($1 == 0x0A ? 1 : 0) }) >= 5_000 {
+                        signalled = true
+                        fiveThousand.signal()
+                    }
+                }
+            }
+            if !signalled { fiveThousand.signal() }
+            ended.signal()
         }
+        let inTime = fiveThousand.wait(timeout: .now() + 120) == .success
+        let lines = got.get().reduce(0) { $0 + ($1 == 0x0A ? 1 : 0) }
         let runningWithRecords = p.isRunning
         kill(p.processIdentifier, SIGINT)
         let err = stderr()
         outDone.wait()
         p.waitUntilExit()
-        #expect(runningWithRecords, "the run ended before 5,000 records reached the file: \(err)")
+        if !inTime {
+            // flowtrace never opened the FIFO: open its write end once so the reader's open returns.
+            let fd = open(out, O_WRONLY | O_NONBLOCK)
+            if fd >= 0 { close(fd) }
+        }
+        ended.wait()
+        #expect(inTime && runningWithRecords, "the run ended before 5,000 records came out: \(err)")
         #expect(lines >= 5_000)
         #expect(p.terminationStatus == 130)
-        let records = try parseJSONLines(String(contentsOfFile: out, encoding: .utf8))
+        let records = try parseJSONLines(String(decoding: got.get(), as: UTF8.self))
         #expect(records.count > lines)
         #expect(records.map { $0["seq"] as? Int } == (0..<records.count).map { Optional($0) })
         let rdi = records.map { hexValue(($0["values"] as? [String: Any])?["rdi"]) }
