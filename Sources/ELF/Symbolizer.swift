@@ -41,6 +41,13 @@ public struct Symbolizer: Sendable {
         return nil
     }
 
+    /// `name+0xoff` (offset 0 included) when `value` lies in a function: how values that
+    /// point at code are shown (reports, --count-by).
+    public func function(containing value: UInt64) -> String? {
+        guard let (s, off) = locate(value), s.kind == .function else { return nil }
+        return "\(s.name)+0x\(String(off, radix: 16))"
+    }
+
     /// `name+0xoff` (or `name` at offset 0) when a symbol contains `address`, else `0x...`.
     public func describe(_ address: UInt64) -> String {
         guard let (s, off) = locate(address) else { return "0x" + String(address, radix: 16) }

@@ -283,17 +283,36 @@ final class RecordStore: @unchecked Sendable {
 
     /// `range` (logical positions, all in the store) copied into a new buffer.
     private func copy(_ range: Range<Int>) -> RecordBuffer {
-        guard let buffer = RecordBuffer(count: range.count, slotSize: slotSize, allocator: allocator) else {
-            return RecordBuffer(missing: range.count, slotSize: slotSize)
-        }
+        Self.copy(runs(range), count: range.count, slotSize: slotSize, allocator: allocator)
+    }
+
+    /// Where the slots of `range` lie: one run of consecutive slots per chunk.
+    // SAFETY: the pointers are into chunks; the caller holds `lock`, and reads them while no
+    // chunk holding `range` can be reused (under `lock`, or the stream's window).
+    private func runs(_ range: Range<Int>) -> [(UnsafeMutableRawPointer, Int)] {
+        var runs: [(UnsafeMutableRawPointer, Int)] = []
         var r = range.lowerBound
         while r < range.upperBound {
-            // One run per chunk.
-            let inChunk = Self.chunkSlots - ((r - base) & (Self.chunkSlots - 1))
-            let run = min(range.upperBound - r, inChunk)
-            // SAFETY: `buffer` holds `range.count` slots (allocated above); a run stays inside one chunk.
-            (buffer.base.unsafelyUnwrapped + (r - range.lowerBound) * slotSize).copyMemory(from: slot(r), byteCount: run * slotSize)
+            let run = min(range.upperBound - r, Self.chunkSlots - ((r - base) & (Self.chunkSlots - 1)))
+            runs.append((slot(r), run))
             r += run
+        }
+        return runs
+    }
+
+    /// The slots of `runs` (`count` in all) copied into a new buffer, or one that says it
+    /// misses them (no memory).
+    // SAFETY: each run is `n` slots of `slotSize` bytes inside a chunk (see `runs`); the
+    // buffer holds `count` slots.
+    private static func copy(_ runs: [(UnsafeMutableRawPointer, Int)], count: Int, slotSize: Int,
+                             allocator: (Int) -> Chunk?) -> RecordBuffer {
+        guard let buffer = RecordBuffer(count: count, slotSize: slotSize, allocator: allocator) else {
+            return RecordBuffer(missing: count, slotSize: slotSize)
+        }
+        var done = 0
+        for (p, n) in runs {
+            (buffer.base.unsafelyUnwrapped + done * slotSize).copyMemory(from: p, byteCount: n * slotSize)
+            done += n
         }
         return buffer
     }
@@ -351,26 +370,8 @@ final class RecordStore: @unchecked Sendable {
     private func copyUnlocked(from: Int, count: Int) -> RecordBuffer {
         // SAFETY: the chunk pointers are read under `lock`; the slots they point at are read
         // after it, which the class's SAFETY paragraph allows for `streamed..<end`.
-        let (runs, size): ([(UnsafeMutableRawPointer, Int)], Int) = lock.withLock {
-            var runs: [(UnsafeMutableRawPointer, Int)] = []
-            var r = from
-            while r < from + count {
-                let run = min(from + count - r, Self.chunkSlots - ((r - base) & (Self.chunkSlots - 1)))
-                runs.append((slot(r), run))
-                r += run
-            }
-            return (runs, slotSize)
-        }
-        guard let buffer = RecordBuffer(count: count, slotSize: size, allocator: allocator) else {
-            return RecordBuffer(missing: count, slotSize: size)
-        }
-        var done = 0
-        for (p, n) in runs {
-            // SAFETY: `buffer` holds `count` slots; each run lies in a chunk nobody reuses until `streamed` passes it.
-            (buffer.base.unsafelyUnwrapped + done * size).copyMemory(from: p, byteCount: n * size)
-            done += n
-        }
-        return buffer
+        let (slots, size) = lock.withLock { () -> ([(UnsafeMutableRawPointer, Int)], Int) in (runs(from..<from + count), slotSize) }
+        return Self.copy(slots, count: count, slotSize: size, allocator: allocator)
     }
 
     struct Totals {

@@ -1,4 +1,3 @@
-import Glibc
 
 /// A symbol as the kernel lists it in `/proc/kallsyms`: address, type letter, name.
 public struct KernelSymbol: Sendable, Hashable {

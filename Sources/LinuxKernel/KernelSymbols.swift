@@ -1,5 +1,4 @@
 import ELF
-import Glibc
 
 /// A kernel's symbols and where they came from.
 public struct KernelSymbols: Sendable {

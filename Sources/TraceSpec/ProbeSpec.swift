@@ -62,13 +62,7 @@ public func parseItems(_ text: String, symbols: Symbolizer) throws(SpecError) ->
 public func parseExpression(_ text: String, symbols: Symbolizer) throws(SpecError) -> ProbeCondition {
     var p = SpecParser(text, symbols: symbols)
     guard p.peek() != nil else { throw SpecError("empty expression: give a register, [memory], caller or an expression of them") }
-    var depth = 0
-    let e = try p.expression(0, nesting: &depth)
-    try p.expectEnd()
-    do { return try ProbeCondition(e, text: text.trimmingCharacters(in: .whitespaces)) } catch {
-        if case let .invalidCondition(what, reason) = error { throw SpecError("'\(what)': \(reason)") }
-        throw SpecError(error.description)
-    }
+    return try p.compiledExpression()
 }
 
 /// Parses one item (`rdi`, `[rsp+8]:4`), as probe-data filters name them.
@@ -180,17 +174,8 @@ struct SpecParser {
         var condition: ProbeCondition?
         if atKeyword("if") {
             _ = word()
-            skipSpace()
-            let start = i
             guard peek() != nil else { throw SpecError("expected a condition after 'if', e.g. 'if rdi < 3'") }
-            var depth = 0
-            let e = try expression(0, nesting: &depth)
-            try expectEnd()
-            let source = String(decoding: bytes[start..<bytes.count], as: UTF8.self).trimmingCharacters(in: .whitespaces)
-            do { condition = try ProbeCondition(e, text: source) } catch {
-                if case let .invalidCondition(what, reason) = error { throw SpecError("'\(what)': \(reason)") }
-                throw SpecError(error.description)
-            }
+            condition = try compiledExpression()
         }
         try expectEnd()
         return ProbeSpec(text: text, address: address, location: location, timing: timing, items: items, condition: condition)
@@ -204,6 +189,20 @@ struct SpecParser {
     }
 
     // MARK: Conditions
+
+    /// The expression from the cursor to the end, compiled; its text is what it reads.
+    mutating func compiledExpression() throws(SpecError) -> ProbeCondition {
+        skipSpace()
+        let start = i
+        var depth = 0
+        let e = try expression(0, nesting: &depth)
+        try expectEnd()
+        let source = String(decoding: bytes[start..<bytes.count], as: UTF8.self).trimmingCharacters(in: .whitespaces)
+        do { return try ProbeCondition(e, text: source) } catch {
+            if case let .invalidCondition(what, reason) = error { throw SpecError("'\(what)': \(reason)") }
+            throw SpecError(error.description)
+        }
+    }
 
     static let binaryOperators: [(text: String, op: ProbeCondition.BinaryOperator, precedence: Int)] = [
         ("||", .logicalOr, 1), ("&&", .logicalAnd, 2), ("==", .equal, 6), ("!=", .notEqual, 6),

@@ -73,19 +73,20 @@ public struct ReportWriter {
     /// Whether the format can be written record by record while a run goes on (jsonl, csv:
     /// `begin`, then `append` per batch); table (column widths) and chrome (one JSON
     /// document) need every record first.
-    public var streams: Bool { format == .jsonl || format == .csv }
+    public static func streams(_ format: ReportFormat) -> Bool { format == .jsonl || format == .csv }
 
     /// Starts a streamed report (the CSV header).
     public func begin(_ sink: ByteSink) {
         if format == .csv { writeCSVHeader(sink) }
     }
 
-    /// Writes one batch of a streamed report (jsonl or csv rows) and flushes it.
+    /// Writes one batch of a streamed report (jsonl or csv rows) and flushes it. table and
+    /// chrome have no streamed form: for them a batch is written as a whole report.
     public func append(_ report: TraceReport, to sink: ByteSink) {
         switch format {
         case .jsonl: writeJSONL(report, sink)
         case .csv: writeCSV(report, sink)
-        case .table, .chrome: preconditionFailure("\(format) is not a streamed format")
+        case .table, .chrome: write(report, to: sink)
         }
         sink.flush()
     }

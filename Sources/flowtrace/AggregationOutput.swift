@@ -18,10 +18,7 @@ struct AggregationOutput {
         return "\(h) <\(s)>"
     }
 
-    func symbol(_ v: UInt64) -> String? {
-        guard let (s, off) = symbols.locate(v), s.kind == .function else { return nil }
-        return "\(s.name)+0x\(String(off, radix: 16))"
-    }
+    func symbol(_ v: UInt64) -> String? { symbols.function(containing: v) }
 
     func title(_ r: AggregationResult) -> String {
         let at = locationNames[r.address] ?? describe(r.address)

@@ -17,11 +17,10 @@ final class RecordStreamWriter: Sendable {
         let finishing = Atomic<Bool>(false)
         let written = Atomic<Int>(0)
     }
-    private let flags = Flags()
+    private let flags: Flags
     /// The writer and the output: touched by the thread only, until `finish()` has joined it.
     private let output: Locked<(writer: ReportWriter, sink: ByteSink)>
-    private var thread: JoinableThread? { threadBox.withLock { $0 } }
-    private let threadBox = Locked<JoinableThread?>(nil)
+    private let thread: JoinableThread
 
     static let batch = 16_384
     static let flushInterval = Duration.milliseconds(100)
@@ -30,8 +29,10 @@ final class RecordStreamWriter: Sendable {
          filter: (@Sendable (TraceReport) -> TraceReport)?) throws(ThreadError) {
         self.module = module
         self.destination = destination
-        output = Locked((writer, sink))
-        let t = try JoinableThread { [module, flags, output] in
+        let output = Locked((writer: writer, sink: sink)), flags = Flags()
+        self.output = output
+        self.flags = flags
+        thread = try JoinableThread { [module, flags, output] in
             output.withLock { o in o.writer.begin(o.sink) }
             while true {
                 // Read before taking: a batch taken after the flag was seen is the last.
@@ -46,17 +47,13 @@ final class RecordStreamWriter: Sendable {
                 flags.written.add(selected.count, ordering: .relaxed)
             }
         }
-        threadBox.withLock { $0 = t }
     }
-
-    /// Records written so far (after filters).
-    var count: Int { flags.written.load(ordering: .relaxed) }
 
     /// Call once no more records come (the module disabled): writes the rest, closes the
     /// output and the module's stream. Returns the records written and the write error.
     func finish() -> (written: Int, error: String?) {
         flags.finishing.store(true, ordering: .releasing)
-        thread?.join()
+        thread.join()
         module.closeStream()
         let failure: String? = output.withLock { o in
             do throws(SystemError) { try o.sink.commit() } catch { return "writing the records to \(destination): \(error.message)" }

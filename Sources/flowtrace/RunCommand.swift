@@ -768,7 +768,7 @@ struct TracePlan {
                 format = isTerminal(STDOUT_FILENO) ? .table : .jsonl
             }
         }
-        streams = aggregations.isEmpty && (format == .jsonl || format == .csv)
+        streams = aggregations.isEmpty && ReportWriter.streams(format)
         maxRecords = c.maxRecords ?? (!aggregations.isEmpty ? 1 : streams ? 10_000 : 1_000_000)
         if let o = c.output, !probes.isEmpty {
             do { try ByteSink.checkWritable(o) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
@@ -827,11 +827,7 @@ struct TracePlan {
         let names = Dictionary(tracer.probes.map { ($0.1.address, $0.1.location) }, uniquingKeysWith: { a, _ in a })
         let o = AggregationOutput(results: results, locationNames: names, symbols: symbols, top: top)
         let out: ByteSink
-        if let output {
-            do { out = try ByteSink(replacing: output) } catch { return (0, "writing the results to \(output): \(error.message)") }
-        } else {
-            out = ByteSink(fd: STDOUT_FILENO)
-        }
+        do { out = try endOfRunSink() } catch { return (0, "writing the results to \(output ?? "stdout"): \(error.message)") }
         out.write(aggregationsAsJSON ? o.json() : o.text())
         do { try out.commit() } catch { return (0, "writing the results to \(output ?? "stdout"): \(error.message)") }
         return (results.count, nil)
@@ -845,17 +841,19 @@ struct TracePlan {
         }
         let writer = makeWriter(tracer, symbols: symbols, timeOrigin: timeOrigin, title: title)
         let out: ByteSink
-        if let output {
-            do { out = try ByteSink(replacing: output) } catch { return (0, "writing the records to \(output): \(error.message)") }
-        } else {
-            out = ByteSink(fd: STDOUT_FILENO)
-        }
+        do { out = try endOfRunSink() } catch { return (0, "writing the records to \(output ?? "stdout"): \(error.message)") }
         writer.write(report, to: out)
         do { try out.commit() } catch { return (0, "writing the records to \(output ?? "stdout"): \(error.message)") }
         if report.missing > 0 {
             return (report.count, "\(report.missing) records could not be copied for the report (out of memory)")
         }
         return (report.count, nil)
+    }
+
+    /// Where output written after the run goes: stdout, or a file that replaces -o's on commit.
+    func endOfRunSink() throws(SystemError) -> ByteSink {
+        guard let output else { return ByteSink(fd: STDOUT_FILENO) }
+        return try ByteSink(replacing: output)
     }
 
     /// Starts writing the records while the guest runs (jsonl, csv): opens the output
@@ -892,10 +890,7 @@ struct TracePlan {
                 return "\(s.name)+0x\(String(off, radix: 16))"
             },
             timeOrigin: timeOrigin, title: "flowtrace: \(title)")
-        writer.symbolize = { v in
-            guard let (s, off) = symbols.locate(v), s.kind == .function else { return nil }
-            return "\(s.name)+0x\(String(off, radix: 16))"
-        }
+        writer.symbolize = { symbols.function(containing: $0) }
         return writer
     }
 
