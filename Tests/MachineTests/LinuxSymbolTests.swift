@@ -37,6 +37,19 @@ struct LinuxSymbolTests {
         return (kernel, view, try #require(view.image))
     }
 
+    /// The console around the kernel's first BUG, Oops, WARNING or panic line (15 lines
+    /// before, 60 after), else its last 40 lines: what a failure needs to be understood.
+    static func kernelTrouble(_ console: [ConsoleLine]) -> String {
+        let text = console.map(\.text)
+        let lines: ArraySlice<String>
+        if let i = text.firstIndex(where: { l in ["BUG:", "Oops", "WARNING:", "Kernel panic", "general protection"].contains { l.contains($0) } }) {
+            lines = text[max(0, i - 15)..<min(text.count, i + 60)]
+        } else {
+            lines = text.suffix(40)
+        }
+        return "the console there:\n" + lines.joined(separator: "\n")
+    }
+
     /// The symbols flowtrace decodes from the image equal the running kernel's /proc/kallsyms
     /// (every 90th line: over 1,000 functions and data symbols).
     @Test func symbolsEqualProcKallsyms() throws {
@@ -85,6 +98,8 @@ struct LinuxSymbolTests {
         #expect(m.probesWaitingForGate == 0)
         #expect(m.lostProbes.isEmpty, "\(m.lostProbes)")
         let report = InitReport(r.console)
+        // /init ran to its end (a kernel that panics reboots too, with panic=-1).
+        #expect(report.writesBefore != nil, "/init never reported: \(Self.kernelTrouble(r.console))")
         let calls = module.report().filter { $0.address == probeAt }.map { u64($0.values[0]) ?? 0 }
         let expected = report.initcalls
         #expect(expected.count > 300)
@@ -111,6 +126,7 @@ struct LinuxSymbolTests {
                 || (l.contains("WARNING:") && !l.contains("fpu/xstate.c"))
         }
         #expect(complaints.isEmpty, "\(complaints.prefix(8))")
+        if !complaints.isEmpty || report.writesBefore == nil { print("LinuxSymbolTests: " + Self.kernelTrouble(r.console)) }
         // What made the console verbose, if anything did (debug-level lines on a loglevel=5 console).
         if let first = r.console.firstIndex(where: { $0.text.contains("] calling  ") }) {
             let before = r.console[max(0, first - 15)..<first].map(\.text)
