@@ -184,38 +184,9 @@ struct KallsymsTests {
         #expect(e.map(\.isGlobal) == [true, false, true, true])
     }
 
-    static func tool(_ name: String) -> String? {
-        ["/usr/bin/\(name)", "/bin/\(name)"].first { FileManager.default.isExecutableFile(atPath: $0) }
-    }
-
-    /// Compresses `data` as Linux's build does (arch/x86/boot/compressed/Makefile:
-    /// cmd_gzip, cmd_xzkern, cmd_lzma, cmd_zstd22, cmd_lz4, cmd_bzip2), the size appended.
     static func compress(_ data: [UInt8], _ format: CompressionFormat) throws -> [UInt8] {
-        let (tool, args): (String, [String]) = switch format {
-        case .gzip: ("gzip", ["-n", "-9", "-c"])
-        case .xz: ("xz", ["--check=crc32", "--lzma2=dict=1MiB", "-c"])
-        case .lzma: ("xz", ["--format=lzma", "-9", "-c"])
-        case .zstd: ("zstd", ["-19", "-q", "-c"])
-        case .lz4: ("lz4", ["-l", "-9", "-q", "-c"])
-        case .bzip2: ("bzip2", ["-9", "-c"])
-        }
-        guard let path = Self.tool(tool) else { throw CompressorMissing(name: tool) }
-        // Tests run in parallel: a name of its own per call.
-        let input = try temporaryFile(data, name: "payload-\(format)-\(UUID().uuidString)")
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: path)
-        p.arguments = args + [input]
-        let out = Pipe()
-        p.standardOutput = out
-        try p.run()
-        let bytes = [UInt8](out.fileHandleForReading.readDataToEndOfFile())
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0)
-        var size = [UInt8](repeating: 0, count: 4)
-        size.put32(UInt32(data.count), at: 0)
-        return format == .gzip ? bytes : bytes + size
+        try compressedLikeLinux(data, format: format.rawValue)
     }
-    struct CompressorMissing: Error { var name: String }
 
     @Test("every payload format decompresses to the original bytes", arguments: CompressionFormat.allCases)
     func decompresses(format: CompressionFormat) throws {
