@@ -2,6 +2,7 @@ import ArgumentParser
 import ELF
 import FlowGraph
 import Foundation
+import Machine
 import TraceSpec
 
 enum GraphFormat: String, ExpressibleByArgument, CaseIterable {
@@ -11,7 +12,7 @@ enum GraphFormat: String, ExpressibleByArgument, CaseIterable {
 struct GraphCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "graph",
-        abstract: "Show the control-flow graph of a function in an ELF guest.",
+        abstract: "Show the control-flow graph of a function in an ELF guest or a Linux kernel.",
         discussion: """
         Decodes the function (x86-64, Intel syntax) from the ELF file, without running it, and \
         prints its basic blocks: addresses, instructions, how each block ends (exit, jump, \
@@ -23,10 +24,14 @@ struct GraphCommand: ParsableCommand {
         --heat TRACE colours the blocks by how often they ran, from the records of \
         `flowtrace run --flow FUNCTION --format jsonl -o TRACE` (or csv): a block's count is \
         the largest record count at an address inside it.
+        A Linux kernel (a bzImage or a vmlinux) is read as `flowtrace inspect` reads it: the \
+        code from its vmlinux (a bzImage's decompressed payload), as linked, before the \
+        kernel's own boot-time patching; the symbols from its .symtab, --symbol-file, or its \
+        own kallsyms tables.
         """
     )
 
-    @Argument(help: "A static x86-64 ELF executable.")
+    @Argument(help: "A static x86-64 ELF executable, or a Linux kernel (bzImage or vmlinux).")
     var guest: String
 
     @Argument(help: "The function: a symbol, or an address (0x...) inside one.")
@@ -44,9 +49,23 @@ struct GraphCommand: ParsableCommand {
     @Option(name: .short, help: ArgumentHelp("Write the graph to this file instead of stdout.", valueName: "file"))
     var output: String?
 
+    @Option(name: .customLong("symbol-file"), help: ArgumentHelp("A kernel's symbols from System.map, /proc/kallsyms or nm output (when the image has no .symtab).", valueName: "file"))
+    var symbolFile: String?
+
     func run() throws {
         let image: ELFImage
-        do { image = try ELFImage(path: guest) } catch { throw fail(error.description, status: ExitStatus.usage) }
+        do {
+            let kernel = try KernelImage(path: guest)
+            if kernel.isLinux || symbolFile != nil, let view = try kernel.linuxView(symbolFile: symbolFile), let code = view.image {
+                image = code
+            } else {
+                image = try ELFImage(path: guest)
+            }
+        } catch let error as MachineError {
+            throw fail(error.description, status: ExitStatus.usage)
+        } catch let error as ELFError {
+            throw fail(error.description, status: ExitStatus.usage)
+        }
         let graph = try buildGraph(function, in: image, splitAtCalls: splitCalls, option: nil)
         var hits: [Int: UInt64]?
         if let heat {

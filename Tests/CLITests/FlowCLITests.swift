@@ -90,6 +90,23 @@ struct FlowCLITests {
         #expect(tables.first?["bound"] as? String == "compare")
     }
 
+    /// A kernel's function, read from the vmlinux inside a bzImage (its compressed payload):
+    /// the same graph as from that vmlinux itself, text and JSON.
+    @Test func graphOfAKernelFunctionInsideABzImage() throws {
+        let (bzImage, _) = try ELFFuzzTests.bzImageWithPayload()
+        let packed = try temporaryFile(bzImage, name: "graph.bzimage")
+        let vmlinux = try Guests.kernelPath("vmlinux.elf")
+        for format in ["text", "json"] {
+            let fromPayload = try flowtrace("graph", packed, "kernel_main", "--format", format)
+            let direct = try flowtrace("graph", vmlinux, "kernel_main", "--format", format)
+            #expect(fromPayload.status == 0, "\(fromPayload.stderr)")
+            #expect(direct.status == 0, "\(direct.stderr)")
+            #expect(!direct.stdout.isEmpty)
+            #expect(fromPayload.stdout == direct.stdout)
+        }
+        expectOneLineError(try flowtrace("graph", packed, "no_such_function"), "no function 'no_such_function'", "xz payload")
+    }
+
     @Test func graphBadInput() throws {
         let fib = try Guests.path("fib")
         expectOneLineError(try flowtrace("graph", fib, "fbi"), "no function 'fbi' in", "did you mean 'fib'")
