@@ -155,8 +155,8 @@ struct ExitHandlerTests {
         let v = FakeVCPU(rip: 0x100010)
         let t = table(.int3, patched: [0x100010])
         #expect(rig.handle(.debug(exception: 3, pc: 0x100010, dr6: 0, dr7: 0), v, table: t) == .trapHit(address: 0x100010, registers: v.regs))
-        #expect(rig.handle(.debug(exception: 3, pc: 0x100018, dr6: 0, dr7: 0), v, table: t) == .reinjectBreakpoint)
-        #expect(rig.handle(.debug(exception: 3, pc: 0x100010, dr6: 0, dr7: 0), v, table: t, stepping: .over(address: 0x100010, held: true)) == .reinjectBreakpoint)
+        #expect(rig.handle(.debug(exception: 3, pc: 0x100018, dr6: 0, dr7: 0), v, table: t) == .reinjectBreakpoint(address: 0x100018))
+        #expect(rig.handle(.debug(exception: 3, pc: 0x100010, dr6: 0, dr7: 0), v, table: t, stepping: .over(address: 0x100010, held: true)) == .reinjectBreakpoint(address: 0x100010))
     }
 
     @Test func singleStepsOverProbes() throws {

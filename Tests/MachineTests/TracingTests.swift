@@ -374,6 +374,8 @@ struct Int3Tests {
         let ownInt3 = try #require(m.symbolizer.address(of: "own_int3"))
         #expect(module.report().filter { $0.address == ownInt3 }.count == 5)
         #expect(module.report().filter { $0.address != ownInt3 }.count == places.count - 1)
+        // Each of the guest's own int3s exited to flowtrace and was delivered back once.
+        #expect(r.exits.reinjectedBreakpoints == 5)
     }
 }
 

@@ -13,6 +13,12 @@
  *                                             line of the kernel log (syslog(2)) but the console initcalls
  *                                             ("@ 0"), in order, NAME's address from /proc/kallsyms, or
  *                                             0xambiguous when two symbols have that name)
+ *   flowtrace-init: toggles DONE of N          (with flowtrace.toggles=N: N writes of 1 and 0 in turn to
+ *                                             /proc/sys/kernel/sched_schedstats, each one a jump-label
+ *                                             update the kernel makes with text_poke_bp while two
+ *                                             children ping-pong a byte through pipes, so the
+ *                                             scheduler's patched sites run on every CPU meanwhile;
+ *                                             pwrite(2), so ksys_write sees none of them)
  *   flowtrace-init: N writes before this one
  * then reboot(RB_AUTOBOOT): with reboot=k, the i8042 reset; with reboot=t, a triple fault.
  * With flowtrace.end=halt on the command line it halts instead (reboot(RB_HALT_SYSTEM):
@@ -21,7 +27,9 @@
 #include <string.h>
 #include <sys/klog.h>
 #include <sys/mount.h>
+#include <signal.h>
 #include <sys/reboot.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static const char *const SYMBOLS[] = {"ksys_write", "__x64_sys_reboot", "start_kernel"};
@@ -151,6 +159,46 @@ static void report_initcalls(void) {
     }
 }
 
+/* A child that passes a byte from one pipe to the other for ever: with two of them the
+ * byte goes round, each blocking read a dequeue and each write a wakeup. */
+static pid_t relay(int from, int to) {
+    pid_t child = fork();
+    if (child == 0) {
+        char c;
+        for (;;) if (read(from, &c, 1) == 1) (void)!write(to, &c, 1);
+    }
+    return child;
+}
+
+static void number(char *text, long v) {
+    char digits[24];
+    int d = 0;
+    do { digits[d++] = (char)('0' + v % 10); v /= 10; } while (v);
+    size_t at = strlen(text);
+    while (d) text[at++] = digits[--d];
+    text[at] = 0;
+}
+
+static void toggle_schedstats(long times) {
+    int a[2], b[2];
+    if (pipe(a) || pipe(b)) return;
+    pid_t one = relay(a[0], b[1]), two = relay(b[0], a[1]);
+    (void)!write(a[1], "x", 1);
+    int fd = open("/proc/sys/kernel/sched_schedstats", O_WRONLY);
+    long done = 0;
+    for (long i = 0; i < times && fd >= 0; i++) done += pwrite(fd, i % 2 ? "0" : "1", 1, 0) == 1;
+    if (fd >= 0) close(fd);
+    kill(one, SIGKILL);
+    kill(two, SIGKILL);
+    waitpid(one, 0, 0);
+    waitpid(two, 0, 0);
+    char text[64] = "toggles ";
+    number(text, done);
+    strcat(text, " of ");
+    number(text, times);
+    say(text);
+}
+
 int main(void) {
     mount("proc", "/proc", "proc", 0, 0);
     mount("sysfs", "/sys", "sysfs", 0, 0);
@@ -219,6 +267,10 @@ int main(void) {
     int initcalls = strstr(buffer, "flowtrace.initcalls") != 0;
     if (every > 0 || initcalls) load_kallsyms(every);
     if (initcalls) report_initcalls();
+    char *toggles = strstr(buffer, "flowtrace.toggles=");
+    long times = 0;
+    if (toggles) for (toggles += strlen("flowtrace.toggles="); *toggles >= '0' && *toggles <= '9'; toggles++) times = times * 10 + (*toggles - '0');
+    if (times > 0) toggle_schedstats(times);
 
     strcpy(text, "");
     int w = writes;

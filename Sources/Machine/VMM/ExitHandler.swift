@@ -51,7 +51,7 @@ enum ExitOutcome: Equatable {
     /// A vCPU reached the probe gate: the pending software probes are armed.
     case gateReached
     /// The guest's own int3: deliver #BP to it.
-    case reinjectBreakpoint
+    case reinjectBreakpoint(address: UInt64)
     /// The guest's own #DB (its single-step or its breakpoints): deliver it with `dr6`.
     case reinjectDebug(dr6: UInt64)
 }
@@ -141,7 +141,7 @@ struct ExitHandler: Sendable {
             }
         }
         // A #BP that is not ours (or the guest's own int3 inside a step-over): the guest's.
-        if exception == 3 { return .reinjectBreakpoint }
+        if exception == 3 { return .reinjectBreakpoint(address: pc) }
         if exception == 1, stepping == nil {
             // No single step or DR of ours was armed to give this #DB: the guest's own.
             if dr6 & 0x4000 != 0 || dr6 & 0xF != 0 { return .reinjectDebug(dr6: dr6) }

@@ -24,6 +24,13 @@ public struct ExitTally: Sendable, Equatable {
     public private(set) var counts = [UInt64](repeating: 0, count: Kind.allCases.count)
     /// Port-I/O exits by port and direction (out: true).
     public private(set) var ports: [PortKey: UInt64] = [:]
+    /// The guest's own #BPs and #DBs that exited to flowtrace and were delivered back to it
+    /// (a kernel's `text_poke_bp` and self-test int3s while traps of ours are in its memory).
+    public internal(set) var reinjectedBreakpoints: UInt64 = 0
+    public internal(set) var reinjectedDebugs: UInt64 = 0
+    /// Of `reinjectedBreakpoints`, those flowtrace delivered itself (`OwnBreakpointDelivery`)
+    /// instead of through KVM's injection.
+    public internal(set) var breakpointsDelivered: UInt64 = 0
 
     public struct PortKey: Hashable, Sendable {
         public var port: UInt16
@@ -53,6 +60,9 @@ public struct ExitTally: Sendable, Equatable {
     mutating func add(_ other: ExitTally) {
         for i in counts.indices { counts[i] += other.counts[i] }
         for (k, v) in other.ports { ports[k, default: 0] += v }
+        reinjectedBreakpoints += other.reinjectedBreakpoints
+        reinjectedDebugs += other.reinjectedDebugs
+        breakpointsDelivered += other.breakpointsDelivered
     }
 
     /// "12345 exits: 12000 io out (0x3f8 11000, 0x80 900, ...), 300 io in, ..." (the busiest
@@ -68,6 +78,10 @@ public struct ExitTally: Sendable, Equatable {
             }
             parts.append(text)
         }
-        return "\(total) exits: " + (parts.isEmpty ? "none" : parts.joined(separator: ", "))
+        var text = "\(total) exits: " + (parts.isEmpty ? "none" : parts.joined(separator: ", "))
+        if reinjectedBreakpoints + reinjectedDebugs > 0 {
+            text += "; the guest's own #BP \(reinjectedBreakpoints) (\(breakpointsDelivered) of them by flowtrace's own frame), #DB \(reinjectedDebugs) delivered back to it"
+        }
+        return text
     }
 }

@@ -130,10 +130,24 @@ extension Machine {
             case .gateReached:
                 // Every vCPU parked; the pending probes patched; the gate's DR0 removed.
                 openGate(from: vcpu)
-            case .reinjectBreakpoint:
-                // Not ours: deliver it to the guest as if we were not there. Inside a step
-                // over a probe (the guest's int3 is the probed instruction) the step goes on:
-                // it ends at the guest's #BP handler.
+            case let .reinjectBreakpoint(address):
+                // Not ours: deliver it to the guest as if we were not there. Outside a step
+                // over a probe, the frame is built here where that applies (see
+                // OwnBreakpointDelivery: KVM's injection decodes the instruction again).
+                tally.reinjectedBreakpoints += 1
+                if stepping == nil {
+                    do {
+                        if try OwnBreakpointDelivery(memory: memory).deliver(vcpu, at: address) {
+                            tally.breakpointsDelivered += 1
+                            continue
+                        }
+                    } catch {
+                        finish(vcpu, .exitFailed(exit, error, while: "delivering the guest's own #BP"))
+                        return
+                    }
+                }
+                // Inside a step over a probe (the guest's int3 is the probed instruction) the
+                // step goes on: it ends at the guest's #BP handler.
                 var d = debugState(id, stepping: stepping)
                 d.injectBreakpoint = true
                 do { try vcpu.setGuestDebug(d) } catch {
@@ -147,6 +161,7 @@ extension Machine {
                     finish(vcpu, .exitFailed(exit, error, while: "re-injecting the guest's own #DB"))
                     return
                 }
+                tally.reinjectedDebugs += 1
             }
         }
     }
