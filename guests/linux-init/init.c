@@ -170,6 +170,7 @@ static pid_t relay(int from, int to) {
     return child;
 }
 
+/* Appends v in decimal to text. */
 static void number(char *text, long v) {
     char digits[24];
     int d = 0;
@@ -211,13 +212,7 @@ int main(void) {
     ssize_t n = fd >= 0 ? read(fd, buffer, 255) : -1;
     buffer[n > 0 ? n : 0] = 0;
     strcpy(text, "cpus ");
-    int cpus = count_cpus(buffer);
-    char digits[12];
-    int d = 0;
-    do { digits[d++] = (char)('0' + cpus % 10); cpus /= 10; } while (cpus);
-    size_t at = strlen(text);
-    while (d) text[at++] = digits[--d];
-    text[at] = 0;
+    number(text, count_cpus(buffer));
     say(text);
 
     /* /proc/kallsyms: "ADDRESS TYPE NAME [module]" per line, read in chunks. */
@@ -273,12 +268,7 @@ int main(void) {
     if (times > 0) toggle_schedstats(times);
 
     strcpy(text, "");
-    int w = writes;
-    d = 0;
-    do { digits[d++] = (char)('0' + w % 10); w /= 10; } while (w);
-    at = 0;
-    while (d) text[at++] = digits[--d];
-    text[at] = 0;
+    number(text, writes);
     strcat(text, " writes before this one");
     say(text);
     sync();
