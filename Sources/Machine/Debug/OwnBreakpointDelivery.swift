@@ -6,8 +6,9 @@ import KVM
 /// Why not `KVM_GUESTDBG_INJECT_BP`: KVM delivers a #BP as a software exception, and on an
 /// SVM host without NRIPS (the nested machine the tests use; QEMU's TCG offers no NRIPS) it
 /// first moves rip past the int3 by decoding the instruction there, then injects. That was
-/// seen to go wrong about once in 500 deliveries when Linux patches its own text on 2 vCPUs
-/// (text_poke_bp writes int3s into code the other CPU runs): rip ended one byte past the
+/// seen to go wrong roughly once in a few hundred deliveries (runs failed after 3, 76 and
+/// about 520) when Linux patches its own text on 2 vCPUs (text_poke_bp writes int3s into
+/// code the other CPU runs): rip ended one byte past the
 /// int3 with no #BP delivered, so the CPU ran the tail bytes of a half-patched jump-label
 /// site as instructions and the kernel oopsed (LinuxSymbolTests, "the kernel patching its
 /// own text under int3"). Building the exception frame here leaves nothing to decode or
