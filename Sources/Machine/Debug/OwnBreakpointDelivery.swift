@@ -8,11 +8,11 @@ import KVM
 /// first moves rip past the int3 by decoding the instruction there, then injects. That was
 /// seen to go wrong roughly once in a few hundred deliveries (runs failed after 3, 76 and
 /// about 520) when Linux patches its own text on 2 vCPUs (text_poke_bp writes int3s into
-/// code the other CPU runs): rip ended one byte past the
-/// int3 with no #BP delivered, so the CPU ran the tail bytes of a half-patched jump-label
-/// site as instructions and the kernel oopsed (LinuxSymbolTests, "the kernel patching its
-/// own text under int3"). Building the exception frame here leaves nothing to decode or
-/// re-inject: rip is the handler's when the vCPU enters the guest again.
+/// code the other CPU runs): rip ended one byte past the int3 with no #BP delivered, so the
+/// CPU ran the tail bytes of a half-patched jump-label site as instructions and the kernel
+/// oopsed (LinuxSymbolTests, "the kernel patching its own text under int3"). Building the
+/// exception frame here leaves nothing to decode or re-inject: rip is the handler's when
+/// the vCPU enters the guest again.
 ///
 /// It applies to the case kernels hit: 64-bit mode at CPL 0, the IDT's vector 3 a present
 /// 64-bit interrupt or trap gate into the current code segment (the same privilege, so no
