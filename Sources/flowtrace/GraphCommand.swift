@@ -56,9 +56,13 @@ struct GraphCommand: ParsableCommand {
         let image: ELFImage
         do {
             let kernel = try KernelImage(path: guest)
-            if kernel.isLinux || symbolFile != nil, let view = try kernel.linuxView(symbolFile: symbolFile), let code = view.image {
+            if kernel.isLinux, let view = try kernel.linuxView(symbolFile: symbolFile), let code = view.image {
                 image = code
+                if let symbolFile, view.symbols.source == .symtab {
+                    printError("flowtrace: --symbol-file \(symbolFile) not used: \(guest) has its own .symtab")
+                }
             } else {
+                if let symbolFile { printError("flowtrace: --symbol-file \(symbolFile) not used: \(guest) is not a Linux kernel") }
                 image = try ELFImage(path: guest)
             }
         } catch let error as MachineError {

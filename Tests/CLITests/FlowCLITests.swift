@@ -105,6 +105,13 @@ struct FlowCLITests {
             #expect(fromPayload.stdout == direct.stdout)
         }
         expectOneLineError(try flowtrace("graph", packed, "no_such_function"), "no function 'no_such_function'", "xz payload")
+        // A symbol file is for kernels without symbols of their own.
+        let map = try temporaryFile(Array("0000000000100000 T elsewhere\n".utf8), name: "System.map")
+        let kept = try flowtrace("graph", packed, "kernel_main", "--symbol-file", map)
+        #expect(kept.status == 0 && kept.stderr == "flowtrace: --symbol-file \(map) not used: \(packed) has its own .symtab\n", "\(kept.stderr)")
+        let fib = try Guests.path("fib")
+        let plain = try flowtrace("graph", fib, "fib", "--symbol-file", map)
+        #expect(plain.status == 0 && plain.stderr == "flowtrace: --symbol-file \(map) not used: \(fib) is not a Linux kernel\n", "\(plain.stderr)")
     }
 
     @Test func graphBadInput() throws {
