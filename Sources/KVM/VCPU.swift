@@ -67,37 +67,40 @@ public final class VCPU: @unchecked Sendable {
     }
 
     private func decodeExit() -> VMExit {
-        let k = shared.pointee
-        switch Int32(k.exit_reason) {
+        // Field by field through the pointer: a `let` copy of `pointee` would copy the whole
+        // kvm_run (its 2 KiB sync area included) at every exit.
+        let run = shared
+        switch Int32(run.pointee.exit_reason) {
         case KVM_EXIT_IO:
-            let size = Int(k.io.size), count = Int(k.io.count)
-            if k.io.direction == UInt8(KVM_EXIT_IO_OUT) {
-                return .ioOut(port: k.io.port, size: size, count: count, value: ioOutValue(at: 0))
+            let size = Int(run.pointee.io.size), count = Int(run.pointee.io.count), port = run.pointee.io.port
+            if run.pointee.io.direction == UInt8(KVM_EXIT_IO_OUT) {
+                return .ioOut(port: port, size: size, count: count, value: ioOutValue(at: 0))
             }
-            return .ioIn(port: k.io.port, size: size, count: count)
+            return .ioIn(port: port, size: size, count: count)
         case KVM_EXIT_MMIO:
             var value: UInt64 = 0
-            let n = min(Int(k.mmio.len), 8)
-            if k.mmio.is_write != 0 {
+            let n = min(Int(run.pointee.mmio.len), 8)
+            let isWrite = run.pointee.mmio.is_write != 0
+            if isWrite {
                 // SAFETY: mmio.data is 8 bytes inside kvm_run; at most `len` (<= 8) are read.
-                withUnsafeBytes(of: k.mmio.data) { raw in
+                withUnsafeBytes(of: run.pointee.mmio.data) { raw in
                     for i in 0..<n { value |= UInt64(raw[i]) << (8 * UInt64(i)) }
                 }
             }
-            return .mmio(address: k.mmio.phys_addr, isWrite: k.mmio.is_write != 0, length: n, value: value)
+            return .mmio(address: run.pointee.mmio.phys_addr, isWrite: isWrite, length: n, value: value)
         case KVM_EXIT_HLT:
             return .hlt
         case KVM_EXIT_DEBUG:
-            let a = k.debug.arch
+            let a = run.pointee.debug.arch
             return .debug(exception: a.exception, pc: a.pc, dr6: a.dr6, dr7: a.dr7)
         case KVM_EXIT_SHUTDOWN:
             return .shutdown
         case KVM_EXIT_FAIL_ENTRY:
-            return .failEntry(reason: k.fail_entry.hardware_entry_failure_reason)
+            return .failEntry(reason: run.pointee.fail_entry.hardware_entry_failure_reason)
         case KVM_EXIT_INTERNAL_ERROR:
-            return .internalError(suberror: k.internal.suberror)
+            return .internalError(suberror: run.pointee.internal.suberror)
         default:
-            return .other(reason: k.exit_reason)
+            return .other(reason: run.pointee.exit_reason)
         }
     }
 
@@ -272,6 +275,27 @@ public final class VCPU: @unchecked Sendable {
         var s = kvm_sregs()
         _ = try checked(ckvm_get_sregs(fd, &s), "KVM_GET_SREGS")
         return SpecialRegisters(s)
+    }
+
+    /// How the vCPU translates linear addresses now (CR0, CR3, CR4 and EFER), for a page
+    /// walk at a probe hit: read from the sync area after an exit when available, without
+    /// converting the segments as `specialRegisters()` does; else `KVM_GET_SREGS`.
+    public func paging() throws(KVMError) -> PagingMode {
+        guard sregsSynced else { return try specialRegisters().paging }
+        try faults.check(.getSpecialRegisters)
+        // SAFETY: the sync area is this vCPU's kvm_run mapping; KVM wrote it at the last exit
+        // and does not touch it outside KVM_RUN, which this (the driving) thread is not in.
+        let run = shared
+        return PagingMode(cr0: run.pointee.s.regs.sregs.cr0, cr3: run.pointee.s.regs.sregs.cr3,
+                          cr4: run.pointee.s.regs.sregs.cr4, efer: run.pointee.s.regs.sregs.efer)
+    }
+
+    /// CR3 alone, as `paging()` reads it.
+    public func cr3() throws(KVMError) -> UInt64 {
+        guard sregsSynced else { return try specialRegisters().cr3 }
+        try faults.check(.getSpecialRegisters)
+        // SAFETY: as in paging().
+        return shared.pointee.s.regs.sregs.cr3
     }
 
     /// Sets the system registers, keeping the pending-interrupt bitmap.

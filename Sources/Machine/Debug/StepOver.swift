@@ -112,19 +112,20 @@ final class StepOver: Sendable {
     /// stepping state, also on failure, so the caller ends it properly.
     func begin(_ vcpu: VCPU, address: UInt64, table: () -> Breakpoints) -> (Stepping?, StepFailure?) {
         let b = table()
-        let hex = "0x\(String(address, radix: 16))"
+        // Only for messages: formatted when one is made, not at every step.
+        func hex() -> String { "0x\(String(address, radix: 16))" }
         if let displaced = b.displaced[address], b.engine?.mechanism.trapByte != nil,
            let slot = BootLayout.outOfLineSlot(for: vcpu.id), let bytes = displaced.bytes(at: slot) {
             let cr3: UInt64
-            do { cr3 = try vcpu.specialRegisters().cr3 } catch {
-                return (nil, StepFailure(error: error, doing: "reading cr3 to step over the probe at \(hex)"))
+            do { cr3 = try vcpu.cr3() } catch {
+                return (nil, StepFailure(error: error, doing: "reading cr3 to step over the probe at \(hex())"))
             }
             if cr3 == layout.cr3, unchanged(displaced) {
                 let stepping = Stepping.outOfLine(address: address, slot: slot, displaced: displaced)
                 var regs: Registers
                 do { regs = try vcpu.registers() } catch { return (nil, StepFailure(error: error, doing: "reading the registers at an exit")) }
                 do { try memory.write(physical: slot, bytes: bytes) } catch {
-                    return (nil, StepFailure(error: error, doing: "writing the out-of-line copy of \(hex) at guest-physical 0x\(String(slot, radix: 16))"))
+                    return (nil, StepFailure(error: error, doing: "writing the out-of-line copy of \(hex()) at guest-physical 0x\(String(slot, radix: 16))"))
                 }
                 regs.rip = slot
                 do { try vcpu.setRegisters(regs) } catch { return (nil, StepFailure(error: error, doing: "setting the registers at a probe hit")) }
@@ -133,7 +134,7 @@ final class StepOver: Sendable {
                     try vcpu.setGuestDebug(debug(b, vcpu: vcpu.id, address: address))
                     try shadowInterrupts(vcpu, address: address, table: b)
                 } catch {
-                    return (stepping, StepFailure(error: error, doing: "arming the out-of-line step over \(hex)"))
+                    return (stepping, StepFailure(error: error, doing: "arming the out-of-line step over \(hex())"))
                 }
                 outOfLine.add(1, ordering: .relaxed)
                 if hasHook.load(ordering: .acquiring), let hook = begun.withLock({ $0 }) { hook(vcpu.id) }
@@ -153,7 +154,7 @@ final class StepOver: Sendable {
         let now = table()
         if let p = now.patches.patches[address] {
             do throws(KVMError) { try memory.write(physical: p.physical, bytes: [p.original]) } catch {
-                return (stepping, StepFailure(error: error, doing: "restoring the original byte at \(hex) to step over it"))
+                return (stepping, StepFailure(error: error, doing: "restoring the original byte at \(hex()) to step over it"))
             }
         }
         // The hit moved rip back onto the instruction: KVM must see it before it arms the step.
@@ -162,7 +163,7 @@ final class StepOver: Sendable {
             try vcpu.setGuestDebug(debug(now, vcpu: vcpu.id, address: address))
             try shadowInterrupts(vcpu, address: address, table: now)
         } catch {
-            return (stepping, StepFailure(error: error, doing: "arming the single step over \(hex)"))
+            return (stepping, StepFailure(error: error, doing: "arming the single step over \(hex())"))
         }
         return (stepping, nil)
     }
@@ -183,14 +184,15 @@ final class StepOver: Sendable {
     /// vCPU's usual debug state. The other vCPUs are released whatever fails.
     func end(_ vcpu: VCPU, address: UInt64, held: Bool, table b: Breakpoints) -> StepFailure? {
         defer { if held { rendezvous.release() } }
-        let hex = "0x\(String(address, radix: 16))"
+        // Only for messages: formatted when one is made, not at every step.
+        func hex() -> String { "0x\(String(address, radix: 16))" }
         if let p = b.patches.patches[address] {
             do throws(KVMError) { try memory.write(physical: p.physical, bytes: [b.patches.trap]) } catch {
-                return StepFailure(error: error, doing: "putting the trap byte back at \(hex) after stepping over it")
+                return StepFailure(error: error, doing: "putting the trap byte back at \(hex()) after stepping over it")
             }
         }
         do { try vcpu.setGuestDebug(b.baseDebug(for: vcpu.id)) } catch {
-            return StepFailure(error: error, doing: "re-arming the vCPU's breakpoints after stepping over \(hex)")
+            return StepFailure(error: error, doing: "re-arming the vCPU's breakpoints after stepping over \(hex())")
         }
         return nil
     }

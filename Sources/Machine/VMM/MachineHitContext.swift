@@ -34,6 +34,13 @@ final class VCPUSnapshot: @unchecked Sendable {
         return s
     }
 
+    /// The paging mode for memory reads: from the system registers when this exit has read
+    /// them already, else straight from the vCPU (no segment conversion).
+    func paging() throws(KVMError) -> PagingMode {
+        if let s = sregs { return s.paging }
+        return try vcpu.paging()
+    }
+
     func fpuState() throws(KVMError) -> FPUState {
         if let f = fpu { return f }
         let f = try vcpu.fpu()
@@ -122,7 +129,7 @@ struct MachineHitContext: HitContext {
 
     func readMemory(at address: UInt64, into buffer: inout MutableRawSpan) throws(TraceError) {
         do throws(KVMError) {
-            let paging = try snapshot.special().paging
+            let paging = try snapshot.paging()
             try snapshot.memory.read(virtual: address, into: &buffer, paging: paging)
         } catch {
             throw TraceError.memoryUnreadable(address: address, size: buffer.byteCount, reason: error.description)
