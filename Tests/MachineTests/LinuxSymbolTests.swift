@@ -143,8 +143,8 @@ struct LinuxSymbolTests {
     /// ping-ponging a byte meanwhile; every int3 of the kernel's that exits to flowtrace is
     /// delivered back with an exception frame flowtrace builds (OwnBreakpointDelivery; through
     /// KVM's injection roughly one in a few hundred came back with rip past the int3 and no
-    /// #BP, and the kernel ran half-patched code). The kernel survives every flip, and the int3 probe on
-    /// ksys_write still sees each of /init's writes.
+    /// #BP, and the kernel ran half-patched code). The kernel survives every flip, and the
+    /// int3 probe on ksys_write still sees each of /init's writes.
     @Test("the kernel patching its own text under int3", arguments: [1, 2])
     func theKernelsOwnTextPatchingUnderInt3(_ vcpus: Int) throws {
         let (_, view, image) = try Self.view()
