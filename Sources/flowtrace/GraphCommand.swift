@@ -61,8 +61,11 @@ struct GraphCommand: ParsableCommand {
                 if let symbolFile, view.symbols.source == .symtab {
                     printError("flowtrace: --symbol-file \(symbolFile) not used: \(guest) has its own .symtab")
                 }
-            } else {
+            } else if let elf = kernel.elf {
                 if let symbolFile { printError("flowtrace: --symbol-file \(symbolFile) not used: \(guest) is not a Linux kernel") }
+                image = elf
+            } else {
+                // Neither a kernel nor an ELF file: ELFImage says why in its words.
                 image = try ELFImage(path: guest)
             }
         } catch let error as MachineError {

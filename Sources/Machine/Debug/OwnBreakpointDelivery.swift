@@ -45,16 +45,14 @@ struct OwnBreakpointDelivery {
         let gate = try memory.read(virtual: s.idt.base &+ 3 * 16, count: 16, paging: paging)
         let type = gate[5] & 0xF, present = gate[5] & 0x80 != 0
         guard present, type == 0xE || type == 0xF else { return nil }
-        let selector = UInt16(gate[2]) | UInt16(gate[3]) << 8
-        guard selector == s.cs.selector else { return nil }
-        var target = UInt64(gate[0]) | UInt64(gate[1]) << 8 | UInt64(gate[6]) << 16 | UInt64(gate[7]) << 24
-        for i in 0..<4 { target |= UInt64(gate[8 + i]) << (32 + 8 * UInt64(i)) }
+        guard gate.le16(2) == s.cs.selector else { return nil }
+        // The handler's offset: bits 15:0, 31:16 and 63:32 at bytes 0, 6 and 8.
+        let target = UInt64(gate.le16(0)) | UInt64(gate.le16(6)) << 16 | UInt64(gate.le32(8)) << 32
         var rsp = regs.rsp
         let ist = UInt64(gate[4] & 7)
         if ist != 0 {
             // The 64-bit TSS keeps IST1..IST7 at 0x24 + 8 * (n - 1).
-            let entry = try memory.read(virtual: s.tr.base &+ 0x24 &+ 8 * (ist - 1), count: 8, paging: paging)
-            rsp = entry.enumerated().reduce(0) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+            rsp = try memory.read(virtual: s.tr.base &+ 0x24 &+ 8 * (ist - 1), count: 8, paging: paging).le64(0)
         }
         // 64-bit mode aligns the new stack pointer to 16 bytes, then pushes ss, rsp, rflags,
         // cs and the address after the int3.
