@@ -56,12 +56,12 @@ let package = Package(
         .executableTarget(
             name: "flowtrace",
             dependencies: [
-                "Machine", "Devices", "ELF", "KVM", "FlowTrace", "FlowTraceGraphs", "FlowGraph", "Locking", "TraceSpec", "Sys",
+                "Machine", "Devices", "ELF", "KVM", "FlowTrace", "FlowTraceGraphs", "FlowGraph", "Locking", "TraceSpec", "Sys", "NameSuggestions", "LinuxKernel",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         // Benchmarks (tools/bench), built in release mode.
-        .executableTarget(name: "flowtrace-bench", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "ELF", "Machine", "KVM", "Locking"]),
+        .executableTarget(name: "flowtrace-bench", dependencies: ["FlowTrace", "FlowTraceSimulation", "FlowGraph", "ELF", "Machine", "KVM", "Locking", "Sys"]),
         // Test helpers: builds the guests, runs the executable.
         .target(name: "TestSupport", dependencies: ["Locking"], path: "Tests/TestSupport"),
         .testTarget(name: "ELFTests", dependencies: ["ELF", "TestSupport"]),

@@ -46,6 +46,8 @@ final class RecordStore: @unchecked Sendable {
     @exclusivity(unchecked) private var streaming = false
     @exclusivity(unchecked) private var streamed = 0
     @exclusivity(unchecked) private var maxPending = 0
+    /// Producers go over `maxPending` instead of waiting (see `releaseProducers`).
+    @exclusivity(unchecked) private var producersReleased = false
     // SAFETY: the counters below, like the fields above, are touched only under `lock`.
     @exclusivity(unchecked) private var nextSequence: UInt64 = 0
     @exclusivity(unchecked) private var takenTotal: UInt64 = 0
@@ -66,6 +68,9 @@ final class RecordStore: @unchecked Sendable {
         /// Bumped by a producer that wants the consumer to come (its window is half full or full).
         var demand: UInt64 = 0
         var open = false
+        /// Set by `releaseProducers` (the module disabled, its target stopping): producers no
+        /// longer wait for room.
+        var released = false
     }
 
     static let chunkShift = 12
@@ -104,7 +109,7 @@ final class RecordStore: @unchecked Sendable {
         var poke = false
         if streaming {
             // A full window waits for the consumer; the record that fills half of it calls it.
-            while streaming, end - streamed >= maxPending {
+            while streaming, !producersReleased, end - streamed >= maxPending {
                 lock.unlock()
                 waitForStreamRoom()
                 lock.lock()
@@ -181,8 +186,8 @@ final class RecordStore: @unchecked Sendable {
             s.demand &+= 1
             return s.progress
         }
-        let full = lock.withLock { streaming && end - streamed >= maxPending }
-        if full { signal.wait(until: { $0.progress != seen || !$0.open }) }
+        let full = lock.withLock { streaming && !producersReleased && end - streamed >= maxPending }
+        if full { signal.wait(until: { $0.progress != seen || !$0.open || $0.released }) }
     }
 
     /// Collects the common probe's and the probe's entries into a stack slot and appends it
@@ -324,10 +329,20 @@ final class RecordStore: @unchecked Sendable {
     func openStream(maxPendingBytes: Int) {
         lock.withLock {
             streaming = true
+            producersReleased = false
             streamed = end
             maxPending = max(Self.chunkSlots, maxPendingBytes / max(1, slotSize)) & ~(Self.chunkSlots - 1)
         }
-        signal.withLock { $0.open = true }
+        signal.withLock { $0.open = true; $0.released = false }
+    }
+
+    /// From now on a producer that finds the stream's window full goes on instead of
+    /// waiting (the window grows; nothing is dropped), and one waiting now wakes. For the
+    /// end of tracing: a consumer that disables the module or stops its target is then not
+    /// waited for by a hit it would itself have to drain. `openStream` bounds it again.
+    func releaseProducers() {
+        lock.withLock { producersReleased = true }
+        signal.withLock { $0.released = true }
     }
 
     /// Closes the stream: records it has not taken are no longer kept for it, and a

@@ -336,6 +336,9 @@ public final class TraceModule: Sendable {
         try exclusively("disable") { () throws(TraceError) in
             guard let target else { throw TraceError.targetGone }
             stateValue.store(0, ordering: .sequentiallyConsistent)
+            // A hit waiting for room in a full stream would never let the target park its
+            // vCPU, and the caller may be the stream's consumer: those hits go on.
+            store.releaseProducers()
             // No lock of this module is held here: a vCPU taking the last hit of the budget
             // needs none, so a target that waits for every vCPU to park gets them all.
             try target.disarm(self)
@@ -396,6 +399,12 @@ public final class TraceModule: Sendable {
 
     /// The record store's own counts (tests: memory held, records waiting for the stream).
     var storeTotals: RecordStore.Totals { store.totals }
+
+    /// Hits waiting for room in a full stream go on, and no later hit waits (the stream's
+    /// window grows instead; nothing is dropped). A target calls it when it stops running
+    /// (`disable()` does it too), so a stop requested by the stream's own consumer is never
+    /// waited for by a hit only that consumer could release.
+    public func releaseStreamWaiters() { store.releaseProducers() }
 
     /// Closes the stream: records it has not handed out are dropped from it (they stay in
     /// `report()` if `maxRecords` keeps them), and a hit waiting for room goes on.

@@ -17,6 +17,16 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A memory or vCPU parameter the host cannot take.
     case invalidArgument(String)
 
+    /// Whether this is a condition of the guest's own memory (`unmapped`: its page tables
+    /// map no page there; `physicalOutOfRange`: they map one outside its RAM) rather than
+    /// a failure of the host: callers report it as the guest's fault.
+    public var isGuestCondition: Bool {
+        switch self {
+        case .unmapped, .physicalOutOfRange: true
+        default: false
+        }
+    }
+
     public var description: String {
         switch self {
         case let .deviceUnavailable(path, err):

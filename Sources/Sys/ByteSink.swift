@@ -17,7 +17,8 @@ public struct SystemError: Error, Sendable, Equatable, CustomStringConvertible {
 ///
 /// A file sink writes to a new temporary file beside the destination and renames it over
 /// the destination in `commit()`; a run that fails before committing leaves an existing
-/// file as it was. Destinations that are not regular files (`/dev/full`, a FIFO, a
+/// file as it was (a sink dropped uncommitted removes its temporary file; one whose writes
+/// failed keeps it, see `keepPartial()` and `commit()`). Destinations that are not regular files (`/dev/full`, a FIFO, a
 /// terminal) are opened and written directly. A write error (a closed pipe, a full disk) is
 /// kept in `error` and later writes are dropped, so the caller reports it once.
 public final class ByteSink {
@@ -33,6 +34,17 @@ public final class ByteSink {
     private var target: Target
     private var buffer: [UInt8] = []
     public private(set) var error: String?
+    /// Bytes that reached the file descriptor (a failed write's partial bytes included).
+    public private(set) var bytesWritten = 0
+    /// Bytes handed to the sink so far (written, buffered, or dropped after an error): a
+    /// writer notes it after each record to know later which records reached the file.
+    public private(set) var bytesAccepted = 0
+
+    /// The temporary file being written, while it has not replaced its destination.
+    public var temporaryPath: String? {
+        if case let .replacing(_, temporary, _) = target { return temporary }
+        return nil
+    }
 
     /// Writes to `fd` (standard output); never closes it.
     public init(fd: Int32) {
@@ -41,15 +53,19 @@ public final class ByteSink {
     }
 
     /// Checks, without touching `path`, that a later `ByteSink(replacing:)` can write it:
-    /// its directory exists and is writable, and it is not a directory.
+    /// its directory exists and is writable, it is not a directory, and an existing file is
+    /// one this user may write (as `cp` would refuse it: the rename would otherwise go over
+    /// a file the user may not change).
     public static func checkWritable(_ path: String) throws(SystemError) {
         var st = stat()
         if stat(path, &st) == 0 {
             if st.st_mode & S_IFMT == S_IFDIR { throw SystemError("cannot write '\(path)': it is a directory") }
-            if st.st_mode & S_IFMT != S_IFREG {
-                guard access(path, W_OK) == 0 else { throw .errno("cannot write '\(path)'") }
-                return
+            guard access(path, W_OK) == 0 else {
+                let e = Glibc.errno
+                let mode = String(st.st_mode & 0o7777, radix: 8)
+                throw SystemError("cannot write '\(path)': \(String(cString: strerror(e))) (mode 0\(mode)); make it writable (chmod u+w) or choose another file")
             }
+            if st.st_mode & S_IFMT != S_IFREG { return }
         }
         let dir = directory(of: resolved(path))
         guard access(dir, W_OK) == 0 else { throw .errno("cannot write '\(path)' (directory '\(dir)')") }
@@ -104,17 +120,21 @@ public final class ByteSink {
     }
 
     public func write(bytes: some Sequence<UInt8>) {
+        let before = buffer.count
         buffer.append(contentsOf: bytes)
+        bytesAccepted += buffer.count - before
         if buffer.count >= 1 << 16 { flush() }
     }
 
     public func write(byte: UInt8) {
         buffer.append(byte)
+        bytesAccepted += 1
         if buffer.count >= 1 << 16 { flush() }
     }
 
     public func write(_ s: String) {
         buffer.append(contentsOf: s.utf8)
+        bytesAccepted += s.utf8.count
         if buffer.count >= 1 << 16 { flush() }
     }
 
@@ -138,6 +158,37 @@ public final class ByteSink {
                 return
             }
             done += n
+            bytesWritten += n
+        }
+    }
+
+    /// Cuts a temporary file back to its first `length` bytes (what whole records took
+    /// before a write failed), so it ends at a record boundary. Devices and standard output
+    /// cannot be cut: nothing happens there. Returns whether the file was cut.
+    @discardableResult
+    public func truncate(to length: Int) -> Bool {
+        buffer.removeAll(keepingCapacity: true)
+        guard case let .replacing(_, _, fd) = target, length <= bytesWritten else { return false }
+        guard ftruncate(fd, off_t(length)) == 0 else { return false }
+        bytesWritten = length
+        return true
+    }
+
+    /// Gives up replacing the destination after a failure: the temporary file is closed and
+    /// kept (its path returned) so what reached it is not lost; the destination stays as it
+    /// was. Devices are closed. nil when there was no temporary file.
+    public func keepPartial() -> String? {
+        switch target {
+        case let .replacing(_, temporary, fd):
+            target = .closed
+            close(fd)
+            return temporary
+        case let .direct(_, fd):
+            target = .closed
+            close(fd)
+            return nil
+        case .descriptor, .closed:
+            return nil
         }
     }
 
@@ -158,8 +209,8 @@ public final class ByteSink {
             if close(fd) != 0, error == nil { error = String(cString: strerror(Glibc.errno)) }
             if error == nil, rename(temporary, path) != 0 { error = "renaming \(temporary): \(String(cString: strerror(Glibc.errno)))" }
             if let error {
-                unlink(temporary)
-                throw SystemError("writing '\(path)': \(error) (the file was left as it was)")
+                // What was written stays, named, beside the untouched destination.
+                throw SystemError("writing '\(path)': \(error) (the file was left as it was; what was written is in \(temporary))")
             }
         case .closed:
             if let error { throw SystemError(error) }

@@ -82,10 +82,12 @@ public struct ReportWriter {
 
     /// Writes one batch of a streamed report (jsonl or csv rows) and flushes it. table and
     /// chrome have no streamed form: for them a batch is written as a whole report.
-    public func append(_ report: TraceReport, to sink: ByteSink) {
+    /// `recordEnds` gets the sink's `bytesAccepted` after each record (jsonl, csv), so a
+    /// caller whose write failed knows how many whole records reached the output.
+    public func append(_ report: TraceReport, to sink: ByteSink, recordEnds: ((Int) -> Void)? = nil) {
         switch format {
-        case .jsonl: writeJSONL(report, sink)
-        case .csv: writeCSV(report, sink)
+        case .jsonl: writeJSONL(report, sink, recordEnds)
+        case .csv: writeCSV(report, sink, recordEnds)
         case .table, .chrome: write(report, to: sink)
         }
         sink.flush()
@@ -112,7 +114,7 @@ public struct ReportWriter {
 
     // MARK: JSON Lines
 
-    private func writeJSONL(_ report: TraceReport, _ sink: ByteSink) {
+    private func writeJSONL(_ report: TraceReport, _ sink: ByteSink, _ recordEnds: ((Int) -> Void)? = nil) {
         for r in report {
             var s = "{\"seq\":\(r.sequence),\"ts_ns\":\(relative(r.timestamp)),\"vcpu\":\(r.vcpu),\"addr\":\"0x\(String(r.address, radix: 16))\","
             s += "\"location\":\(jsonString(describe(r.address))),\"when\":\"\(r.timing.rawValue)\",\"values\":"
@@ -128,6 +130,7 @@ public struct ReportWriter {
             }
             s += "}\n"
             sink.write(s)
+            recordEnds?(sink.bytesAccepted)
         }
     }
 
@@ -170,7 +173,7 @@ public struct ReportWriter {
         sink.write(header.map(csvField).joined(separator: ",") + "\n")
     }
 
-    private func writeCSV(_ report: TraceReport, _ sink: ByteSink) {
+    private func writeCSV(_ report: TraceReport, _ sink: ByteSink, _ recordEnds: ((Int) -> Void)? = nil) {
         let cols = columns
         let position = Dictionary(cols.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
         for r in report {
@@ -180,6 +183,7 @@ public struct ReportWriter {
             }
             let fixed = ["\(r.sequence)", "\(relative(r.timestamp))", "\(r.vcpu)", "0x" + String(r.address, radix: 16), describe(r.address), r.timing.rawValue]
             sink.write((fixed + cells + Self.shown(commonKeys, r.commonValues).map(Self.text)).map(csvField).joined(separator: ",") + "\n")
+            recordEnds?(sink.bytesAccepted)
         }
     }
 

@@ -9,6 +9,7 @@ import FlowTrace
 import FlowTraceSimulation
 import Foundation
 import KVM
+import Sys
 
 struct Figure {
     var label: String
@@ -176,14 +177,19 @@ for part in parts.isEmpty ? ["core", "exits", "io", "scaling", "engines", "graph
         case "graph": figures += try graphs(guests: ProcessInfo.processInfo.environment["GUESTS"] ?? "guests/build")
         case "stream": figures += try stream()
         default:
-            FileHandle.standardError.write(Data("flowtrace-bench: unknown part '\(part)'; parts: core, exits, io, scaling, engines, graph, stream\n".utf8))
+            say("flowtrace-bench: unknown part '\(part)'; parts: core, exits, io, scaling, engines, graph, stream", to: STDERR_FILENO)
             exit(64)
         }
     } catch {
-        FileHandle.standardError.write(Data("flowtrace-bench: \(part): \(error)\n".utf8))
+        say("flowtrace-bench: \(part): \(error)", to: STDERR_FILENO)
         exit(1)
     }
 }
 let width = figures.map(\.label.count).max() ?? 0
-for f in figures { print(f.label.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + f.value) }
-for f in figures { print(f.json) }
+for f in figures { say(f.label.padding(toLength: width, withPad: " ", startingAt: 0) + "  " + f.value, to: STDOUT_FILENO) }
+for f in figures { say(f.json, to: STDOUT_FILENO) }
+
+/// A line to `fd`; a failed write (a full disk, a closed pipe) exits 74.
+func say(_ line: String, to fd: Int32) {
+    do throws(SystemError) { try writeAll(fd, Array((line + "\n").utf8)) } catch { exit(74) }
+}

@@ -122,9 +122,13 @@ struct RunCommand: ParsableCommand {
         OUTPUT: the records go to stdout, or -o FILE: --format table (default on a terminal),
         jsonl (default otherwise; for -o, the file's extension .jsonl/.csv/.json/.txt picks it),
         csv, chrome (Chrome trace-event JSON for Perfetto UI). jsonl and csv are written while the
-        guest runs, in sequence order (-o FILE is opened, truncated, once the run starts); table
-        and chrome after the run, from the records kept (--max-records). While records go to
-        stdout the guest's console goes to stderr. A summary per location goes to stderr.
+        guest runs, in sequence order; table and chrome after the run, from the records kept
+        (--max-records). -o FILE, in every format: the records go to a temporary file beside
+        FILE (named on stderr when the run starts), which replaces FILE when the run ends,
+        whatever the ending; a failed write stops the run, leaves FILE as it was and keeps the
+        temporary file (named, cut to whole records). A FILE you may not write is refused.
+        While records go to stdout the guest's console goes to stderr. A summary per location
+        goes to stderr.
         PLATFORM: payload (flowtrace's ELF payloads: no interrupt controller, hlt ends a vCPU) or
         pc (KVM's in-kernel PIC, IOAPIC, LAPIC and PIT: interrupts, hlt waits for one; the hlt
         engine cannot work there). Both have the debug console 0xE9, the exit port 0xF4, a
@@ -139,10 +143,11 @@ struct RunCommand: ParsableCommand {
         EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted: on the pc platform,
         halted with interrupts off), 0 when the guest reset the machine (i8042 command 0xFE; a
         triple fault on the pc platform), 64 bad input,
-        69 KVM unavailable, 70 guest fault, host failure or internal error, 74 the report
-        could not be written, 124 timeout, 130 interrupted. Records taken before a fault, a
-        timeout or Ctrl-C are still written; -o FILE is replaced only once the records are
-        all written (an existing file stays as it was otherwise).
+        69 KVM unavailable, 70 guest fault, host failure or internal error, 74 the records,
+        the console or a message could not be written, 124 timeout, 130 SIGINT (Ctrl-C), 143
+        SIGTERM, 129 SIGHUP (a second signal stops at once). Records taken before a fault, a
+        timeout or a signal are still written; -o FILE is replaced only when the run ends (an
+        existing file stays as it was after a failure).
         """
     )
 
@@ -328,35 +333,57 @@ struct RunCommand: ParsableCommand {
         if case let .file(path) = serialMode {
             do { try serialFile.open(path) } catch { throw fail("--serial file:\(path): \(error.description)", status: ExitStatus.usage) }
         }
-        interruption.stops(machine)
         let input = serialMode == .stdio ? try SerialInput(uart: machine.uart) : nil
         defer { input?.stop() }
 
-        let progress = tracer.flatMap { ProgressLine(module: $0.module) }
+        // The records' destination, opened before the guest starts (see RecordOutput).
+        var output: RecordOutput?
+        if tracer != nil {
+            do { output = try RecordOutput(path: plan.output, what: plan.aggregations.isEmpty ? "records" : "results") } catch {
+                try? tracer?.module.disable()
+                throw fail("-o \(error.message)", status: ExitStatus.usage)
+            }
+        }
+        if let o = output, let t = o.temporary, plan.streams {
+            printError("flowtrace: the records go to \(t) while the guest runs (tail -f shows them); it replaces \(o.destination) when the run ends")
+        }
+        interruption.stops(machine, partial: output?.temporary)
+        standardOutput.onFailure { interruption.stopForOutputFailure($0) }
+        // A progress line on a terminal that also shows the records as they stream would
+        // cut through them: then there is none.
+        let recordsOnStderrTerminal = plan.output == nil && plan.streams && standardOutput.shareTerminal
+        let progress = recordsOnStderrTerminal ? nil : tracer.flatMap { ProgressLine.tracing($0.module) }
         let consoleToStderr = tracer != nil && plan.output == nil
         var result: RunResult
         let origin = monotonicNanoseconds()
         let title = (guest as NSString).lastPathComponent
         var stream: RecordStreamWriter?
-        if let tracer { stream = try plan.startStream(tracer, symbols: symbols, timeOrigin: origin, title: title) }
-        /// The records, whatever the ending: the stream's rest, or the whole report.
-        func writeRecords(_ tracer: Tracer) -> (Int, String?) {
+        if let tracer, let output {
+            stream = try plan.startStream(tracer, sink: output.sink, symbols: symbols, timeOrigin: origin, title: title) {
+                interruption.stopForOutputFailure($0)
+            }
+        }
+        /// The records, whatever the ending: the stream's rest, or the whole report; then the
+        /// output closed (-o FILE replaced, or left as it was after a failure).
+        func writeRecords(_ tracer: Tracer, _ output: RecordOutput) -> (written: Int, error: String?, outcome: String) {
             if tracer.module.state == .enabled {
                 do { try tracer.module.disable() } catch { printError("flowtrace: warning: \(error.description)") }
             }
-            if let stream { return stream.finish() }
-            if !plan.aggregations.isEmpty { return plan.writeAggregations(tracer, symbols: symbols) }
-            return plan.writeReport(tracer, symbols: symbols, timeOrigin: origin, title: title)
+            let (written, failure): (Int, String?)
+            if let stream {
+                (written, failure) = stream.finish()
+            } else if !plan.aggregations.isEmpty {
+                (written, failure) = plan.writeAggregations(tracer, to: output.sink, symbols: symbols)
+            } else {
+                (written, failure) = plan.writeReport(tracer, to: output.sink, symbols: symbols, timeOrigin: origin, title: title)
+            }
+            let (error, outcome) = output.close(written: written, failure: failure)
+            return (written, error, outcome)
         }
+        let consoleWhat = "the guest's console"
         do {
             result = try machine.run(timeout: timeout.map { .milliseconds(Int64($0 * 1000)) }) { line in
-                if let progress {
-                    progress.printAbove(line.text, toStdout: !consoleToStderr)
-                } else if consoleToStderr {
-                    printError(line.text)
-                } else {
-                    printOut(line.text)
-                }
+                standardOutput.line(line.text, to: consoleToStderr ? .stderr : .stdout, what: consoleWhat)
             }
             // No debugger to hand a halt to: report it and go on (within the same --timeout).
             while case let .halted(stop) = result.ending {
@@ -366,10 +393,10 @@ struct RunCommand: ParsableCommand {
         } catch {
             progress?.finish()
             // The records taken so far are still written.
-            if let tracer {
-                let (written, failure) = writeRecords(tracer)
-                printError("flowtrace: \(written) \(plan.aggregations.isEmpty ? "records" : "results") written to \(plan.output ?? "stdout") before the failure")
-                if let failure { printError("flowtrace: error: \(failure)") }
+            if let tracer, let output {
+                let w = writeRecords(tracer, output)
+                printError("flowtrace: \(w.outcome) before the failure")
+                if let e = w.error { printError("flowtrace: error: \(e)") }
             }
             // Nothing the user typed gets here: a bug, or the host refusing something.
             if error.isInternal { throw fail("internal error (a bug of flowtrace, please report it): \(error.description)", status: ExitStatus.software) }
@@ -381,13 +408,14 @@ struct RunCommand: ParsableCommand {
 
         // Records first, whatever the ending, then the summary, then the status.
         var writeFailure: String?
+        var outcome = ""
         var written = 0
-        if let tracer { (written, writeFailure) = writeRecords(tracer) }
+        if let tracer, let output { (written, writeFailure, outcome) = writeRecords(tracer, output) }
         let name = (guest as NSString).lastPathComponent
         let elapsed = Double(result.elapsed.components.seconds) + Double(result.elapsed.components.attoseconds) / 1e18
         let seconds = String(format: "%.3f s", elapsed)
         let cpus = "\(vcpus) vCPU\(vcpus == 1 ? "" : "s")"
-        if let tracer { printError(plan.summary(tracer, written: written, elapsed: elapsed, stepOvers: machine.stepOvers)) }
+        if let tracer { printError(plan.summary(tracer, written: written, outcome: outcome, elapsed: elapsed, stepOvers: machine.stepOvers)) }
         for n in notes { printError(n) }
         if tracer != nil, machine.probesWaitingForGate > 0 {
             printError("flowtrace: \(machine.probesWaitingForGate) software probe\(machine.probesWaitingForGate == 1 ? "" : "s") never armed: the kernel never reached rest_init, where they wait for its boot-time code patching to end")
@@ -404,33 +432,40 @@ struct RunCommand: ParsableCommand {
             printError("flowtrace: the guest touched \(what) no device answers (reads gave all ones, writes went nowhere):")
             for a in unknown { printError("  " + describe(a, symbols: symbols)) }
         }
+        // A failed write (records, serial file, console, messages) is exit 74 whatever the ending.
+        let ioFailed = writeFailure != nil || serialFailure != nil
         switch result.ending {
         case let .reset(why):
             printError("flowtrace: \(name): guest reset (\(why)) after \(seconds) (\(cpus))")
-            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
         case .allHalted:
             printError("flowtrace: \(name): every vCPU halted with interrupts off after \(seconds) (\(cpus)); nothing can wake the guest (a kernel without ACPI powers off so), so the run ended")
-            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
         case let .exited(status):
             printError("flowtrace: \(name): guest exited with status \(status) after \(seconds) (\(cpus))")
-            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
-            if status != 0 { throw ExitCode(Int32(truncatingIfNeeded: status & 0xFF == 0 ? 1 : status & 0xFF)) }
+            if !ioFailed, status != 0 { throw ExitCode(Int32(truncatingIfNeeded: status & 0xFF == 0 ? 1 : status & 0xFF)) }
         case let .fault(f):
             printError("flowtrace: \(name): \(f.description) after \(seconds)")
             printError(f.registerDump)
-            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
-            throw ExitCode(ExitStatus.guestFault)
+            if !ioFailed { throw ExitCode(ExitStatus.guestFault) }
         case .timedOut:
             printError("flowtrace: \(name): timed out after \(seconds) (--timeout \(timeout ?? 0)); every vCPU was stopped")
-            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
-            throw ExitCode(ExitStatus.timeout)
+            if !ioFailed { throw ExitCode(ExitStatus.timeout) }
         case .halted:
             break
         case .stopped:
-            printError("flowtrace: \(name): interrupted after \(seconds); every vCPU was stopped")
-            if writeFailure != nil { throw ExitCode(ExitStatus.ioError) }
-            throw ExitCode(ExitStatus.interrupted)
+            switch interruption.cause {
+            case let .signal(sig)?:
+                let what = sig == SIGINT ? "interrupted" : "stopped by \(signalName(sig))"
+                printError("flowtrace: \(name): \(what) after \(seconds); every vCPU was stopped")
+                if !ioFailed { throw ExitCode(ExitStatus.signalled(sig)) }
+            case .outputFailed?:
+                printError("flowtrace: \(name): stopped after \(seconds) because a write failed (said above, or on the other stream); every vCPU was stopped")
+                throw ExitCode(ExitStatus.ioError)
+            case nil:
+                printError("flowtrace: \(name): stopped after \(seconds); every vCPU was stopped")
+                if !ioFailed { throw ExitCode(ExitStatus.interrupted) }
+            }
         }
+        if ioFailed { throw ExitCode(ExitStatus.ioError) }
     }
 }
 
@@ -821,52 +856,38 @@ struct TracePlan {
         }
     }
 
-    /// Writes the aggregations' results (tables or JSON); returns how many and the write error.
-    func writeAggregations(_ tracer: Tracer, symbols: Symbolizer) -> (Int, String?) {
+    /// Writes the aggregations' results (tables or JSON) to `out`; returns how many and the
+    /// write error.
+    func writeAggregations(_ tracer: Tracer, to out: ByteSink, symbols: Symbolizer) -> (Int, String?) {
         let results = tracer.module.aggregationResults
         let names = Dictionary(tracer.probes.map { ($0.1.address, $0.1.location) }, uniquingKeysWith: { a, _ in a })
         let o = AggregationOutput(results: results, locationNames: names, symbols: symbols, top: top)
-        let out: ByteSink
-        do { out = try endOfRunSink() } catch { return (0, "writing the results to \(output ?? "stdout"): \(error.message)") }
         out.write(aggregationsAsJSON ? o.json() : o.text())
-        do { try out.commit() } catch { return (0, "writing the results to \(output ?? "stdout"): \(error.message)") }
-        return (results.count, nil)
+        out.flush()
+        return (out.error == nil ? results.count : 0, out.error)
     }
 
-    /// Writes the filtered report; returns how many records it wrote and the write error, if any.
-    func writeReport(_ tracer: Tracer, symbols: Symbolizer, timeOrigin: UInt64, title: String) -> (Int, String?) {
+    /// Writes the filtered report to `out`; returns how many records it wrote and the
+    /// write error, if any.
+    func writeReport(_ tracer: Tracer, to out: ByteSink, symbols: Symbolizer, timeOrigin: UInt64, title: String) -> (Int, String?) {
         var report = tracer.module.report()
         if !filters.isEmpty || reverse {
             report = report.filtered(by: filters.map { $0.filter(timeOrigin: timeOrigin) }, combining: combination, reverse: reverse)
         }
         let writer = makeWriter(tracer, symbols: symbols, timeOrigin: timeOrigin, title: title)
-        let out: ByteSink
-        do { out = try endOfRunSink() } catch { return (0, "writing the records to \(output ?? "stdout"): \(error.message)") }
         writer.write(report, to: out)
-        do { try out.commit() } catch { return (0, "writing the records to \(output ?? "stdout"): \(error.message)") }
+        if let e = out.error { return (0, e) }
         if report.missing > 0 {
-            return (report.count, "\(report.missing) records could not be copied for the report (out of memory)")
+            printError("flowtrace: warning: \(report.missing) records could not be copied for the report (out of memory)")
         }
         return (report.count, nil)
     }
 
-    /// Where output written after the run goes: stdout, or a file that replaces -o's on commit.
-    func endOfRunSink() throws(SystemError) -> ByteSink {
-        guard let output else { return ByteSink(fd: STDOUT_FILENO) }
-        return try ByteSink(replacing: output)
-    }
-
-    /// Starts writing the records while the guest runs (jsonl, csv): opens the output
-    /// (truncating -o FILE) and a writer thread taking the module's stream. nil: not a
-    /// streamed format, or no probes.
-    func startStream(_ tracer: Tracer, symbols: Symbolizer, timeOrigin: UInt64, title: String) throws(ExitCode) -> RecordStreamWriter? {
+    /// Starts writing the records while the guest runs (jsonl, csv) to `sink`: a writer
+    /// thread taking the module's stream. nil: not a streamed format.
+    func startStream(_ tracer: Tracer, sink: ByteSink, symbols: Symbolizer, timeOrigin: UInt64, title: String,
+                     onFailure: @escaping @Sendable (String) -> Void) throws(ExitCode) -> RecordStreamWriter? {
         guard streams else { return nil }
-        let sink: ByteSink
-        if let output {
-            do { sink = try ByteSink(overwriting: output) } catch { throw fail("-o \(error.message)", status: ExitStatus.usage) }
-        } else {
-            sink = ByteSink(fd: STDOUT_FILENO)
-        }
         let filter: (@Sendable (TraceReport) -> TraceReport)?
         if filters.isEmpty && !reverse {
             filter = nil
@@ -876,7 +897,7 @@ struct TracePlan {
         }
         do {
             return try RecordStreamWriter(module: tracer.module, writer: makeWriter(tracer, symbols: symbols, timeOrigin: timeOrigin, title: title),
-                                          sink: sink, destination: output ?? "stdout", filter: filter)
+                                          sink: sink, filter: filter, onFailure: onFailure)
         } catch {
             throw fail("starting the record writer: \(error.description)", status: ExitStatus.software)
         }
@@ -894,17 +915,27 @@ struct TracePlan {
         return writer
     }
 
-    func summary(_ tracer: Tracer, written: Int, elapsed: Double, stepOvers: (outOfLine: UInt64, inPlace: UInt64)) -> String {
+    /// The summary on stderr. Every figure says what it counts and the totals are the sums
+    /// of the rows: HITS the hits delivered at each location while tracing was on; TAKEN
+    /// (streamed formats) the records taken there, every one handed to the writer; KEPT and
+    /// EVICTED (table, chrome) the records in memory at the end and those pushed out by
+    /// --max-records; no record columns for aggregations. `outcome`: where the records went.
+    func summary(_ tracer: Tracer, written: Int, outcome: String, elapsed: Double, stepOvers: (outOfLine: UInt64, inPlace: UInt64)) -> String {
         let c = tracer.module.counters
         let withBlocks = !tracer.flows.isEmpty
         let withConditions = tracer.module.locations.contains { $0.condition != nil }
-        var rows = [["LOCATION"] + (withBlocks ? ["BLOCK"] : []) + ["WHEN", "HITS"] + (withConditions ? ["FILTERED"] : []) + ["KEPT", "EVICTED", "SUPPRESSED"]]
+        let recordColumns: [String] = !aggregations.isEmpty ? [] : streams ? ["TAKEN"] : ["KEPT", "EVICTED"]
+        var rows = [["LOCATION"] + (withBlocks ? ["BLOCK"] : []) + ["WHEN", "HITS"] + (withConditions ? ["FILTERED"] : []) + recordColumns + ["SUPPRESSED"]]
         for (l, (_, planned)) in zip(c.locations, tracer.probes) {
+            let records = !aggregations.isEmpty ? [] : streams ? ["\(l.taken)"] : ["\(l.kept)", "\(l.evicted)"]
             rows.append([planned.location] + (withBlocks ? [planned.block ?? "-"] : [])
                         + [l.timing.rawValue, "\(l.hits)"] + (withConditions ? ["\(l.filtered)"] : [])
-                        + ["\(l.kept)", "\(l.evicted)", "\(l.suppressed)"])
+                        + records + ["\(l.suppressed)"])
         }
-        let rate = elapsed > 0 ? Double(c.hitsSeen) / elapsed : 0
+        // The rows' sum; hits after tracing stopped (--hits reached while other vCPUs were
+        // still at the probes) belong to no row and are said apart.
+        let hits = c.locations.reduce(0) { $0 + $1.hits }
+        let rate = elapsed > 0 ? Double(hits) / elapsed : 0
         var lines = ["flowtrace: engine \(tracer.engine)"]
         let firstNumber = withBlocks ? 3 : 2
         lines.append(table(rows, rightAligned: Set(firstNumber..<rows[0].count)))
@@ -927,14 +958,23 @@ struct TracePlan {
             }
             lines.append(line)
         }
-        var total = "flowtrace: \(c.hitsSeen) hits (\(formatRate(rate)) hits/s), \(c.recordsTaken) records taken, \(c.recordsKept) kept"
+        var total = "flowtrace: \(hits) hits (\(formatRate(rate)) hits/s)"
+        if !aggregations.isEmpty {
+            total += ", \(c.recordsTaken) aggregated"
+        } else if streams {
+            total += ", \(c.recordsTaken) records taken"
+        } else {
+            total += ", \(c.recordsTaken) records taken, \(c.recordsKept) kept"
+            if c.evicted > 0 { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
+        }
         if c.recordsLost > 0 { total += ", \(c.recordsLost) lost (no memory for them; lower --max-records)" }
-        // Streamed records were all written: the evicted ones only left memory.
-        if c.evicted > 0, !streams, aggregations.isEmpty { total += ", \(c.evicted) evicted (raise --max-records to keep them)" }
         if c.filteredAtHit > 0 { total += ", \(c.filteredAtHit) filtered at the hit by their condition" }
-        if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(hits)" }
+        if c.suppressedOverLimit > 0 { total += ", \(c.suppressedOverLimit) over --hits \(self.hits)" }
         if c.suppressedWrongVCPU > 0 { total += ", \(c.suppressedWrongVCPU) on other vCPUs than --vcpu" }
         lines.append(total)
+        if c.suppressedDisabled > 0 {
+            lines.append("flowtrace: \(c.suppressedDisabled) more hit\(c.suppressedDisabled == 1 ? "" : "s") after tracing stopped (--hits reached while other vCPUs were at a probe; in no row)")
+        }
         for (l, (_, planned)) in zip(c.locations, tracer.probes) where l.conditionUnreadable > 0 {
             lines.append("flowtrace: \(planned.location): the condition could not be evaluated at \(l.conditionUnreadable) hit\(l.conditionUnreadable == 1 ? "" : "s") (counted as false): \(l.conditionUnreadableReason ?? "unknown reason")")
         }
@@ -944,10 +984,10 @@ struct TracePlan {
                          + "their instructions depend on where they run, or the guest left the boot page tables or rewrote them")
         }
         if !aggregations.isEmpty {
-            lines.append("flowtrace: \(written) result\(written == 1 ? "" : "s") (\(aggregations.count) aggregation\(aggregations.count == 1 ? "" : "s") x \(c.locations.count) location\(c.locations.count == 1 ? "" : "s")) written to \(output ?? "stdout") (\(aggregationsAsJSON ? "json" : "table")); no records")
+            lines.append("flowtrace: \(outcome) (\(aggregations.count) aggregation\(aggregations.count == 1 ? "" : "s") x \(c.locations.count) location\(c.locations.count == 1 ? "" : "s"), \(aggregationsAsJSON ? "json" : "table")); no records")
             return lines.joined(separator: "\n")
         }
-        lines.append("flowtrace: \(written) records written to \(output ?? "stdout") (\(format.rawValue)\(streams ? ", while the guest ran" : ""))"
+        lines.append("flowtrace: \(outcome) (\(format.rawValue)\(streams ? ", while the guest ran" : ""))"
                      + (filters.isEmpty && !reverse ? "" : " after --filter (\(filters.count) filter\(filters.count == 1 ? "" : "s"), --match \(combination.rawValue)\(reverse ? ", --reverse" : ""))"))
         return lines.joined(separator: "\n")
     }
@@ -959,30 +999,99 @@ func formatRate(_ r: Double) -> String {
     return String(format: "%.0f", r)
 }
 
-/// SIGINT for the whole command: exits 130 while nothing runs yet, stops the machine once
-/// there is one. Installed first thing, so no Ctrl-C is lost to the default action.
+/// Why flowtrace stopped a run itself (the machine's ending is then `.stopped`).
+enum StopCause: Sendable, Equatable {
+    /// SIGINT, SIGTERM or SIGHUP.
+    case signal(Int32)
+    /// Writing the records, the console or a message failed.
+    case outputFailed(String)
+
+    var exitStatus: Int32 {
+        switch self {
+        case let .signal(s): ExitStatus.signalled(s)
+        case .outputFailed: ExitStatus.ioError
+        }
+    }
+}
+
+/// The signals that end `flowtrace run` in order: SIGINT (Ctrl-C), SIGTERM (what `timeout`,
+/// systemd and docker send) and SIGHUP (a closed terminal). Installed first thing, so none
+/// is lost to the default action. While nothing runs yet the command exits at once (128 +
+/// the signal); once the guest runs, the first one stops every vCPU and the run ends as
+/// usual (every record taken written, the summary). A second one means "stop now": the
+/// command exits at once, leaving -o FILE as it was (what was written is in the named
+/// temporary file).
 final class Interruption: Sendable {
-    private let machine = Locked<Machine?>(nil)
-    /// Dispatch sources are not Sendable: this one is only touched under its lock.
-    private let source: Locked<any DispatchSourceSignal>
+    static let signals: [Int32] = [SIGINT, SIGTERM, SIGHUP]
+    private struct State {
+        var machine: Machine?
+        var cause: StopCause?
+        var signals = 0
+        /// Said when a second signal ends the command at once: where the records are.
+        var partial: String?
+    }
+    private let state = Locked(State())
+    /// Dispatch sources are not Sendable: these are only touched under their lock.
+    private let sources: Locked<[any DispatchSourceSignal]>
 
     init() {
-        signal(SIGINT, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
-        let machine = self.machine
-        source.setEventHandler {
-            if let m = machine.withLock({ $0 }) { m.stop(); return }
-            printError("flowtrace: interrupted before the guest ran")
-            exit(ExitStatus.interrupted)
+        let state = self.state
+        var sources: [any DispatchSourceSignal] = []
+        for sig in Self.signals {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { Interruption.received(sig, state) }
+            source.resume()
+            sources.append(source)
         }
-        source.resume()
-        self.source = Locked(source)
+        self.sources = Locked(sources)
     }
 
-    /// From now on Ctrl-C stops `m`.
-    func stops(_ m: Machine) { machine.withLock { $0 = m } }
+    private static func received(_ sig: Int32, _ state: Locked<State>) {
+        let (machine, count, partial) = state.withLock { s -> (Machine?, Int, String?) in
+            s.signals += 1
+            if s.cause == nil { s.cause = .signal(sig) }
+            return (s.machine, s.signals, s.partial)
+        }
+        let name = signalName(sig)
+        guard let machine else {
+            printError("flowtrace: \(name) before the guest ran; nothing was traced")
+            exit(ExitStatus.signalled(sig))
+        }
+        guard count == 1 else {
+            // Not through the output lock: the thread holding it may be what is stuck.
+            let line = "flowtrace: second signal (\(name)): stopping now" + (partial.map { "; the records written so far are in \($0)" } ?? "") + "\n"
+            do throws(SystemError) { try writeAll(STDERR_FILENO, Array(line.utf8)) } catch {}
+            _exit(ExitStatus.signalled(sig))
+        }
+        machine.stop()
+    }
 
-    func cancel() { source.withLock { $0.cancel() } }
+    /// From now on a signal stops `m`; `partial` names where the records are written.
+    func stops(_ m: Machine, partial: String?) { state.withLock { $0.machine = m; $0.partial = partial } }
+
+    /// Stops the run because output failed (the first cause is kept).
+    func stopForOutputFailure(_ message: String) {
+        let machine = state.withLock { s -> Machine? in
+            if s.cause == nil { s.cause = .outputFailed(message) }
+            return s.machine
+        }
+        machine?.stop()
+    }
+
+    /// What stopped the run, if flowtrace did.
+    var cause: StopCause? { state.withLock { $0.cause } }
+
+    func cancel() { sources.withLock { for s in $0 { s.cancel() } } }
+}
+
+func signalName(_ sig: Int32) -> String {
+    switch sig {
+    case SIGINT: "SIGINT"
+    case SIGTERM: "SIGTERM"
+    case SIGHUP: "SIGHUP"
+    default: "signal \(sig)"
+    }
 }
 
 /// `FLOWTRACE_FAULT` (see docs/reliability.md): a host call to fail on purpose.

@@ -175,7 +175,7 @@ struct FlowCLITests {
         #expect(exits.map { hexValue(($0["values"] as? [String: Any])?["rax"]) } == fibReturns(15))
         #expect(entries.allSatisfy { $0["location"] as? String == "fib+0x0" })
         #expect(r.stderr.contains("flowtrace: --flow fib: 3 blocks (3 probed), entered 1973 times, left through exit blocks 1973 times"))
-        #expect(r.stderr.contains("  LOCATION  BLOCK    WHEN    HITS  KEPT  EVICTED  SUPPRESSED"))
+        #expect(r.stderr.contains("  LOCATION  BLOCK    WHEN    HITS  TAKEN  SUPPRESSED"))
     }
 
     @Test(.enabled(if: kvmUsable, kvmSkipReason))

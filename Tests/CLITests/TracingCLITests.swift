@@ -211,7 +211,9 @@ struct TracingCLITests {
         let all = try parseJSONLines(streamed.stdout)
         #expect(all.map { $0["seq"] as? Int } == (0..<1973).map { Optional($0) })
         #expect(all.map { littleEndian((($0["values"] as? [String: Any])?["[fib_calls]:8"] as? String) ?? "") } == (0..<1973).map { Optional(UInt64($0)) })
-        #expect(streamed.stderr.contains("1973 records taken, 100 kept\n"))
+        #expect(streamed.stderr.contains("1973 records taken\n"))
+        // Streamed: TAKEN per location, every one written; no EVICTED that reads like loss.
+        #expect(streamed.stderr.contains("  LOCATION  WHEN    HITS  TAKEN  SUPPRESSED\n  fib       before  1973   1973           0\n"))
         #expect(streamed.stderr.contains("flowtrace: 1973 records written to stdout (jsonl, while the guest ran)"))
         // The table is written from what is kept: the newest 100.
         let bounded = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[fib_calls]:8", "--max-records", "100", "--format", "table")
@@ -234,8 +236,8 @@ struct TracingCLITests {
         #expect(rdi == fibArguments.filter { $0 < 3 }.map { Optional($0) })
         #expect(rdi.count == 1364)
         #expect(r.stderr.contains("1973 hits"))
-        #expect(r.stderr.contains("1364 records taken, 1364 kept, 609 filtered at the hit by their condition"))
-        #expect(r.stderr.contains("  LOCATION  WHEN    HITS  FILTERED  KEPT  EVICTED  SUPPRESSED\n  fib       before  1973       609  1364        0           0"))
+        #expect(r.stderr.contains("1364 records taken, 609 filtered at the hit by their condition"))
+        #expect(r.stderr.contains("  LOCATION  WHEN    HITS  FILTERED  TAKEN  SUPPRESSED\n  fib       before  1973       609   1364           0"))
         // The budget counts passing hits only: the first 10 calls with rdi == 1.
         let limited = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi,[rsp]:8 if rdi == 1 && [rsp]:8 != 0", "--hits", "10", "--format", "jsonl")
         #expect(limited.status == 0)
@@ -391,7 +393,10 @@ struct AggregationCLITests {
         let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib", "--count-by", "rdi", "--count-by", "caller",
                               "--hist", "rdi", "--hist-linear", "rdi:0:16:4", "--max-records", "1", "-o", out)
         #expect(r.status == 0, "\(r.stderr)")
-        #expect(r.stderr.contains("flowtrace: 4 results (4 aggregations x 1 location) written to \(out) (json); no records"))
+        #expect(r.stderr.contains("flowtrace: 4 results written to \(out) (4 aggregations x 1 location, json); no records"))
+        // No record columns: aggregations keep no records.
+        #expect(r.stderr.contains("  LOCATION  WHEN    HITS  SUPPRESSED\n  fib       before  1973           0\n"))
+        #expect(r.stderr.contains("flowtrace: 1973 hits") && r.stderr.contains("1973 aggregated\n"))
         let doc = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: out))) as? [String: Any])
         let list = try #require(doc["aggregations"] as? [[String: Any]])
         #expect(list.map { $0["kind"] as? String } == ["count", "count", "hist", "hist-linear"])

@@ -178,4 +178,41 @@ struct MachineReliabilityTests {
         sigaction(SIGUSR1, nil, &usr1)
         #expect(unsafeBitCast(usr1.__sigaction_handler.sa_handler, to: Int.self) == 0)
     }
+
+    /// A hit that finds its module's record stream full waits for the stream's consumer.
+    /// When that consumer itself ends the tracing (`disable()`) or the run (`stop()`),
+    /// instead of taking records, neither may wait for that hit: spin fills a 4,096-record
+    /// window nobody takes from, then the consuming thread disables, or stops, and the run
+    /// ends with every record taken still in the stream, in order.
+    @Test(arguments: ["disable", "stop"])
+    func theStreamsConsumerCanEndTheRun(_ how: String) throws {
+        try withWatchdog(60, "\(how)() from the consumer of a full record stream") {
+            let m = try Machine(path: Guests.path("spin"), configuration: .init(vcpuCount: 1, engine: .engine(.hlt)))
+            let module = try TraceModule(target: m)
+            try module.addProbe(Probe("spin_step", entries: [try .register(named: "rdi")]), at: try #require(m.symbolizer.address(of: "spin_step")))
+            module.openStream(maxPendingBytes: 1)  // the minimum window: 4,096 records
+            try module.enable(maxRecords: 10)
+            let ending = LockedBox<RunEnding?>(nil)
+            let ran = DispatchSemaphore(value: 0)
+            Thread {
+                do { ending.set(try m.run(timeout: .seconds(50)).ending) } catch { Issue.record("run: \(error)") }
+                ran.signal()
+            }.start()
+            // The window is full once 4,096 records wait: the 4,097th hit waits for room.
+            while module.counters.recordsTaken < 4_096 { sched_yield() }
+            if how == "disable" { try module.disable() }
+            m.stop()
+            ran.wait()
+            #expect(ending.get() == .stopped)
+            var rdi: [UInt64] = []
+            while true {
+                let batch = module.takeStreamed(maxRecords: 10_000)
+                if batch.isEmpty { break }
+                for r in batch { if case let .register(v)? = r.values.first { rdi.append(v.asUInt64) } }
+            }
+            #expect(rdi.count >= 4_096)
+            #expect(rdi == Array(0..<UInt64(rdi.count)))
+            #expect(UInt64(rdi.count) == module.counters.recordsTaken)
+        }
+    }
 }

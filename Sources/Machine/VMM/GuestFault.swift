@@ -12,6 +12,10 @@ public struct GuestFault: Error, Sendable, Equatable, CustomStringConvertible {
         case host(KVMError, while: String)
         /// The guest's exit, handled, but a host call needed for it failed.
         case exitFailed(VMExit, KVMError, while: String)
+        /// The guest's own memory made what flowtrace was doing impossible: an address its
+        /// page tables do not map (an unmapped stack at a probed `popf`/`iret`), or one
+        /// they map outside its RAM (`KVMError.isGuestCondition`). A guest fault, not the host's.
+        case guestMemory(KVMError, while: String)
     }
 
     /// The vCPU that stopped.
@@ -37,8 +41,10 @@ public struct GuestFault: Error, Sendable, Equatable, CustomStringConvertible {
 
     /// Whether a host call failed (not the guest).
     public var isHostFailure: Bool {
-        if case .exit = cause { return false }
-        return true
+        switch cause {
+        case .exit, .guestMemory: false
+        case .host, .exitFailed: true
+        }
     }
 
     public var description: String {
@@ -50,6 +56,8 @@ public struct GuestFault: Error, Sendable, Equatable, CustomStringConvertible {
             return "host failure on vCPU \(vcpu) while \(doing): \(error.description); guest \(at)"
         case let .exitFailed(e, error, doing):
             return "host failure on vCPU \(vcpu) while \(doing) after \(e.name): \(error.description); guest \(at)"
+        case let .guestMemory(error, doing):
+            return "guest fault on vCPU \(vcpu) while \(doing): \(error.description) \(at)"
         }
     }
 

@@ -377,14 +377,18 @@ public final class Machine: TraceTarget {
             if e.ending == nil { e.ending = ending }
         }
         stopRequested.store(true, ordering: .releasing)
+        // A hit blocked on a full record stream must get back to its vCPU's loop to see the stop.
+        for owners in current.owners.values { for o in owners { o.module.releaseStreamWaiters() } }
         for v in vcpus { v.kick() }
         // A machine stopped at a halt has every vCPU parked: let them see the stop.
         if rendezvous.isHeldByController { rendezvous.release() }
     }
 
     /// A host call failed on `vcpu`'s thread: the run ends, naming the call and what it was for.
+    /// Conditions of the guest's own memory (an unmapped stack, a page outside RAM) are the
+    /// guest's fault, not the host's.
     func hostFailure(_ vcpu: VCPU, _ error: KVMError, while doing: String) {
-        finish(vcpu, .host(error, while: doing))
+        finish(vcpu, error.isGuestCondition ? .guestMemory(error, while: doing) : .host(error, while: doing))
     }
 
     /// Ends the run with a fault of `vcpu` (the registers, when readable, go into the dump).

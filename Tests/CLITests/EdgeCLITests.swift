@@ -1,0 +1,303 @@
+import Foundation
+import Glibc
+import KVM
+import Testing
+import TestSupport
+
+private let kvmUsable = KVMHost.isUsable()
+private let isRoot = getuid() == 0
+
+/// Runs `flowtrace args` with stdout and/or stderr sent to `path` (e.g. /dev/full); the
+/// other stream is collected.
+private func flowtrace(_ args: [String], stdoutTo: String? = nil, stderrTo: String? = nil) throws -> ProcessOutput {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: Guests.flowtrace)
+    p.arguments = args
+    p.standardInput = FileHandle.nullDevice
+    let out = Pipe(), err = Pipe()
+    let outFile = try stdoutTo.map { try #require(FileHandle(forWritingAtPath: $0)) }
+    let errFile = try stderrTo.map { try #require(FileHandle(forWritingAtPath: $0)) }
+    p.standardOutput = outFile ?? out
+    p.standardError = errFile ?? err
+    try p.run()
+    try outFile?.close()
+    try errFile?.close()
+    let errText = LockedBox(Data())
+    let errDone = DispatchSemaphore(value: 0)
+    DispatchQueue.global().async {
+        if errFile == nil { errText.set(err.fileHandleForReading.readDataToEndOfFile()) }
+        errDone.signal()
+    }
+    let o = outFile == nil ? out.fileHandleForReading.readDataToEndOfFile() : Data()
+    errDone.wait()
+    p.waitUntilExit()
+    return ProcessOutput(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
+                         stderr: String(decoding: errText.get(), as: UTF8.self))
+}
+
+/// No Swift runtime trap or backtrace in `text`.
+private func expectNoCrash(_ text: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    for crash in ["Fatal error", "Backtracing", "Program crashed", "Illegal instruction"] {
+        #expect(!text.contains(crash), "\(crash) in: \(text.prefix(2000))", sourceLocation: sourceLocation)
+    }
+}
+
+/// A tmpfs of 64 KiB, mounted for the suite (root only; nil where mounting is refused).
+private let smallFilesystem: String? = {
+    guard isRoot else { return nil }
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-small-\(getpid())").path
+    do {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let r = try run("/bin/mount", ["-t", "tmpfs", "-o", "size=64k", "tmpfs", dir])
+        guard r.status == 0 else { return nil }
+    } catch { return nil }
+    return dir
+}()
+
+/// Whether the unprivileged user `nobody` can run the built flowtrace on the bundled guests.
+private let nobodyCanRun: Bool = {
+    guard isRoot, FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") else { return false }
+    do {
+        let fib = try Guests.path("fib")
+        let r = try run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c",
+                                             "test -x \"$0\" && test -r \"$1\"", Guests.flowtrace, fib])
+        return r.status == 0
+    } catch { return false }
+}()
+
+/// The last number before `suffix` and after `prefix` in `text`.
+private func number(after prefix: String, in text: String) -> Int? {
+    guard let r = text.range(of: prefix) else { return nil }
+    return Int(String(text[r.upperBound...].prefix { $0.isNumber }))
+}
+
+@Suite("promises at the edges: output that cannot be written, -o, signals", .serialized, .timeLimit(.minutes(5)))
+struct EdgeOutputTests {
+    /// The console on a full stdout: one line on stderr naming it, exit 74, no trap.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func aConsoleThatCannotBeWrittenExits74() throws {
+        let r = try flowtrace(["run", try Guests.path("fib")], stdoutTo: "/dev/full")
+        expectNoCrash(r.stderr)
+        #expect(r.status == 74, "\(r.stderr)")
+        let errors = r.stderr.split(separator: "\n").filter { $0.hasPrefix("flowtrace: error:") }
+        #expect(errors == ["flowtrace: error: writing the guest's console to stdout: No space left on device"])
+    }
+
+    /// Messages on a full stderr: the console still reaches stdout, then the one line there.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func messagesThatCannotBeWrittenExit74() throws {
+        let r = try flowtrace(["run", try Guests.path("fib")], stderrTo: "/dev/full")
+        expectNoCrash(r.stdout)
+        #expect(r.status == 74)
+        #expect(r.stdout == "fib(15) = 610, calls = 1973\nflowtrace: error: writing flowtrace's messages to stderr: No space left on device\n")
+    }
+
+    /// stdout a pipe its reader closed while SIGPIPE is ignored (`trap '' PIPE`): the run
+    /// stops at the failed write, exit 74, and the count it gives is of whole records: the
+    /// lines the reader got before closing are among them.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func aClosedPipeWithSIGPIPEIgnoredExits74() throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", "trap '' PIPE; exec \"$0\" run \"$1\" --probe spin_step:rdi --format jsonl --timeout 300", Guests.flowtrace, try Guests.path("spin")]
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        // Read one whole record, then close the read end.
+        var got = Data()
+        while !got.contains(0x0A) {
+            let d = out.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            got += d
+        }
+        try out.fileHandleForReading.close()
+        let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        expectNoCrash(errText)
+        #expect(p.terminationStatus == 74, "\(errText)")
+        let first = try parseJSONLines(String(decoding: got.prefix { $0 != 0x0A }, as: UTF8.self))
+        #expect(first.count == 1)
+        let whole = try #require(number(after: "writing the records to stdout: Broken pipe (", in: errText), "\(errText)")
+        #expect(whole >= 1)
+        #expect(errText.contains("flowtrace: \(whole) records written to stdout before writing failed"))
+        #expect(errText.contains("spin.elf: stopped after") && !errText.contains("timed out"))
+    }
+
+    /// A disk that fills up mid-run: the run stops promptly (spin never ends; no timeout),
+    /// -o FILE stays exactly as it was, the partial file is kept and named, it ends at a
+    /// record boundary, and holds exactly the number of records the summary says, spin's
+    /// own arguments 0, 1, 2, ... in order.
+    @Test(.enabled(if: kvmUsable && smallFilesystem != nil, "needs /dev/kvm and root to mount a 64 KiB tmpfs"))
+    func aFullDiskLeavesTheFileAndKeepsWhatWasWritten() throws {
+        let dir = try #require(smallFilesystem)
+        let out = dir + "/trace.jsonl"
+        try "previous trace\n".write(toFile: out, atomically: false, encoding: .utf8)
+        defer { for f in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] { unlink(dir + "/" + f) } }
+        let r = try flowtrace(["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out, "--timeout", "300"])
+        expectNoCrash(r.stderr)
+        #expect(r.status == 74, "\(r.stderr)")
+        #expect(try String(contentsOfFile: out, encoding: .utf8) == "previous trace\n")
+        #expect(r.stderr.contains("spin.elf: stopped after") && !r.stderr.contains("timed out"))
+        let partialPrefix = "records written before the failure are in "
+        let line = try #require(r.stderr.split(separator: "\n").first { $0.contains(partialPrefix) }, "\(r.stderr)")
+        let partial = String(line[line.range(of: partialPrefix)!.upperBound...])
+        #expect(partial.hasPrefix(dir + "/.trace.jsonl.flowtrace-"))
+        #expect(r.stderr.contains("flowtrace: the records go to \(partial) while the guest runs"))
+        let claimed = try #require(number(after: "and the ", in: String(line)))
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: partial))
+        #expect(bytes.last == 0x0A, "the partial file ends mid-record")
+        let records = try parseJSONLines(String(decoding: bytes, as: UTF8.self))
+        #expect(records.count == claimed && claimed > 100)
+        let rdi = records.map { hexValue(($0["values"] as? [String: Any])?["rdi"]) }
+        #expect(rdi == (0..<records.count).map { Optional(UInt64($0)) })
+        #expect(r.stderr.contains("flowtrace: \(claimed) records reached \(partial) before writing failed (\(out) was left as it was)"))
+    }
+
+    /// -o onto a file its owner made read-only (0444), run as that unprivileged user:
+    /// refused before anything runs, as cp would refuse it; the file is untouched.
+    @Test(.enabled(if: nobodyCanRun, "needs root, setpriv, and a flowtrace binary and guests the user nobody can reach"))
+    func aReadOnlyOutputIsRefusedForItsUnprivilegedOwner() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-nobody-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        let out = dir + "/trace.jsonl"
+        try "previous trace\n".write(toFile: out, atomically: false, encoding: .utf8)
+        #expect(chown(dir, 65534, 65534) == 0 && chown(out, 65534, 65534) == 0 && chmod(out, 0o444) == 0)
+        let r = try run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", Guests.flowtrace,
+                                             "run", try Guests.path("fib"), "--probe", "fib:rdi", "-o", out])
+        expectOneLineError(r, status: 64, "-o cannot write '\(out)': Permission denied (mode 0444)", "chmod u+w")
+        #expect(try String(contentsOfFile: out, encoding: .utf8) == "previous trace\n")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == ["trace.jsonl"])
+    }
+
+    /// SIGTERM (what timeout, systemd and docker send) with a table written at the end:
+    /// the records taken, spin_step(0), (1), ... are all in -o FILE, the summary, exit 143.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func sigtermWritesEveryRecordTaken() throws {
+        let out = try temporaryFile(Array("previous\n".utf8), name: "spin-term.txt")
+        let r = try interruptAfter("spin: 1000 steps", ["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "--format", "table", "-o", out],
+                                   signal: SIGTERM)
+        #expect(r.status == 143, "\(r.stderr)")
+        #expect(r.stderr.contains("spin.elf: stopped by SIGTERM after"))
+        let rows = try String(contentsOfFile: out, encoding: .utf8).split(separator: "\n").dropFirst()
+        let rdi = rows.map { UInt64($0.split(separator: " ").last.map { String($0.dropFirst(2)) } ?? "", radix: 16) }
+        #expect(rdi.count >= 1000)
+        #expect(rdi == (0..<rdi.count).map { Optional(UInt64($0)) })
+        #expect(r.stderr.contains("flowtrace: \(rdi.count) records written to \(out) (table)"))
+    }
+
+    /// SIGHUP (a closed terminal) with jsonl streamed: every record taken, exit 129.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func sighupWritesEveryRecordTaken() throws {
+        let out = try temporaryFile([], name: "spin-hup.jsonl")
+        let r = try interruptAfter("spin: 1000 steps", ["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out], signal: SIGHUP)
+        #expect(r.status == 129, "\(r.stderr)")
+        #expect(r.stderr.contains("spin.elf: stopped by SIGHUP after"))
+        let records = try parseJSONLines(String(contentsOfFile: out, encoding: .utf8))
+        #expect(records.count >= 1000)
+        #expect(records.map { $0["seq"] as? Int } == (0..<records.count).map { Optional($0) })
+        #expect(count(before: " records taken", in: r.stderr) == records.count)
+    }
+
+    /// --hits on 2 vCPUs: the total is the sum of the rows; hits after the limit are said apart.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func summaryTotalsAreTheSumsOfTheRows() throws {
+        let r = try flowtrace(["run", try Guests.path("loop"), "--vcpus", "2", "--probe", "tick:rdi", "--hits", "3", "--format", "jsonl"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(try parseJSONLines(r.stdout).count == 3)
+        let lines = r.stderr.split(separator: "\n")
+        let header = try #require(lines.firstIndex { $0.hasPrefix("  LOCATION") })
+        let rows = lines[(header + 1)...].prefix { $0.hasPrefix("  ") }
+        let hits = rows.map { Int($0.split(separator: " ", omittingEmptySubsequences: true)[2]) ?? -1 }
+        let taken = rows.map { Int($0.split(separator: " ", omittingEmptySubsequences: true)[3]) ?? -1 }
+        #expect(taken.reduce(0, +) == 3)
+        let total = try #require(number(after: "flowtrace: ", in: String(lines.first { $0.contains(" hits (") } ?? "")))
+        #expect(hits.reduce(0, +) == total, "\(r.stderr)")
+        #expect(r.stderr.contains("3 records taken"))
+    }
+}
+
+/// A pseudo-terminal shared by stdout and stderr, as an interactive run or a serial
+/// console has: everything flowtrace writes, in order.
+private func onTerminal(_ args: [String]) throws -> (status: Int32, text: String) {
+    var master: Int32 = -1, slave: Int32 = -1
+    var size = winsize(ws_row: 50, ws_col: 200, ws_xpixel: 0, ws_ypixel: 0)
+    try #require(openpty(&master, &slave, nil, nil, &size) == 0)
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: Guests.flowtrace)
+    p.arguments = args
+    let terminal = FileHandle(fileDescriptor: slave, closeOnDealloc: false)
+    p.standardOutput = terminal
+    p.standardError = terminal
+    p.standardInput = FileHandle.nullDevice
+    try p.run()
+    close(slave)
+    var text = Data()
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(master, &buffer, buffer.count)
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }  // EIO once the last writer closed the terminal
+        text += buffer[..<n]
+    }
+    close(master)
+    p.waitUntilExit()
+    return (p.terminationStatus, String(decoding: text, as: UTF8.self))
+}
+
+@Suite("the progress line never cuts through other lines", .serialized, .timeLimit(.minutes(5)))
+struct ProgressLineTests {
+    /// jsonl streamed to the terminal that also shows stderr: no progress line at all, and
+    /// every record a whole line.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func noProgressWhereRecordsStreamToTheSameTerminal() throws {
+        let (status, text) = try onTerminal(["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "--format", "jsonl", "--hits", "200", "--timeout", "2"])
+        #expect(status == 124)
+        #expect(!text.contains("hits/s  "), "a progress line was drawn")
+        let records = text.split(separator: "\r\n").filter { $0.hasPrefix("{") }
+        #expect(records.count == 200)
+        #expect(try parseJSONLines(records.joined(separator: "\n")).count == 200)
+    }
+
+    /// A console shown while the progress runs (-o FILE): the progress is drawn, and each
+    /// console line starts a line of its own (the progress erased first).
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func consoleLinesEraseTheProgressFirst() throws {
+        let out = try temporaryFile([], name: "progress.jsonl")
+        let (status, text) = try onTerminal(["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out, "--timeout", "3"])
+        #expect(status == 124)
+        #expect(text.contains("hits/s  "), "no progress line was drawn in 3 s")
+        let erase = "\r\u{1B}[K"
+        // Every progress text ends where an erase or the end follows it.
+        for r in text.ranges(of: /[0-9.]+ s  [0-9]+ hits  [0-9.kM]+ hits\/s  [0-9]+ records/) {
+            let rest = text[r.upperBound...]
+            #expect(rest.isEmpty || rest.hasPrefix(erase), "text follows a progress line: \(rest.prefix(40))")
+        }
+        // Console lines ("spin: N steps") start a line or follow an erase.
+        let consoleLines = text.ranges(of: "spin: ")
+        #expect(consoleLines.count >= 3)
+        for r in consoleLines {
+            let before = text[..<r.lowerBound]
+            // (Compared as scalars: "\r\n" is one Character.)
+            let scalars = before.unicodeScalars
+            #expect(scalars.isEmpty || scalars.last == "\n" || before.hasSuffix(erase), "a console line was glued to: \(before.suffix(60))")
+        }
+    }
+}
+
+@Suite("guest conditions are guest faults")
+struct GuestConditionTests {
+    /// A probed popfq on an unmapped stack: reading the RFLAGS image it loads fails in the
+    /// guest's own page tables: a guest fault naming the address, not a host failure.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func anUnmappedStackAtAProbedPopfIsAGuestFault() throws {
+        let r = try flowtrace(["run", try Guests.path("bad-stack"), "--probe", "bad_popf", "--engine", "hlt", "--format", "jsonl"])
+        #expect(r.status == 70)
+        #expect(r.stderr.contains("bad-stack.elf: guest fault on vCPU 0 while reading the guest's trap flag for the probe at 0x"))
+        #expect(r.stderr.contains("guest-virtual address 0x7fff00000000 is not mapped"))
+        #expect(!r.stderr.contains("host failure"))
+        #expect(try parseJSONLines(r.stdout).count == 1)
+    }
+}
