@@ -58,7 +58,7 @@ public struct SymbolFileError: Error, Sendable, Equatable, CustomStringConvertib
     public var path: String
     public var reason: String
     public init(path: String, reason: String) { self.path = path; self.reason = reason }
-    public var description: String { "--symbols \(path): \(reason)" }
+    public var description: String { "--symbol-file \(path): \(reason)" }
 }
 
 /// System.map, `/proc/kallsyms` and `nm` output: `ADDRESS TYPE NAME [\t[module]]` per line

@@ -39,9 +39,10 @@ struct FlowTraceCommand: ParsableCommand {
             Foundation.exit(ExitStatus.ioError)
         }
         guard let thrown else { Foundation.exit(0) }
-        if thrown is ExitCode || thrown is CleanExit { exit(withError: thrown) }
-        // ArgumentParser's own errors (unknown options, bad values) in flowtrace's style.
+        // ExitCode: the command said everything already; success: --help, --version.
         let code = exitCode(for: thrown)
+        if thrown is ExitCode || code == .success { exit(withError: thrown) }
+        // ArgumentParser's own errors (unknown options, bad values) in flowtrace's style.
         var message = Self.message(for: thrown).trimmingCharacters(in: .whitespacesAndNewlines)
         message = message.split(separator: "\n").first.map(String.init) ?? message
         if message.hasPrefix("Error: ") { message.removeFirst(7) }
@@ -59,7 +60,7 @@ struct FlowTraceCommand: ParsableCommand {
         guard !names.contains(first) && first != "help" else { return nil }
         let near = closestNames(to: first, among: names, maxDistance: 2)
         let hint = near.isEmpty ? "" : "; did you mean '\(near[0])'?"
-        return ValidationError("unknown command '\(first)'\(hint) Commands: \(names.joined(separator: ", "))")
+        return ValidationError("unknown command '\(first)' (commands: \(names.joined(separator: ", ")))\(hint)")
     }
 }
 

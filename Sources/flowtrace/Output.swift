@@ -149,3 +149,4 @@ final class ProgressLine: Sendable {
         standardOutput.clearProgress()
     }
 }
+

@@ -85,69 +85,83 @@ enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Boot an ELF guest, run it to the end, and trace it with probes.",
+        abstract: "Boot a guest (an ELF payload or a kernel), run it to the end, and trace it with probes.",
         discussion: """
         PROBE SPECS: LOCATION[@before|@after][:ITEM[,ITEM...]][ if EXPR]
           LOCATION  symbol, symbol+0xOFF, symbol+DEC, or an address 0x...
-          @before   record before the instruction at LOCATION runs (default);
+          @before   record before the instruction at LOCATION runs (default)
           @after    record after it ran (the engine single-steps it first)
-          ITEM      a register (rdi, eax, ah, xmm0, rip, rflags, cr3, gdtr, ...), or memory
-                    [EXPR] or [EXPR]:SIZE (SIZE 1-4096 bytes, default 8); EXPR is BASE,
-                    BASE+INDEX*SCALE, each with an optional +DISP/-DISP; BASE is a register,
-                    a constant or a symbol; SCALE is 1, 2, 4 or 8; or caller (the return
-                    address at a function's entry, [rsp]:8)
-          if EXPR   a condition at the hit: a false one takes no --hits and no record.
-                    Registers, [EXPR]:1|2|4|8, numbers, symbols, caller, ( ), and C's
-                    * + - << >> < <= > >= == != & ^ | && || ! ~, unsigned 64-bit
-          Examples: --probe fib:rdi   --probe 'fib@after:rax'   --probe 'element:[rdi+rsi*8]:8,rsi'
-                    --probe '0x100000:rip,[rsp]:8' --common cr3   --probe 'fib:rdi if rdi < 3'
-        FLOW: --flow FUNCTION[:ITEM,...] probes the function's control-flow graph (see flowtrace graph):
-          its entry block before the first instruction, each exit block after its last (the ret),
-          every other block before its first; ITEMs are collected at each (--flow-entry and
-          --flow-exit replace them for entry and exit blocks). Entry hits count the calls, exit
-          hits the returns; a tail call leaves through a jump block. FUNCTION may be an address.
-          Example: --flow fib:rdi --flow-exit rax
-        FILTERS (--filter, repeatable, combined by --match all|any; --reverse keeps the rest):
-          seq=A..B  ts=A..B (ns since the start; us/ms/s suffixes)  vcpu=A..B  addr=SYMBOL
-          addr=A..B  value:ITEM=V  common:ITEM=V (V: a number for a register, hex bytes for memory)
+          ITEM      a register (rdi, eax, ah, xmm0, rip, rflags, cr3, gdtr, ...),
+                    memory [EXPR] or [EXPR]:SIZE (SIZE 1-4096 bytes, default 8;
+                    EXPR is BASE or BASE+INDEX*SCALE, each with an optional
+                    +DISP/-DISP; BASE a register, a constant or a symbol; SCALE
+                    1, 2, 4 or 8), or caller (the return address at a
+                    function's entry, [rsp]:8)
+          if EXPR   a condition at the hit: a false one takes no --hits and no
+                    record. Registers, [EXPR]:1|2|4|8, numbers, symbols,
+                    caller, ( ), and C's * + - << >> < <= > >= == != & ^ | &&
+                    || ! ~, unsigned 64-bit
+          Examples: --probe fib:rdi    --probe 'fib@after:rax'
+                    --probe 'element:[rdi+rsi*8]:8,rsi'
+                    --probe '0x100000:rip,[rsp]:8' --common cr3
+                    --probe 'fib:rdi if rdi < 3'
+        FLOW: --flow FUNCTION[:ITEM,...] probes the function's control-flow graph
+          (see flowtrace graph): its entry block before the first instruction,
+          each exit block after its last (the ret), every other block before its
+          first; ITEMs are collected at each (--flow-entry and --flow-exit
+          replace them for entry and exit blocks). Entry hits count the calls,
+          exit hits the returns; a tail call leaves through a jump block.
+          FUNCTION may be an address. Example: --flow fib:rdi --flow-exit rax
+        FILTERS (--filter, repeatable, combined by --match all|any; --reverse
+          keeps the rest): seq=A..B  ts=A..B (ns since the start; us/ms/s
+          suffixes)  vcpu=A..B  addr=SYMBOL  addr=A..B  value:ITEM=V
+          common:ITEM=V (V: a number for a register, hex bytes for memory).
           Ranges may leave out an end (seq=100..) or be one number (vcpu=1).
-        AGGREGATIONS: --count-by ITEM counts the hits at each location per value of ITEM (a
-          register, [memory]:1|2|4|8, caller, or an expression of them as in conditions);
-          --hist ITEM draws a power-of-two histogram of its values, --hist-linear
-          ITEM:MIN:MAX:STEP one with STEP-wide buckets. Computed at each hit taken (after
-          --vcpu, the condition and --hits), without records: the tables (--top N values) or
-          JSON (--format json, -o x.json) replace the records on stdout or in -o FILE.
-          ITEM caller: at a function's first instruction, the return address ([rsp]:8).
-          Example: --probe fib --count-by caller --hist rdi
-        OUTPUT: the records go to stdout, or -o FILE: --format table (default on a terminal),
-        jsonl (default otherwise; for -o, the file's extension .jsonl/.csv/.json/.txt picks it),
-        csv, chrome (Chrome trace-event JSON for Perfetto UI). jsonl and csv are written while the
-        guest runs, in sequence order; table and chrome after the run, from the records kept
-        (--max-records). -o FILE, in every format: the records go to a temporary file beside
-        FILE (named on stderr when the run starts), which replaces FILE when the run ends,
-        whatever the ending; a failed write stops the run, leaves FILE as it was and keeps the
-        temporary file (named, cut to whole records). A FILE you may not write is refused.
-        While records go to stdout the guest's console goes to stderr. A summary per location
-        goes to stderr.
-        PLATFORM: payload (flowtrace's ELF payloads: no interrupt controller, hlt ends a vCPU) or
-        pc (KVM's in-kernel PIC, IOAPIC, LAPIC and PIT: interrupts, hlt waits for one; the hlt
-        engine cannot work there). Both have the debug console 0xE9, the exit port 0xF4, a
-        16550A UART on COM1 (0x3F8, IRQ 4), i8042, CMOS/RTC, port 0x80 and empty PCI ports;
-        ports no device answers read all ones and are listed in the summary.
-        BOOTING KERNELS: IMAGE may be a Linux bzImage or vmlinux (64-bit boot protocol), a PVH
-        kernel (XEN_ELFNOTE_PHYS32_ENTRY), a Multiboot 1 or 2 kernel; --boot forces one. They run
-        on the pc platform; --append, --initrd, --module give the command line and files
-        (as QEMU's -append, -initrd). Only vCPU 0 starts; the kernel starts the others.
-        SERIAL: none (COM1's output goes to the console, no input; default), stdio (also
-        standard input to the guest, a pipe or a terminal in raw mode), file:PATH (output to PATH).
-        EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted: on the pc platform,
-        halted with interrupts off), 0 when the guest reset the machine (i8042 command 0xFE; a
-        triple fault on the pc platform), 64 bad input,
-        69 KVM unavailable, 70 guest fault, host failure or internal error, 74 the records,
-        the console or a message could not be written, 124 timeout, 130 SIGINT (Ctrl-C), 143
-        SIGTERM, 129 SIGHUP (a second signal stops at once). Records taken before a fault, a
-        timeout or a signal are still written; -o FILE is replaced only when the run ends (an
-        existing file stays as it was after a failure).
+        AGGREGATIONS: --count-by ITEM counts the hits at each location per value
+          of ITEM (a register, [memory]:1|2|4|8, caller, or an expression of
+          them as in conditions); --hist ITEM draws a power-of-two histogram of
+          its values, --hist-linear ITEM:MIN:MAX:STEP one with STEP-wide
+          buckets. Computed at each hit taken (after --vcpu, the condition and
+          --hits), without records: the tables (--top N values) or JSON
+          (--format json, -o x.json) replace the records on stdout or in -o
+          FILE. ITEM caller: at a function's first instruction, the return
+          address ([rsp]:8). Example: --probe fib --count-by caller --hist rdi
+        OUTPUT: the records go to stdout, or -o FILE: --format table (default on
+          a terminal), jsonl (default otherwise; for -o, the file's extension
+          .jsonl/.csv/.json/.txt picks it), csv, chrome (Chrome trace-event
+          JSON for Perfetto UI). jsonl and csv are written while the guest runs,
+          in sequence order; table and chrome after the run, from the records
+          kept (--max-records). -o FILE, in every format: the records go to a
+          temporary file beside FILE (named on stderr when the run starts),
+          which replaces FILE when the run ends, whatever the ending; a failed
+          write stops the run, leaves FILE as it was and keeps the temporary
+          file (named, cut to whole records). A FILE you may not write is
+          refused. While records go to stdout the guest's console goes to
+          stderr. A summary per location goes to stderr.
+        PLATFORM: payload (flowtrace's ELF payloads: no interrupt controller,
+          hlt ends a vCPU) or pc (KVM's in-kernel PIC, IOAPIC, LAPIC and PIT:
+          interrupts, hlt waits for one; the hlt engine cannot work there).
+          Both have the debug console 0xE9, the exit port 0xF4, a 16550A UART
+          on COM1 (0x3F8, IRQ 4), i8042, CMOS/RTC, port 0x80 and empty PCI
+          ports; ports no device answers read all ones and are listed in the
+          summary.
+        BOOTING KERNELS: IMAGE may be a Linux bzImage or vmlinux (64-bit boot
+          protocol), a PVH kernel (XEN_ELFNOTE_PHYS32_ENTRY), a Multiboot 1 or 2
+          kernel; --boot forces one. They run on the pc platform; --append,
+          --initrd, --module give the command line and files (as QEMU's
+          -append, -initrd). Only vCPU 0 starts; the kernel starts the others.
+        SERIAL: none (COM1's output goes to the console, no input; default),
+          stdio (also standard input to the guest, a pipe or a terminal in raw
+          mode), file:PATH (output to PATH).
+        EXIT STATUS: the guest's own (port 0xF4, or 0 when every vCPU halted: on
+          the pc platform, halted with interrupts off), 0 when the guest reset
+          the machine (i8042 command 0xFE; a triple fault on the pc platform),
+          64 bad input, 69 KVM unavailable, 70 guest fault, host failure or
+          internal error, 74 the records, the console or a message could not be
+          written, 124 timeout, 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP (a
+          second signal stops at once). Records taken before a fault, a timeout
+          or a signal are still written; -o FILE is replaced only when the run
+          ends (an existing file stays as it was after a failure).
         """
     )
 
@@ -166,16 +180,16 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("module"), help: ArgumentHelp("A Multiboot or PVH module with its command line (repeatable).", valueName: "file[,args]"))
     var modules: [String] = []
 
-    @Option(name: .customLong("symbols"), help: ArgumentHelp("A kernel's symbols from System.map, /proc/kallsyms or nm output, for an image without .symtab (default: the kernel's own kallsyms tables).", valueName: "file"))
+    @Option(name: .customLong("symbol-file"), help: ArgumentHelp("A kernel's symbols from System.map, /proc/kallsyms or nm output, for an image without .symtab (default: the kernel's own kallsyms tables).", valueName: "file"))
     var symbolFile: String?
 
-    @Option(help: "Number of vCPUs. Payloads: each starts at the entry with its index in rdi; kernels: vCPU 0 starts, the kernel starts the others.")
+    @Option(parsing: .unconditional, help: "Number of vCPUs. Payloads: each starts at the entry with its index in rdi; kernels: vCPU 0 starts, the kernel starts the others.")
     var vcpus: Int = 1
 
     @Option(help: "Guest RAM: bytes or a K/M/G suffix, a multiple of 2M (default 64M for payloads, 512M for kernels; kernels up to 64G).")
     var memory: String?
 
-    @Option(help: "Stop the guest after this many seconds (exit status 124).")
+    @Option(parsing: .unconditional, help: "Stop the guest after this many seconds (exit status 124).")
     var timeout: Double?
 
     @Option(help: "Breakpoint engine: auto picks the fastest that works here for the probe count.")
@@ -190,10 +204,10 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("vcpu"), help: ArgumentHelp("Trace only this vCPU, or any.", valueName: "id|any"))
     var vcpuSelection: String = "any"
 
-    @Option(help: "Take at most this many records, then stop tracing (0: no limit).")
-    var hits: UInt64 = 0
+    @Option(parsing: .unconditional, help: "Take at most this many records, then stop tracing (0: no limit).")
+    var hits: Int64 = 0
 
-    @Option(name: .customLong("max-records"), help: "Keep at most this many records in memory; beyond it the oldest are evicted (0: no limit; default 1000000, or 10000 for jsonl and csv, which are written while the guest runs and lose nothing to it).")
+    @Option(name: .customLong("max-records"), parsing: .unconditional, help: "Keep at most this many records in memory; beyond it the oldest are evicted (0: no limit; default 1000000, or 10000 for jsonl and csv, which are written while the guest runs and lose nothing to it).")
     var maxRecords: Int?
 
     @Option(name: .customLong("probe"), help: ArgumentHelp("A probe (repeatable); see PROBE SPECS.", valueName: "spec"))
@@ -238,7 +252,7 @@ struct RunCommand: ParsableCommand {
     @Option(name: .customLong("hist-linear"), help: ArgumentHelp("A histogram of ITEM's values in STEP-wide buckets from MIN to MAX (repeatable).", valueName: "item:min:max:step"))
     var histLinear: [String] = []
 
-    @Option(help: "How many values --count-by shows per location, most hits first (0: all).")
+    @Option(parsing: .unconditional, help: "How many values --count-by shows per location, most hits first (0: all).")
     var top: Int = 20
 
     @Option(name: .short, help: ArgumentHelp("Write the records to this file instead of stdout.", valueName: "file"))
@@ -253,6 +267,8 @@ struct RunCommand: ParsableCommand {
             throw fail("--timeout \(t): must be a positive number of seconds, at most 1e9", status: ExitStatus.usage)
         }
         if let m = maxRecords, m < 0 { throw fail("--max-records \(m): must be 0 (no limit) or more", status: ExitStatus.usage) }
+        if vcpus < 1 { throw fail("--vcpus \(vcpus): must be at least 1", status: ExitStatus.usage) }
+        if hits < 0 { throw fail("--hits \(hits): must be 0 (no limit) or more", status: ExitStatus.usage) }
         // The image is checked first so a bad file is reported as such even without KVM.
         let kernel: KernelImage
         let bootProtocol: BootProtocol
@@ -275,18 +291,24 @@ struct RunCommand: ParsableCommand {
         if bootProtocol != .payload, kernel.isLinux || symbolFile != nil {
             do { view = try kernel.linuxView(symbolFile: symbolFile) } catch { throw fail(error.description, status: ExitStatus.usage) }
             if let symbolFile, view?.symbols.source == .symtab {
-                printError("flowtrace: --symbols \(symbolFile) not used: \(guest) has its own .symtab")
+                printError("flowtrace: --symbol-file \(symbolFile) not used: \(guest) has its own .symtab")
             }
         } else if let symbolFile {
-            throw fail("--symbols \(symbolFile): \(guest) is a flowtrace payload; its symbols come from its own .symtab", status: ExitStatus.usage)
+            throw fail("--symbol-file \(symbolFile): \(guest) is a flowtrace payload; its symbols come from its own .symtab", status: ExitStatus.usage)
         }
         // Payloads: their ELF file; kernels: the vmlinux view, the ELF (a Multiboot or PVH
         // kernel), or nothing to check probes against.
         let image = view?.image ?? kernel.elf ?? ELFImage(path: guest, entry: 0, segments: [])
         let symbols = Symbolizer(image: image)
         let patching = bootProtocol == .linux ? view?.image.map { LinuxCodePatching(vmlinux: $0, symbols: symbols) } : nil
+        // A bzImage's protected-mode code as loaded (physical addresses: its 64-bit entry at
+        // +0x200, the decompressor), where probes may go besides the vmlinux's code.
+        var loadedCode: [Range<UInt64>] = []
+        if bootProtocol == .linux, let h = kernel.linux, kernel.bytes.count > h.kernelOffset {
+            loadedCode = [KernelLayout.kernelLoad ..< KernelLayout.kernelLoad + UInt64(kernel.bytes.count - h.kernelOffset)]
+        }
         let plan = try TracePlan(command: self, image: image, symbols: symbols, checkCode: bootProtocol == .payload || view?.vmlinux != nil,
-                                 patching: patching)
+                                 patching: patching, loadedCode: loadedCode)
         // Symbols are link addresses: a randomized kernel would run elsewhere.
         var commandLine = append ?? ""
         var notes: [String] = []
@@ -592,10 +614,16 @@ struct TracePlan {
     let streams: Bool
     /// nil: stdout. Checked to be writable; opened only to write the records.
     let output: String?
+    /// Code probes may use besides the image's (a bzImage's code as loaded): shown as
+    /// addresses, never with the vmlinux's symbols.
+    let loadedCode: [Range<UInt64>]
 
     /// `checkCode`: probes must lie in the image's executable segments (payloads; a kernel
     /// maps its code where it wants).
-    init(command c: RunCommand, image: ELFImage, symbols: Symbolizer, checkCode: Bool = true, patching: LinuxCodePatching? = nil) throws(ExitCode) {
+    /// `loadedCode`: more ranges probes may use (a bzImage's protected-mode code as loaded).
+    init(command c: RunCommand, image: ELFImage, symbols: Symbolizer, checkCode: Bool = true, patching: LinuxCodePatching? = nil,
+         loadedCode: [Range<UInt64>] = []) throws(ExitCode) {
+        self.loadedCode = loadedCode
         var specs: [(ProbeSpec, PlannedProbe)] = []
         var warnings: [String] = []
         // The patching engines must keep off code a kernel rewrites; hw and step touch nothing.
@@ -608,7 +636,8 @@ struct TracePlan {
             do { spec = try ProbeSpec.parse(text, symbols: symbols) } catch {
                 throw fail("--probe '\(text)': \(error.message)", status: ExitStatus.usage)
             }
-            if let patching {
+            let inLoadedCode = loadedCode.contains { $0.contains(spec.address) }
+            if let patching, !inLoadedCode {
                 switch patching.place(spec.address) {
                 case .at: break
                 case let .afterFentry(address, site):
@@ -621,8 +650,9 @@ struct TracePlan {
                     }
                 }
             }
-            guard !checkCode || image.segments.contains(where: { $0.isExecutable && $0.range.contains(spec.address) }) else {
+            guard !checkCode || inLoadedCode || image.segments.contains(where: { $0.isExecutable && $0.range.contains(spec.address) }) else {
                 let code = image.segments.filter(\.isExecutable).map { "\(hex($0.range.lowerBound))-\(hex($0.range.upperBound))" }
+                    + loadedCode.map { "\(hex($0.lowerBound))-\(hex($0.upperBound)) (the bzImage's code as loaded)" }
                 throw fail("--probe '\(text)': \(hex(spec.address)) is not in the guest's code (executable segments: \(code.joined(separator: ", ")))", status: ExitStatus.usage)
             }
             // A trap byte in the middle of an instruction would corrupt it: check the address
@@ -742,7 +772,7 @@ struct TracePlan {
         } else {
             throw fail("--vcpu '\(c.vcpuSelection)': expected a vCPU id (0 to \(c.vcpus - 1)) or 'any'", status: ExitStatus.usage)
         }
-        hits = c.hits
+        hits = UInt64(max(0, c.hits))
         combination = c.match
         reverse = c.reverse
         output = c.output
@@ -906,8 +936,8 @@ struct TracePlan {
     func makeWriter(_ tracer: Tracer, symbols: Symbolizer, timeOrigin: UInt64, title: String) -> ReportWriter {
         var writer = ReportWriter(
             format: format, probes: tracer.probes.map { ($0.0, $0.1.items.map(\.key)) }, commonKeys: commonItems.map(\.key),
-            describe: { a in
-                guard let (s, off) = symbols.locate(a) else { return hex(a) }
+            describe: { [loadedCode] a in
+                guard !loadedCode.contains(where: { $0.contains(a) }), let (s, off) = symbols.locate(a) else { return hex(a) }
                 return "\(s.name)+0x\(String(off, radix: 16))"
             },
             timeOrigin: timeOrigin, title: "flowtrace: \(title)")

@@ -301,3 +301,79 @@ struct GuestConditionTests {
         #expect(try parseJSONLines(r.stdout).count == 1)
     }
 }
+
+@Suite("names, values and errors of the command line")
+struct CommandLineTests {
+    @Test func versionAndUnknownCommands() throws {
+        let v = try flowtrace(["--version"])
+        #expect(v.status == 0)
+        #expect(v.stdout.range(of: #"^[0-9]+\.[0-9]+\.[0-9]+\n$"#, options: .regularExpression) != nil, "\(v.stdout)")
+        expectOneLineError(try flowtrace(["rn", "guests/build/fib.elf"]), status: 64,
+                           "flowtrace: error: unknown command 'rn' (commands: run, graph, inspect, doctor); did you mean 'run'?")
+        // ArgumentParser's own errors in flowtrace's one-line style, with the near option.
+        expectOneLineError(try flowtrace(["run", try Guests.path("fib"), "--hitz", "3"]), status: 64,
+                           "flowtrace: error: unknown option '--hitz'", "'--hits'", "(see 'flowtrace run --help')")
+    }
+
+    /// A negative count is a value, checked like any other (not "Missing value").
+    @Test func negativeCountsAreCheckedValues() throws {
+        let fib = try Guests.path("fib")
+        expectOneLineError(try flowtrace(["run", fib, "--hits", "-1"]), status: 64, "flowtrace: error: --hits -1: must be 0 (no limit) or more")
+        expectOneLineError(try flowtrace(["run", fib, "--vcpus", "-2"]), status: 64, "flowtrace: error: --vcpus -2: must be at least 1")
+        expectOneLineError(try flowtrace(["run", fib, "--vcpus", "0"]), status: 64, "flowtrace: error: --vcpus 0: must be at least 1")
+        expectOneLineError(try flowtrace(["run", fib, "--max-records", "-5"]), status: 64, "--max-records -5: must be 0 (no limit) or more")
+        expectOneLineError(try flowtrace(["run", fib, "--top", "-1"]), status: 64, "--top -1: must be 0 (all) or more")
+        expectOneLineError(try flowtrace(["run", fib, "--timeout", "-3"]), status: 64, "--timeout -3.0: must be a positive number of seconds")
+    }
+
+    /// `run --help` piped (ArgumentParser wraps at 80 columns then) is not wrapped a second
+    /// time: no line is longer than 80, and the spec table's lines come out as written.
+    @Test func runHelpFitsEightyColumns() throws {
+        let r = try flowtrace(["run", "--help"])
+        #expect(r.status == 0)
+        let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
+        #expect(lines.filter { $0.count > 80 }.isEmpty, "\(lines.filter { $0.count > 80 })")
+        let item = try #require(lines.firstIndex { $0.hasPrefix("  ITEM      a register (rdi, eax,") })
+        #expect(lines[item + 1].hasPrefix("            memory [EXPR] or [EXPR]:SIZE"))
+        #expect(lines.contains("  -o <file>               Write the records to this file instead of stdout."))
+        #expect(lines.contains { $0.contains("--symbol-file <file>") })
+    }
+}
+
+/// Debian's kernel where tools/fetch-linux left it (tools/test-nested fetches it first).
+private let stockKernel = Guests.root.appendingPathComponent("guests/build/linux/vmlinuz").path
+private let stockInitrd = Guests.root.appendingPathComponent("guests/build/linux/initrd.cpio.gz").path
+private let stockKernelPresent = FileManager.default.fileExists(atPath: stockKernel) && FileManager.default.fileExists(atPath: stockInitrd)
+
+@Suite("the README's Linux example", .serialized, .timeLimit(.minutes(3)))
+struct ReadmeLinuxExampleTests {
+    /// The README's command line, as written there.
+    static let readme = ["run", stockKernel, "--initrd", stockInitrd, "--append", "console=ttyS0 reboot=k panic=-1 nokaslr",
+                         "--vcpus", "2", "--memory", "512M", "--probe", "0x100200:rsi", "--engine", "hw", "--exit-counts"]
+
+    /// Its probe at the bzImage's 64-bit entry (a physical address of the code as loaded,
+    /// not of the vmlinux) is accepted: the run gets as far as opening KVM.
+    @Test(.enabled(if: stockKernelPresent, "no stock kernel in guests/build/linux (tools/fetch-linux fetches it)"))
+    func theProbeAtTheLoadedEntryIsAccepted() throws {
+        let r = try run(Guests.flowtrace, Self.readme, environment: ["FLOWTRACE_KVM_DEVICE": "/nonexistent", "PATH": "/usr/bin:/bin"])
+        expectOneLineError(r, status: 69, "/nonexistent does not exist")
+    }
+
+    /// Run as the README shows it (with a --timeout: on a host without VMX/SVM the kernel
+    /// does not boot in useful time, but its first instruction is the probe's): one record at
+    /// 0x100200 on vCPU 0, rsi the zero page flowtrace built (boot.rst: rsi points at
+    /// boot_params at the 64-bit entry), shown as an address, not a vmlinux symbol.
+    @Test(.enabled(if: stockKernelPresent && kvmUsable, "needs /dev/kvm and a stock kernel in guests/build/linux (tools/fetch-linux)"))
+    func theExampleRecordsTheEntry() throws {
+        let r = try run(Guests.flowtrace, Self.readme + ["--format", "jsonl", "--timeout", "10"])
+        let records = try parseJSONLines(r.stdout)
+        #expect(records.count == 1, "\(r.stderr)")
+        let first = try #require(records.first)
+        #expect(first["addr"] as? String == "0x100200")
+        #expect(first["location"] as? String == "0x100200")
+        #expect(first["vcpu"] as? Int == 0)
+        let rsi = try #require(hexValue((first["values"] as? [String: Any])?["rsi"]))
+        #expect((0x10000..<0x2F000).contains(rsi), "rsi \(rsi) is not in flowtrace's boot information area")
+        #expect(r.stderr.contains("exits:"))
+    }
+}

@@ -167,7 +167,7 @@ struct KallsymsTests {
         let zeros = #expect(throws: SymbolFileError.self) { try SymbolFile.parse("0000000000000000 T a\n0000000000000000 T b\n", path: "/proc/kallsyms") }
         #expect(zeros?.description.contains("kptr_restrict") == true)
         let bad = #expect(throws: SymbolFileError.self) { try SymbolFile.parse("ffffffff81000000 T ok\nnot a symbol line at all\n", path: "m") }
-        #expect(bad?.description == "--symbols m: line 2 is not 'ADDRESS TYPE NAME' (System.map, /proc/kallsyms or nm format): 'not a symbol line at all'")
+        #expect(bad?.description == "--symbol-file m: line 2 is not 'ADDRESS TYPE NAME' (System.map, /proc/kallsyms or nm format): 'not a symbol line at all'")
     }
 
     @Test("sizes reach the next symbol's address; kinds follow the type letter")

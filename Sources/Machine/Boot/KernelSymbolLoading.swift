@@ -91,7 +91,7 @@ extension KernelImage {
             }
         } else if let kernelBytes {
             do { symbols = KernelSymbols(symbols: try Kallsyms.decode(kernelBytes), source: .kallsyms(compression: compression)) } catch {
-                throw MachineError.symbols("\(path): \(error.description); give the kernel's System.map or a /proc/kallsyms with --symbols FILE")
+                throw MachineError.symbols("\(path): \(error.description); give the kernel's System.map or a /proc/kallsyms with --symbol-file FILE")
             }
         } else {
             return nil

@@ -27,7 +27,7 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
     case unbootable(path: String, protocol: BootProtocol, reason: String)
     /// A boot file (initrd, module) or its placement in guest RAM failed.
     case bootFile(String)
-    /// A kernel's symbols could not be read (the payload, its kallsyms tables, a --symbols file).
+    /// A kernel's symbols could not be read (the payload, its kallsyms tables, a --symbol-file file).
     case symbols(String)
 
     /// Whether this is a bug of the caller or of flowtrace (a run started twice, a resume
