@@ -347,6 +347,15 @@ struct RunCommand: ParsableCommand {
             machine.deferSoftwareProbes(until: ProbeGate(name: "rest_init", address: gate) { view.imageByte(at: $0) })
         }
         let tracer = try plan.arm(on: machine, engine: engine.request)
+        if tracer != nil, engine == .auto, let chosen = machine.engine, chosen.engine == .step {
+            // The slowest engine, picked silently until now: say what it costs and what is faster.
+            let n = plan.probes.count
+            let hwCapacity = BreakpointEngine.hw.capacity ?? 4
+            let faster = n > hwCapacity && machine.engineSupport.works(.hw)
+                ? "probe at most \(hwCapacity) locations and --engine hw takes them (one exit per hit)"
+                : "a host with VMX/SVM runs int3 there, one exit per hit"
+            printError("flowtrace: warning: --engine auto picked step for \(n) probe location\(n == 1 ? "" : "s"): it single-steps every instruction the guest runs (an exit each, many times slower than the guest; \(chosen.reason)); faster: \(faster)")
+        }
         if let tracer, let patching, let initMemory = patching.initMemory, let e = machine.engine?.engine, e == .int3 || e == .hlt,
            let p = plan.probes.first(where: { initMemory.contains($0.address) }) {
             try? tracer.module.disable()

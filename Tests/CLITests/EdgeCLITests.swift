@@ -377,3 +377,24 @@ struct ReadmeLinuxExampleTests {
         #expect(r.stderr.contains("exits:"))
     }
 }
+
+@Suite("the engine auto picks is said")
+struct AutoEngineTests {
+    /// Five probes on the pc platform (hlt cannot work there, hw takes four): where int3
+    /// does not work either, auto falls back to step, and says so with its cost and the
+    /// faster choice. The guest's own result is unchanged (status 42, three hits).
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func autoFallingBackToStepIsSaid() throws {
+        let r = try flowtrace(["run", try Guests.path("status"), "--platform", "pc", "--probe", "guest_main", "--probe", "console_putc",
+                               "--probe", "console_puts", "--probe", "guest_exit", "--probe", "vcpu_halt", "--format", "jsonl"])
+        #expect(r.status == 42)
+        let engine = r.stderr.split(separator: "\n").first { $0.hasPrefix("flowtrace: engine ") } ?? ""
+        let warned = r.stderr.contains("flowtrace: warning: --engine auto picked step for 5 probe locations: it single-steps every instruction")
+        // On a host where int3 works, auto takes it and there is nothing to say.
+        #expect(engine.hasPrefix("flowtrace: engine step") == warned, "\(r.stderr)")
+        if engine.hasPrefix("flowtrace: engine step") {
+            #expect(r.stderr.contains("faster: probe at most 4 locations and --engine hw takes them"))
+        }
+        #expect(try parseJSONLines(r.stdout).count == 3)
+    }
+}

@@ -151,6 +151,17 @@ struct BootImageTests {
         #expect(cpus.map { $0.flags & 2 != 0 } == [true] + Array(repeating: false, count: n - 1))
     }
 
+    /// The exact string a Multiboot 1 kernel gets: its path, then --append's text (none
+    /// when --append is empty or absent), NUL-terminated, at the MBI's cmdline address.
+    @Test(arguments: ["", "x", "console=ttyS0 flowtrace.test=1 --  a"])
+    func multibootCommandLinesStartWithTheKernelsPath(_ append: String) throws {
+        let path = try Guests.kernelPath("multiboot.elf")
+        let image = try KernelImage(path: path)
+        let plan = try KernelBootPlan(image, files: .init(commandLine: append), memorySize: 64 << 20)
+        let expected = append.isEmpty ? path : path + " " + append
+        #expect(plan.bytes(at: plan.commandLine, count: expected.utf8.count + 1) == Array(expected.utf8) + [0])
+    }
+
     @Test func commandLineAndInitrdLimits() throws {
         let bz = try KernelImage(path: try Guests.kernelPath("linux.bzimage"))
         let long = String(repeating: "x", count: 3000)
@@ -237,7 +248,8 @@ struct KernelBootTests {
         let report = KernelReport(lines: r.console.filter { $0.source == .serial }.map(\.text))
         #expect(report.lines.contains(c.magic))
         #expect(report.lines.last == "kernel: done")
-        #expect(report.commandLine == cmdline)
+        // Multiboot 1: the kernel's path first, as GRUB and QEMU's -kernel pass it.
+        #expect(report.commandLine == (c.proto == .multiboot ? "\(try Guests.kernelPath(c.file)) \(cmdline)" : cmdline))
         let mods = report.modules
         #expect(mods.map(\.size) == (isLinux ? [files.bytes[0].count] : files.bytes.map(\.count)))
         #expect(mods.map(\.fnv) == (isLinux ? [fnv1a(files.bytes[0])] : files.bytes.map(fnv1a)))

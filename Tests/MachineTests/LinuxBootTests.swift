@@ -43,7 +43,7 @@ struct InitReport {
     var writesBefore: Int? { lines.last.flatMap { Int($0.split(separator: " ")[1]) } }
 }
 
-@Suite("a stock Linux kernel", .serialized, .enabled(if: StockKernel.available, StockKernel.skipReason), .timeLimit(.minutes(20)))
+@Suite("a stock Linux kernel", .serialized, .enabled(if: StockKernel.available, StockKernel.skipReason), .timeLimit(.minutes(10)))
 struct LinuxBootTests {
     func machine(vcpus: Int, commandLine: String = StockKernel.commandLine) throws -> Machine {
         try Machine(path: StockKernel.kernel, configuration: .init(

@@ -29,7 +29,7 @@ extension InitReport {
 
 /// Debian's kernel traced by name: symbols from its own kallsyms tables (inside the xz
 /// payload), software probes behind the rest_init gate, an entry probe past the ftrace site.
-@Suite("a stock Linux kernel by symbol name", .serialized, .enabled(if: StockKernel.available, StockKernel.skipReason), .timeLimit(.minutes(20)))
+@Suite("a stock Linux kernel by symbol name", .serialized, .enabled(if: StockKernel.available, StockKernel.skipReason), .timeLimit(.minutes(10)))
 struct LinuxSymbolTests {
     static func view() throws -> (KernelImage, LinuxKernelView, ELFImage) {
         let kernel = try KernelImage(path: StockKernel.kernel)

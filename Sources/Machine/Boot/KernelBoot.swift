@@ -239,7 +239,10 @@ struct KernelBoot {
             info = try area.place(si, align: 8)
             mode = .protected32(magic: 0x336E_C578, info: info)
         case .multiboot:
-            commandLineAddress = try area.place(Array(files.commandLine.utf8) + [0])
+            // The kernel's own path first, then --append's text, as GRUB and QEMU's -kernel
+            // loader pass it (kernels that take the first word as their name rely on it).
+            let line = files.commandLine.isEmpty ? path : path + " " + files.commandLine
+            commandLineAddress = try area.place(Array(line.utf8) + [0])
             let name = try area.place(Array("flowtrace".utf8) + [0])
             let mmap = try area.place(map.multibootBytes, align: 8)
             var mods: [UInt8] = []
