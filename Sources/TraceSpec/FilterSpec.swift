@@ -8,7 +8,8 @@ import FlowTrace
 ///   `vcpu=A..B`; either end may be left out (`seq=100..`), or one number given (`vcpu=1`);
 /// - `addr=SYMBOL` (the symbol's whole extent), `addr=SYMBOL+OFF`, `addr=A..B`;
 /// - `value:ITEM=V` / `common:ITEM=V`: records whose probe (or common probe) collected ITEM
-///   with value V: a number for a register, hex bytes (`a0b1...`) for memory.
+///   with value V, as the outputs print it: a number for a register and for memory of 1, 2,
+///   4 or 8 bytes (`caller` too), hex bytes (`a0b1...`) for other memory and `:bytes` items.
 public struct FilterSpec: Sendable {
     public let text: String
     private let kind: Kind
@@ -162,6 +163,15 @@ public struct FilterSpec: Sendable {
                 v = RegisterValue(width: r.width, raw: UInt128(n))
             }
             return ValueMatch(entry: key, .register(v))
+        case let .constantMemory(_, size), let .indirectMemory(_, size) where [1, 2, 4, 8].contains(size) && !ReportWriter.isBytesForm(item.key):
+            // Shown as the number it holds: matched as one (decimal or 0x hex), little-endian.
+            guard let n = parseNumber(text) else {
+                throw SpecError("'\(filter)': '\(text)' is not a number (use decimal or 0x hex; '\(item.key):bytes' takes hex bytes)")
+            }
+            guard size == 8 || n >> UInt64(size * 8) == 0 else {
+                throw SpecError("'\(filter)': \(text) does not fit in \(size) bytes ('\(item.key)')")
+            }
+            return ValueMatch(entry: key, .bytes((0..<size).map { UInt8(truncatingIfNeeded: n >> (8 * UInt64($0))) }))
         case let .constantMemory(_, size), let .indirectMemory(_, size):
             var hex = text.lowercased()
             if hex.hasPrefix("0x") { hex.removeFirst(2) }

@@ -21,7 +21,9 @@ public struct ItemSpec: Sendable {
 /// A parsed `--probe` spec: `LOCATION[@before|@after][:ITEM[,ITEM...]][ if EXPR]`.
 ///
 /// - LOCATION: `symbol`, `symbol+0xOFF`, `symbol+DEC`, or an address (`0x...` or decimal).
-/// - ITEM: a register name, or memory `[EXPR]` / `[EXPR]:SIZE` (SIZE 1-4096 bytes, default 8)
+/// - ITEM: a register name, or memory `[EXPR]` / `[EXPR]:SIZE` (SIZE 1-4096 bytes, default 8),
+///   shown as the number it holds for SIZE 1, 2, 4 or 8 (little-endian), as bytes otherwise
+///   or with `:bytes` after it (`[rsp]:8:bytes`)
 ///   where EXPR is a sum of terms: one base (a register, a constant or a symbol's address),
 ///   at most one index `REG*SCALE` (SCALE 1, 2, 4 or 8; a second plain register is an index
 ///   with scale 1), and constants added or subtracted as the displacement. An EXPR without
@@ -342,7 +344,16 @@ struct SpecParser {
         return ItemSpec(key: key, entry: entry)
     }
 
-    /// After `[`: `EXPR]` and an optional `:SIZE`.
+    /// The word `bytes` (the raw form of a memory item: its bytes in guest order, not the
+    /// number they hold); the cursor stays where it was when it is not there.
+    mutating func acceptBytesForm() -> Bool {
+        let before = i
+        if let w = word(), w == "bytes" { return true }
+        i = before
+        return false
+    }
+
+    /// After `[`: `EXPR]` and an optional `:SIZE`, then an optional `:bytes`.
     mutating func memoryItem() throws(SpecError) -> ProbeEntry {
         var base: MemoryOperand.Base?
         var index: (X86Register, Int)?
@@ -418,11 +429,16 @@ struct SpecParser {
         }
         var size = 8
         if accept(":") {
-            let n = try number("a size in bytes after ':'")
-            guard n >= 1, n <= UInt64(ProbeEntry.maximumMemorySize) else {
-                throw SpecError(TraceError.invalidMemorySize(n > UInt64(Int.max) ? Int.max : Int(n)).description)
+            // `:bytes` right after `]` keeps the default size; else a size, maybe then `:bytes`.
+            if !acceptBytesForm() {
+                let n = try number("a size in bytes after ':'")
+                guard n >= 1, n <= UInt64(ProbeEntry.maximumMemorySize) else {
+                    throw SpecError(TraceError.invalidMemorySize(n > UInt64(Int.max) ? Int.max : Int(n)).description)
+                }
+                size = Int(n)
+                let before = i
+                if accept(":"), !acceptBytesForm() { i = before }
             }
-            size = Int(n)
         }
         do {
             switch (base, index) {

@@ -97,16 +97,25 @@ public struct ReportWriter {
         keys[ObjectIdentifier(record.probe)] ?? record.entries.map(\.description)
     }
 
-    /// The record's values as shown: `caller` (8 bytes at rsp) as the address it holds.
+    /// The record's values as shown: memory items of 1, 2, 4 or 8 bytes (`caller` too: 8
+    /// bytes at rsp) as the little-endian number they hold, unless the item asks for its
+    /// `:bytes`.
     private func values(of r: TraceRecord) -> [ProbeValue] { Self.shown(keys(of: r), r.values) }
 
-    static func shown(_ keys: [String], _ values: [ProbeValue]) -> [ProbeValue] {
-        guard keys.contains("caller") else { return values }
-        return zip(keys, values).map { k, v in
-            if k == "caller", case let .memory(_, bytes) = v, bytes.count == 8 {
-                return .register(.u64(bytes.enumerated().reduce(0) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }))
+    /// Whether an item key asks for raw bytes (`[rsp]:8:bytes`).
+    public static func isBytesForm(_ key: String) -> Bool { key.hasSuffix(":bytes") }
+
+    public static func shown(_ keys: [String], _ values: [ProbeValue]) -> [ProbeValue] {
+        zip(keys, values).map { k, v in
+            guard case let .memory(_, bytes) = v, !isBytesForm(k) else { return v }
+            let n = bytes.enumerated().reduce(UInt64(0)) { $0 | UInt64($1.element) << (8 * UInt64($1.offset)) }
+            switch bytes.count {
+            case 1: return .register(.u8(UInt8(n)))
+            case 2: return .register(.u16(UInt16(n)))
+            case 4: return .register(.u32(UInt32(n)))
+            case 8: return .register(.u64(n))
+            default: return v
             }
-            return v
         } + values.dropFirst(keys.count)
     }
 
@@ -168,8 +177,12 @@ public struct ReportWriter {
 
     // MARK: CSV
 
+    /// The last column, `symbols`, holds `ITEM=name+0xoff` for each value that lies in a
+    /// known function (space-separated), as jsonl's `symbols` object; value cells hold the
+    /// value only.
     private func writeCSVHeader(_ sink: ByteSink) {
         let header = ["seq", "ts_ns", "vcpu", "addr", "location", "when"] + columns + commonKeys.map { "common:" + $0 }
+            + (symbolize != nil ? ["symbols"] : [])
         sink.write(header.map(csvField).joined(separator: ",") + "\n")
     }
 
@@ -178,11 +191,14 @@ public struct ReportWriter {
         let position = Dictionary(cols.enumerated().map { ($1, $0) }, uniquingKeysWith: { a, _ in a })
         for r in report {
             var cells = [String](repeating: "", count: cols.count)
+            var named: [String] = []
             for (k, v) in zip(keys(of: r), values(of: r)) {
-                if let p = position[k] { cells[p] = Self.text(v) + (symbol(v).map { " <\($0)>" } ?? "") }
+                if let p = position[k] { cells[p] = Self.text(v) }
+                if let n = symbol(v) { named.append("\(k)=\(n)") }
             }
             let fixed = ["\(r.sequence)", "\(relative(r.timestamp))", "\(r.vcpu)", "0x" + String(r.address, radix: 16), describe(r.address), r.timing.rawValue]
-            sink.write((fixed + cells + Self.shown(commonKeys, r.commonValues).map(Self.text)).map(csvField).joined(separator: ",") + "\n")
+            let symbolCell = symbolize != nil ? [named.joined(separator: " ")] : []
+            sink.write((fixed + cells + Self.shown(commonKeys, r.commonValues).map(Self.text) + symbolCell).map(csvField).joined(separator: ",") + "\n")
             recordEnds?(sink.bytesAccepted)
         }
     }

@@ -95,8 +95,9 @@ struct RunCommand: ParsableCommand {
                     memory [EXPR] or [EXPR]:SIZE (SIZE 1-4096 bytes, default 8;
                     EXPR is BASE or BASE+INDEX*SCALE, each with an optional
                     +DISP/-DISP; BASE a register, a constant or a symbol; SCALE
-                    1, 2, 4 or 8), or caller (the return address at a
-                    function's entry, [rsp]:8)
+                    1, 2, 4 or 8; shown as the number it holds for SIZE 1, 2, 4
+                    or 8, or as bytes with :bytes after it), or caller (the
+                    return address at a function's entry, [rsp]:8)
           if EXPR   a condition at the hit: a false one takes no --hits and no
                     record. Registers, [EXPR]:1|2|4|8, numbers, symbols,
                     caller, ( ), and C's * + - << >> < <= > >= == != & ^ | &&
@@ -115,7 +116,8 @@ struct RunCommand: ParsableCommand {
         FILTERS (--filter, repeatable, combined by --match all|any; --reverse
           keeps the rest): seq=A..B  ts=A..B (ns since the start; us/ms/s
           suffixes)  vcpu=A..B  addr=SYMBOL  addr=A..B  value:ITEM=V
-          common:ITEM=V (V: a number for a register, hex bytes for memory).
+          common:ITEM=V (V as printed: a number for a register and for memory
+          of 1, 2, 4 or 8 bytes, hex bytes for other memory and ITEM:bytes).
           Ranges may leave out an end (seq=100..) or be one number (vcpu=1).
         AGGREGATIONS: --count-by ITEM counts the hits at each location per value
           of ITEM (a register, [memory]:1|2|4|8, caller, or an expression of

@@ -175,8 +175,8 @@ struct StreamCLITests {
         let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi", "--format", "csv", "--filter", "value:rdi=2")
         #expect(r.status == 0)
         let rows = r.stdout.split(separator: "\n")
-        #expect(rows.first == "seq,ts_ns,vcpu,addr,location,when,rdi")
-        #expect(rows.dropFirst().allSatisfy { $0.hasSuffix(",fib+0x0,before,0x2") })
+        #expect(rows.first == "seq,ts_ns,vcpu,addr,location,when,rdi,symbols")
+        #expect(rows.dropFirst().allSatisfy { $0.hasSuffix(",fib+0x0,before,0x2,") })
         // fib(15) calls fib(2) fib(14) = 377 times.
         #expect(rows.count == 1 + 377)
         #expect(r.stderr.contains("flowtrace: 377 records written to stdout (csv, while the guest ran) after --filter"))
@@ -193,8 +193,10 @@ struct CrashRegressionTests {
     }
 
     @Test func fullwidthHexDigitsInAFilterAreAnError() throws {
-        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[rsp]:1", "--filter", "value:[rsp]:1=ａａ")
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[rsp]:3", "--filter", "value:[rsp]:3=ａａ")
         expectOneLineError(r, status: 64, "'ａａ' is not hex bytes")
+        let n = try flowtrace("run", Guests.path("fib"), "--probe", "fib:[rsp]:1", "--filter", "value:[rsp]:1=ａａ")
+        expectOneLineError(n, status: 64, "'ａａ' is not a number")
     }
 }
 

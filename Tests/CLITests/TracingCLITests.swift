@@ -1,4 +1,5 @@
 import Foundation
+import ELF
 import KVM
 import Machine
 import Testing
@@ -117,12 +118,23 @@ struct TracingCLITests {
         let sums = records.filter { $0["location"] as? String == "sum+0x0" }
         let elements = records.filter { $0["location"] as? String == "element+0x0" }
         #expect(sums.count == 16 && elements.count == 16)
-        let values = sums.compactMap { littleEndian((($0["values"] as? [String: Any])?["[rdi+rsi*8]:8"] as? String) ?? "") }
+        // 8 bytes of memory are shown as the number they hold.
+        let values = sums.compactMap { hexValue(($0["values"] as? [String: Any])?["[rdi+rsi*8]:8"]) }
         #expect(values == (0..<16).map { 0x1000 * ($0 + 1) + $0 })
         #expect(values.reduce(0, +) == 557176)
         #expect(sums.map { hexValue(($0["values"] as? [String: Any])?["rsi"]) } == (0..<16).map { Optional(UInt64($0)) })
         // The key is the user's text without whitespace, the default size not added.
-        #expect(elements.allSatisfy { (($0["values"] as? [String: Any])?["[rdi+rsi*8]"] as? String)?.count == 16 })
+        #expect(elements.compactMap { hexValue(($0["values"] as? [String: Any])?["[rdi+rsi*8]"]) } == values)
+        // :bytes keeps the raw bytes in guest order; 1, 2 and 4 bytes are numbers too.
+        let raw = try flowtrace("run", Guests.path("array"), "--probe", "sum:[rdi+rsi*8]:8:bytes,[rdi+rsi*8]:2,[rdi+rsi*8]:4,[rdi+rsi*8]:1,[rdi+rsi*8]:3", "--format", "jsonl")
+        #expect(raw.status == 0, "\(raw.stderr)")
+        let rawValues = try parseJSONLines(raw.stdout).compactMap { $0["values"] as? [String: Any] }
+        #expect(rawValues.compactMap { littleEndian(($0["[rdi+rsi*8]:8:bytes"] as? String) ?? "") } == values)
+        #expect(rawValues.compactMap { hexValue($0["[rdi+rsi*8]:2"]) } == values.map { $0 & 0xFFFF })
+        #expect(rawValues.compactMap { hexValue($0["[rdi+rsi*8]:4"]) } == values.map { $0 & 0xFFFF_FFFF })
+        #expect(rawValues.compactMap { hexValue($0["[rdi+rsi*8]:1"]) } == values.map { $0 & 0xFF })
+        // Other sizes stay bytes.
+        #expect(rawValues.compactMap { $0["[rdi+rsi*8]:3"] as? String } == values.map { v in (0..<3).map { String(format: "%02x", (v >> (8 * UInt64($0))) & 0xFF) }.joined() })
     }
 
     @Test(.enabled(if: kvmUsable, kvmSkipReason))
@@ -132,7 +144,7 @@ struct TracingCLITests {
         #expect(r.status == 0)
         #expect(r.stdout == "counter: 1000 calls, sum 499500\n")
         let rows = try parseCSV(String(contentsOfFile: out, encoding: .utf8))
-        #expect(rows[0] == ["seq", "ts_ns", "vcpu", "addr", "location", "when", "rdi", "common:rip", "common:cr3", "common:gdtr"])
+        #expect(rows[0] == ["seq", "ts_ns", "vcpu", "addr", "location", "when", "rdi", "common:rip", "common:cr3", "common:gdtr", "symbols"])
         let data = rows.dropFirst()
         #expect(data.count == 1000)
         #expect(data.reduce(UInt64(0)) { $0 + UInt64($1[6].dropFirst(2), radix: 16)! } == 499500)
@@ -141,6 +153,30 @@ struct TracingCLITests {
         #expect(Set(data.map { $0[8] }) == ["0x\(String(BootLayout.pml4Address, radix: 16))"])
         #expect(data.allSatisfy { $0[9].hasPrefix("base=0x1000 limit=0x") })
         #expect(r.stderr.contains("1000 records written to \(out) (csv, while the guest ran)"))
+        // No rdi (0 ... 999) lies in a function: the symbols cell is empty.
+        #expect(data.allSatisfy { $0[10] == "" })
+    }
+
+    /// A csv value cell holds the value only, as printed elsewhere (caller as the return
+    /// address); the function it lies in goes to the symbols column; the filter takes the
+    /// value as printed. fib(15)'s recursive calls return to fib+0x2d or fib+0x39, the first
+    /// to guest_main: 1 + 986 + 986 = 1973 (the guest's own count).
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func csvCellsHoldValuesAndSymbolsTheirOwnColumn() throws {
+        let r = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi,caller", "--format", "csv")
+        #expect(r.status == 0, "\(r.stderr)")
+        let rows = try parseCSV(r.stdout)
+        #expect(rows[0] == ["seq", "ts_ns", "vcpu", "addr", "location", "when", "rdi", "caller", "symbols"])
+        let data = rows.dropFirst()
+        #expect(data.count == 1973)
+        let callers = Dictionary(grouping: data, by: { $0[7] })
+        let fib = try #require(Symbolizer(image: try ELFImage(path: Guests.path("fib"))).address(of: "fib"))
+        let inFib = [fib + 0x2d, fib + 0x39].map { "0x" + String($0, radix: 16) }
+        #expect(callers[inFib[0]]?.count == 986 && callers[inFib[1]]?.count == 986, "\(callers.mapValues(\.count))")
+        #expect(callers[inFib[0]]?.allSatisfy { $0[8] == "caller=fib+0x2d" } == true)
+        let filtered = try flowtrace("run", Guests.path("fib"), "--probe", "fib:rdi,caller", "--format", "csv", "--filter", "value:caller=\(inFib[1])")
+        #expect(filtered.status == 0, "\(filtered.stderr)")
+        #expect(try parseCSV(filtered.stdout).dropFirst().map { $0[7] } == Array(repeating: inFib[1], count: 986))
     }
 
     @Test(.enabled(if: kvmUsable, kvmSkipReason))
@@ -210,7 +246,7 @@ struct TracingCLITests {
         #expect(streamed.status == 0)
         let all = try parseJSONLines(streamed.stdout)
         #expect(all.map { $0["seq"] as? Int } == (0..<1973).map { Optional($0) })
-        #expect(all.map { littleEndian((($0["values"] as? [String: Any])?["[fib_calls]:8"] as? String) ?? "") } == (0..<1973).map { Optional(UInt64($0)) })
+        #expect(all.map { hexValue(($0["values"] as? [String: Any])?["[fib_calls]:8"]) } == (0..<1973).map { Optional(UInt64($0)) })
         #expect(streamed.stderr.contains("1973 records taken\n"))
         // Streamed: TAKEN per location, every one written; no EVICTED that reads like loss.
         #expect(streamed.stderr.contains("  LOCATION  WHEN    HITS  TAKEN  SUPPRESSED\n  fib       before  1973   1973           0\n"))

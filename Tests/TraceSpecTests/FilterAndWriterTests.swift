@@ -53,9 +53,15 @@ struct FilterSpecTests {
         #expect(try filter("value:RDI=0x5").filter(timeOrigin: 0) == .probeData([.register("rdi", .u64(5))]))
         #expect(try filter("value:al=0xff").filter(timeOrigin: 0) == .probeData([ValueMatch(entry: "al", .register(.u8(0xff)))]))
         #expect(try filter("value:xmm0=0x0102").filter(timeOrigin: 0) == .probeData([ValueMatch(entry: "xmm0", .register(.u128(0x102)))]))
-        #expect(try filter("value:[rsp]=2a00000000000000").filter(timeOrigin: 0)
+        // Memory of 8 bytes is matched as the number the outputs print (little-endian in memory).
+        #expect(try filter("value:[rsp]=42").filter(timeOrigin: 0)
                 == .probeData([ValueMatch(entry: "[rsp]:8", .bytes([0x2a, 0, 0, 0, 0, 0, 0, 0]))]))
-        #expect(try filter("value:[ rsp ]:8=0x2a00000000000000").filter(timeOrigin: 0)
+        #expect(try filter("value:[ rsp ]:8=0x2a").filter(timeOrigin: 0)
+                == .probeData([ValueMatch(entry: "[rsp]:8", .bytes([0x2a, 0, 0, 0, 0, 0, 0, 0]))]))
+        // caller as printed (the return address), and :bytes as hex bytes in guest order.
+        #expect(try filter("value:caller=0x1000d2").filter(timeOrigin: 0)
+                == .probeData([ValueMatch(entry: "[rsp]:8", .bytes([0xd2, 0x00, 0x10, 0, 0, 0, 0, 0]))]))
+        #expect(try filter("value:[rsp]:8:bytes=2a00000000000000").filter(timeOrigin: 0)
                 == .probeData([ValueMatch(entry: "[rsp]:8", .bytes([0x2a, 0, 0, 0, 0, 0, 0, 0]))]))
         #expect(try filter("common:cr3=0x2000").filter(timeOrigin: 0) == .probeData([.register("cr3", .u64(0x2000))], common: true))
     }
@@ -71,8 +77,10 @@ struct FilterSpecTests {
         #expect(filterError("common:rdi=1") == "'common:rdi=1': --common does not collect 'rdi'")
         #expect(filterError("value:al=0x100") == "'value:al=0x100': 0x100 does not fit in al (8 bits)")
         #expect(filterError("value:rdi=x") == "'value:rdi=x': 'x' is not a number (use decimal or 0x hex)")
-        #expect(filterError("value:[rsp]=2a") == "'value:[rsp]=2a': 1 bytes given, '[rsp]' reads 8")
-        #expect(filterError("value:[rsp]=zz") == "'value:[rsp]=zz': 'zz' is not hex bytes (two digits a byte, e.g. 2a000000)")
+        // 8 bytes of memory are a number, as the outputs print them; :bytes takes hex bytes.
+        #expect(filterError("value:[rsp]=zz") == "'value:[rsp]=zz': 'zz' is not a number (use decimal or 0x hex; '[rsp]:bytes' takes hex bytes)")
+        #expect(filterError("value:[rsp]:8:bytes=2a") == "'value:[rsp]:8:bytes=2a': 1 bytes given, '[rsp]:8:bytes' reads 8")
+        #expect(filterError("value:[rsp]:8:bytes=zz") == "'value:[rsp]:8:bytes=zz': 'zz' is not hex bytes (two digits a byte, e.g. 2a000000)")
         #expect(filterError("value:gdtr=1").hasPrefix("'value:gdtr=1': gdtr holds a base and a limit"))
         #expect(filterError("value:rdi") == "'value:rdi': expected value:ITEM=VALUE")
         #expect(filterError("value:[rsp=1") == "'value:[rsp=1': unbalanced brackets")
@@ -117,7 +125,8 @@ struct ReportWriterTests {
         #expect(first["addr"] as? String == "0x1000a5" && first["location"] as? String == "fib+0x0" && first["when"] as? String == "before")
         let values = try #require(first["values"] as? [String: Any])
         #expect(values["rdi"] as? String == "0x2a")
-        #expect(values["[0x1000]"] as? String == "deadbeef00000001")
+        // 8 bytes de ad be ef 00 00 00 01 in memory: the little-endian number they hold.
+        #expect(values["[0x1000]"] as? String == "0x1000000efbeadde")
         #expect(values["gdtr"] as? [String: String] == ["base": "0x1000", "limit": "0x17"])
         #expect((values["xmm0"] as? [String: String])?["error"]?.isEmpty == false)
         #expect(first["common"] as? [String: String] == ["CR3": "0x2000"])
@@ -128,7 +137,7 @@ struct ReportWriterTests {
         let text = try write(.csv)
         let rows = text.split(separator: "\n").map(String.init)
         #expect(rows[0] == "seq,ts_ns,vcpu,addr,location,when,rdi,[0x1000],gdtr,xmm0,common:CR3")
-        #expect(rows[1].hasPrefix("0,0,0,0x1000a5,fib+0x0,before,0x2a,deadbeef00000001,base=0x1000 limit=0x17,error: register xmm0 unreadable: "))
+        #expect(rows[1].hasPrefix("0,0,0,0x1000a5,fib+0x0,before,0x2a,0x1000000efbeadde,base=0x1000 limit=0x17,error: register xmm0 unreadable: "))
         #expect(rows[1].hasSuffix(",0x2000"))
     }
 

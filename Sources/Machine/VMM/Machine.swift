@@ -377,8 +377,11 @@ public final class Machine: TraceTarget {
             if e.ending == nil { e.ending = ending }
         }
         stopRequested.store(true, ordering: .releasing)
-        // A hit blocked on a full record stream must get back to its vCPU's loop to see the stop.
-        for owners in current.owners.values { for o in owners { o.module.releaseStreamWaiters() } }
+        // A hit blocked on a full record stream must get back to its vCPU's loop to see the
+        // stop. Any thread may stop a run: the table is read under its lock (`current` is
+        // for vCPU threads), the modules called after it.
+        let modules = published.withLock { t in t.value.owners.values.flatMap { $0.map(\.module) } }
+        for m in modules { m.releaseStreamWaiters() }
         for v in vcpus { v.kick() }
         // A machine stopped at a halt has every vCPU parked: let them see the stop.
         if rendezvous.isHeldByController { rendezvous.release() }
