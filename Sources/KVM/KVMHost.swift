@@ -125,3 +125,37 @@ public enum Capability: Int32, Sendable, CaseIterable, CustomStringConvertible {
         }
     }
 }
+
+/// Which KVM implementation the host runs, from the modules it has loaded (or built in):
+/// `/sys/module/kvm_intel`, `kvm_amd`, `kvm_pvm`.
+public enum KVMFlavor: String, Sendable, Equatable {
+    /// Intel VMX (`kvm_intel`): guests run natively at every privilege level.
+    case vmx
+    /// AMD SVM (`kvm_amd`): likewise.
+    case svm
+    /// PVM (`kvm_pvm`, KVM without hardware virtualisation, for hosts that are themselves
+    /// guests): CPL3 guest code runs natively, CPL0 code is emulated instruction by
+    /// instruction (about 1 µs each), and a guest's int3 cannot be trapped.
+    case pvm
+    case unknown
+
+    /// The flavor of this host's KVM; `modules` is where loaded modules appear.
+    public static func current(modules: String = "/sys/module") -> KVMFlavor {
+        func has(_ name: String) -> Bool { access("\(modules)/\(name)", F_OK) == 0 }
+        if has("kvm_pvm") { return .pvm }
+        if has("kvm_intel") { return .vmx }
+        if has("kvm_amd") { return .svm }
+        return .unknown
+    }
+
+    /// The module's name and what it means for flowtrace, one line.
+    public var summary: String {
+        switch self {
+        case .vmx: "VMX (kvm_intel): guests run natively at every privilege level; every engine can work"
+        case .svm: "SVM (kvm_amd): guests run natively at every privilege level; every engine can work"
+        case .pvm:
+            "PVM (kvm_pvm): CPL3 guest code runs natively but CPL0 code (kernels, firmware, flowtrace's payloads) is emulated, about 1 µs per instruction, and a guest's int3 cannot be trapped: a stock kernel does not boot in useful time and the int3 engine does not work; use hlt (payloads) or hw (up to 4 probes), or a host with VMX/SVM (tools/test-nested runs one inside QEMU)"
+        case .unknown: "unknown (neither kvm_intel, kvm_amd nor kvm_pvm is loaded): the self-test below says what works"
+        }
+    }
+}

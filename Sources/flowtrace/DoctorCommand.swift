@@ -27,6 +27,7 @@ struct DoctorCommand: ParsableCommand {
         let kernel = hostKernel()
         printOut("host kernel: \(kernel.release) \(kernel.machine)")
         if let module = loadedKVMModule() { printOut("KVM module: \(module)") }
+        printOut("KVM: \(KVMFlavor.current().summary)")
 
         printOut("capabilities:")
         let caps: [(Capability, String)] = [

@@ -328,6 +328,10 @@ struct RunCommand: ParsableCommand {
 
         let host: KVMHost
         do { host = try KVMHost(path: kvmDevicePath) } catch { throw fail(error.description, status: ExitStatus.unavailable) }
+        if bootProtocol != .payload, KVMFlavor.current() == .pvm {
+            // Once, before anything runs: what a user would otherwise find out after minutes.
+            printError("flowtrace: warning: this host's KVM is PVM (kvm_pvm): a kernel's CPL0 code is emulated, about 1 µs per instruction, so \((guest as NSString).lastPathComponent) runs far slower than on VMX/SVM (a stock Linux kernel does not boot in useful time) and int3 probes do not work; use --engine hw (up to 4 probes) and --timeout, or a host with VMX/SVM")
+        }
         // The serial file is opened (truncated) only once everything else checked out.
         let serialFile = SerialFile()
         let destination: SerialDestination = if case .file = serialMode { .sink(SerialSink { serialFile.write($0) }) } else { .console }
@@ -481,6 +485,7 @@ struct RunCommand: ParsableCommand {
             if !ioFailed { throw ExitCode(ExitStatus.guestFault) }
         case .timedOut:
             printError("flowtrace: \(name): timed out after \(seconds) (--timeout \(timeout ?? 0)); every vCPU was stopped")
+            for p in machine.positions() { printError("  \(p.description)") }
             if !ioFailed { throw ExitCode(ExitStatus.timeout) }
         case .halted:
             break

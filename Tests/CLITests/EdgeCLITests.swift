@@ -398,3 +398,44 @@ struct AutoEngineTests {
         #expect(try parseJSONLines(r.stdout).count == 3)
     }
 }
+
+private let flavorModules = ["kvm_pvm": "PVM (kvm_pvm)", "kvm_intel": "VMX (kvm_intel)", "kvm_amd": "SVM (kvm_amd)"]
+private let isPVM = FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")
+
+@Suite("messages on the hosts users have")
+struct HostMessageTests {
+    /// doctor names the KVM the host has (the module in /sys/module) and what follows.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func doctorSaysWhichKVMItIs() throws {
+        let r = try flowtrace(["doctor"])
+        let line = r.stdout.split(separator: "\n").first { $0.hasPrefix("KVM: ") } ?? ""
+        let loaded = ["kvm_pvm", "kvm_intel", "kvm_amd"].first { FileManager.default.fileExists(atPath: "/sys/module/\($0)") }
+        #expect(line.hasPrefix("KVM: " + (loaded.flatMap { flavorModules[$0] } ?? "unknown")), "\(r.stdout)")
+        if isPVM { #expect(line.contains("CPL0 code") && line.contains("int3")) }
+    }
+
+    /// A kernel on PVM: one warning before it runs, saying what follows and what to use.
+    @Test(.enabled(if: kvmUsable && isPVM, "needs /dev/kvm on a PVM host (kvm_pvm)"))
+    func aKernelOnPVMIsWarnedAboutOnce() throws {
+        let r = try flowtrace(["run", try Guests.kernelPath("multiboot.elf")])
+        #expect(r.status == 0x4B, "\(r.stderr)")
+        let warnings = r.stderr.split(separator: "\n").filter { $0.hasPrefix("flowtrace: warning: this host's KVM is PVM (kvm_pvm)") }
+        #expect(warnings.count == 1 && warnings[0].contains("--engine hw"))
+        // A payload gets no such warning.
+        #expect(!(try flowtrace(["run", try Guests.path("fib")])).stderr.contains("PVM"))
+    }
+
+    /// A --timeout ending says where each vCPU was: spin's vCPU 0 loops in guest_main and
+    /// spin_step, its vCPU 1 has halted in vcpu_halt; both in 64-bit mode at CPL0.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func aTimeoutSaysWhereEachVCPUWas() throws {
+        let r = try flowtrace(["run", try Guests.path("spin"), "--vcpus", "2", "--timeout", "1"])
+        #expect(r.status == 124)
+        let lines = r.stderr.split(separator: "\n").map(String.init)
+        let at = try #require(lines.firstIndex { $0.contains("timed out after") })
+        let zero = lines[at + 1], one = lines[at + 2]
+        #expect(zero.hasPrefix("  vCPU 0 at 0x") && (zero.contains("(guest_main+") || zero.contains("(spin_step+")), "\(zero)")
+        #expect(one.hasPrefix("  vCPU 1 at 0x") && one.contains("(vcpu_halt+"), "\(one)")
+        #expect(zero.hasSuffix(", 64-bit mode, CPL0") && one.hasSuffix(", 64-bit mode, CPL0"))
+    }
+}
