@@ -328,10 +328,6 @@ struct RunCommand: ParsableCommand {
 
         let host: KVMHost
         do { host = try KVMHost(path: kvmDevicePath) } catch { throw fail(error.description, status: ExitStatus.unavailable) }
-        if bootProtocol != .payload, KVMFlavor.current() == .pvm {
-            // Once, before anything runs: what a user would otherwise find out after minutes.
-            printError("flowtrace: warning: this host's KVM is PVM (kvm_pvm): a kernel's CPL0 code is emulated, about 1 µs per instruction, so \((guest as NSString).lastPathComponent) runs far slower than on VMX/SVM (a stock Linux kernel does not boot in useful time) and int3 probes do not work; use --engine hw (up to 4 probes) and --timeout, or a host with VMX/SVM")
-        }
         // The serial file is opened (truncated) only once everything else checked out.
         let serialFile = SerialFile()
         let destination: SerialDestination = if case .file = serialMode { .sink(SerialSink { serialFile.write($0) }) } else { .console }
@@ -383,6 +379,10 @@ struct RunCommand: ParsableCommand {
         }
         if let o = output, let t = o.temporary, plan.streams {
             printError("flowtrace: the records go to \(t) while the guest runs (tail -f shows them); it replaces \(o.destination) when the run ends")
+        }
+        if bootProtocol != .payload, KVMFlavor.current() == .pvm {
+            // Once, just before the guest runs: what a user would otherwise find out after minutes.
+            printError("flowtrace: warning: this host's KVM is PVM (kvm_pvm): a kernel's CPL0 code is emulated, about 1 µs per instruction, so \((guest as NSString).lastPathComponent) runs far slower than on VMX/SVM (a stock Linux kernel does not boot in useful time) and int3 probes do not work; use --engine hw (up to 4 probes) and --timeout, or a host with VMX/SVM")
         }
         interruption.stops(machine, partial: output?.temporary)
         standardOutput.onFailure { interruption.stopForOutputFailure($0) }
@@ -481,6 +481,7 @@ struct RunCommand: ParsableCommand {
             if !ioFailed, status != 0 { throw ExitCode(Int32(truncatingIfNeeded: status & 0xFF == 0 ? 1 : status & 0xFF)) }
         case let .fault(f):
             printError("flowtrace: \(name): \(f.description) after \(seconds)")
+            if let hint = f.hint { printError("flowtrace: \(hint)") }
             printError(f.registerDump)
             if !ioFailed { throw ExitCode(ExitStatus.guestFault) }
         case .timedOut:

@@ -439,3 +439,52 @@ struct HostMessageTests {
         #expect(zero.hasSuffix(", 64-bit mode, CPL0") && one.hasSuffix(", 64-bit mode, CPL0"))
     }
 }
+
+/// The README's "Your own guest": its C source and build command, taken from the README
+/// itself, built in a temporary directory and run.
+@Suite("a guest built as the README says", .serialized)
+struct OwnGuestTests {
+    /// The blocks after the "### Your own guest" heading: the C source and the gcc line.
+    static func readmeGuest() throws -> (source: String, command: String) {
+        let readme = try String(contentsOf: Guests.root.appendingPathComponent("README.md"), encoding: .utf8)
+        let section = try #require(readme.components(separatedBy: "### Your own guest").dropFirst().first)
+        let c = try #require(section.components(separatedBy: "```c\n").dropFirst().first?.components(separatedBy: "```").first)
+        let sh = try #require(section.components(separatedBy: "```sh\n").dropFirst().first?.components(separatedBy: "```").first)
+        return (c, sh.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    static func build(_ command: String) throws -> String {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-own-\(getpid())-\(command.count)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try readmeGuest().source.write(toFile: dir + "/hello.c", atomically: false, encoding: .utf8)
+        let r = try run("/bin/sh", ["-c", "cd \"$0\" && \(command)", dir])
+        #expect(r.status == 0, "\(command): \(r.stderr)")
+        return dir + "/hello.elf"
+    }
+
+    /// Built exactly as documented: the console line, and the entry's return value as the
+    /// exit status (it returns 7).
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func theDocumentedGuestRunsAndItsReturnIsTheStatus() throws {
+        let (_, command) = try Self.readmeGuest()
+        #expect(command.hasPrefix("gcc -ffreestanding -nostdlib -static -O2 -mgeneral-regs-only"))
+        let elf = try Self.build(command)
+        let r = try flowtrace(["run", elf])
+        #expect(r.stdout == "hello from my guest\n", "\(r.stderr)")
+        #expect(r.status == 7)
+        #expect(r.stderr.contains("hello.elf: guest exited with status 7 after"))
+    }
+
+    /// Without -mgeneral-regs-only the compiler zeroes the buffer with SSE: where the host
+    /// cannot run that (PVM at CPL0), the run names the instruction and the fix.
+    @Test(.enabled(if: kvmUsable && isPVM, "needs /dev/kvm on a PVM host (kvm_pvm), where CPL0 SSE is not emulated"))
+    func withoutTheFlagTheInstructionAndTheFixAreNamed() throws {
+        let (_, command) = try Self.readmeGuest()
+        let elf = try Self.build(command.replacingOccurrences(of: " -mgeneral-regs-only", with: ""))
+        let r = try flowtrace(["run", elf])
+        #expect(r.status == 70)
+        #expect(r.stderr.contains("guest fault on vCPU 0: KVM_EXIT_INTERNAL_ERROR (suberror 1: emulation failed) at rip 0x"))
+        #expect(r.stderr.contains(": pxor xmm0, xmm0 (66 0f ef c0)"), "\(r.stderr)")
+        #expect(r.stderr.contains("flowtrace: an SSE/AVX instruction at CPL0, which this host's KVM (PVM) cannot emulate: build the guest with -mgeneral-regs-only"))
+    }
+}

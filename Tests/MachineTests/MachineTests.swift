@@ -109,7 +109,9 @@ struct BootTests {
             #expect(r.rip == m.image.entry)
             #expect(r.rdi == UInt64(v.id))
             #expect(r.rsi == 2)
-            #expect(r.rsp == m.layout.stackTop(for: v.id))
+            // As after a call: rsp + 8 aligned, the return address the exit stub's.
+            #expect(r.rsp == m.layout.stackTop(for: v.id) - 8)
+            #expect(try m.memory.read(physical: r.rsp, count: 8) == [0x00, 0x18, 0, 0, 0, 0, 0, 0])
             let s = try v.specialRegisters()
             #expect(s.cr3 == m.layout.cr3)
             #expect(s.efer & 0x500 == 0x500)

@@ -6,6 +6,8 @@ import KVM
 ///
 /// ```
 /// 0x1000   GDT: null, 64-bit code (0x08), data (0x10)
+/// 0x1800   the entry's return address: `mov edx, 0xF4; out dx, eax; cli; hlt` (a guest
+///          whose entry function returns ends with its return value as the exit status)
 /// 0x2000   PML4        0x3000  PDPT      0x4000.. one page directory per GiB
 /// 0x8000   out-of-line stepping: a 32-byte slot per vCPU (up to 1024 vCPUs)
 /// 0x10000  first byte an image may use
@@ -16,6 +18,12 @@ import KVM
 /// (on the pc platform the whole low 4 GiB, device pages included).
 public struct BootLayout: Sendable, Equatable {
     public static let gdtAddress: UInt64 = 0x1000
+    /// Where a payload's entry returns to (its initial [rsp]): the return value (eax) goes
+    /// to the exit port 0xF4.
+    public static let entryReturnAddress: UInt64 = 0x1800
+    static let entryReturnCode: [UInt8] = [0xBA, 0xF4, 0x00, 0x00, 0x00,  // mov edx, 0xf4
+                                           0xEF,                          // out dx, eax
+                                           0xFA, 0xF4, 0xEB, 0xFD]        // cli; hlt; jmp hlt
     public static let pml4Address: UInt64 = 0x2000
     public static let pdptAddress: UInt64 = 0x3000
     public static let pageDirectoriesAddress: UInt64 = 0x4000
@@ -47,8 +55,12 @@ public struct BootLayout: Sendable, Equatable {
         return slot + outOfLineSlotSize <= imageFloor ? slot : nil
     }
 
-    /// Initial rsp of vCPU `index` (16-byte aligned, as `_start` expects).
+    /// The top of vCPU `index`'s stack (16-byte aligned).
     public func stackTop(for index: Int) -> UInt64 { memorySize - UInt64(index) * Self.stackSize }
+
+    /// Initial rsp of vCPU `index`: the entry is called as a C function is, rsp + 8 16-byte
+    /// aligned, [rsp] the return address `entryReturnAddress`.
+    public func entryStackPointer(for index: Int) -> UInt64 { stackTop(for: index) - 8 }
 
     /// Validates the memory size against the layout's own needs.
     public init(memorySize: UInt64, vcpuCount: Int) throws(MachineError) {
@@ -98,6 +110,7 @@ public struct BootLayout: Sendable, Equatable {
     /// Writes the GDT and the identity page tables into `memory`: RAM only, or with
     /// `mapLow4G` all of the first 4 GiB (RAM and the device pages above it; the pc platform).
     func writeTables(into memory: GuestMemory, mapLow4G: Bool = false) throws(KVMError) {
+        try memory.write(physical: Self.entryReturnAddress, bytes: Self.entryReturnCode)
         try memory.writeUInt64(physical: Self.gdtAddress, 0)
         try memory.writeUInt64(physical: Self.gdtAddress + 8, 0x00AF_9A00_0000_FFFF)   // code: L=1, P, DPL0, exec/read
         try memory.writeUInt64(physical: Self.gdtAddress + 16, 0x00CF_9200_0000_FFFF)  // data: P, DPL0, read/write

@@ -27,6 +27,10 @@ struct PayloadBoot {
             try memory.write(physical: seg.virtualAddress, bytes: seg.data)
             try memory.fill(physical: seg.virtualAddress + seg.fileSize, count: Int(seg.memorySize - seg.fileSize))
         }
+        // Each vCPU's entry returns to the exit stub: a return from it ends the guest with its value.
+        for i in 0..<layout.vcpuCount {
+            try memory.writeUInt64(physical: layout.entryStackPointer(for: i), BootLayout.entryReturnAddress)
+        }
     }
 
     /// vCPU `index`'s state at the entry.
@@ -34,7 +38,8 @@ struct PayloadBoot {
         try vcpu.setSpecialRegisters(layout.specialRegisters(from: vcpu.specialRegisters()))
         var regs = Registers()
         regs.rip = image.entry
-        regs.rsp = layout.stackTop(for: index)
+        // Entered as a C function is called (the return address written by `load`).
+        regs.rsp = layout.entryStackPointer(for: index)
         regs.rdi = UInt64(index)
         regs.rsi = UInt64(layout.vcpuCount)
         try vcpu.setRegisters(regs)

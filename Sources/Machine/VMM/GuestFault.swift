@@ -28,9 +28,16 @@ public struct GuestFault: Error, Sendable, Equatable, CustomStringConvertible {
     /// All general-purpose registers at the exit (nil if they could not be read).
     public var registers: Registers?
 
-    public init(vcpu: Int, cause: Cause, rip: UInt64, location: String, registers: Registers?) {
+    /// The instruction at rip, decoded (`movaps xmmword ptr [rsp-0x28], xmm0 (0f 29 44 24
+    /// d8)`), for faults of the guest's own code; nil when it could not be read or decoded.
+    public var instruction: String?
+    /// What to do about it, where flowtrace knows (an SSE instruction PVM cannot emulate).
+    public var hint: String?
+
+    public init(vcpu: Int, cause: Cause, rip: UInt64, location: String, registers: Registers?,
+                instruction: String? = nil, hint: String? = nil) {
         self.vcpu = vcpu; self.cause = cause; self.rip = rip; self.location = location
-        self.registers = registers
+        self.registers = registers; self.instruction = instruction; self.hint = hint
     }
 
     /// The guest's exit, when the guest stopped it.
@@ -51,7 +58,7 @@ public struct GuestFault: Error, Sendable, Equatable, CustomStringConvertible {
         let at = "at rip 0x\(String(rip, radix: 16))" + (location.hasPrefix("0x") ? "" : " (\(location))")
         switch cause {
         case let .exit(e):
-            return "guest fault on vCPU \(vcpu): \(e.name) \(at)"
+            return "guest fault on vCPU \(vcpu): \(e.name) \(at)" + (instruction.map { ": \($0)" } ?? "")
         case let .host(error, doing):
             return "host failure on vCPU \(vcpu) while \(doing): \(error.description); guest \(at)"
         case let .exitFailed(e, error, doing):

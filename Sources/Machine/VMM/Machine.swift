@@ -2,6 +2,7 @@ import Devices
 import ELF
 import FlowTrace
 import Foundation
+import FlowGraph
 import KVM
 import Locking
 import Synchronization
@@ -399,7 +400,35 @@ public final class Machine: TraceTarget {
         let regs: Registers?
         do { regs = try vcpu.registers() } catch { regs = nil }
         let rip = regs?.rip ?? 0
-        finish(.fault(GuestFault(vcpu: vcpu.id, cause: cause, rip: rip, location: symbolizer.describe(rip), registers: regs)))
+        var fault = GuestFault(vcpu: vcpu.id, cause: cause, rip: rip, location: symbolizer.describe(rip), registers: regs)
+        if case let .exit(e) = cause, regs != nil { (fault.instruction, fault.hint) = faultingInstruction(vcpu, rip: rip, exit: e) }
+        finish(.fault(fault))
+    }
+
+    /// The instruction at `rip` as the guest's page tables map it, decoded, and a hint for
+    /// what flowtrace knows the host cannot run: SSE/AVX at CPL0 on PVM.
+    private func faultingInstruction(_ vcpu: VCPU, rip: UInt64, exit: VMExit) -> (String?, String?) {
+        let sregs: SpecialRegisters
+        do { sregs = try vcpu.specialRegisters() } catch { return (nil, nil) }
+        var bytes: [UInt8] = []
+        for k in 0..<15 {
+            // Byte by byte: the instruction may end where the mapping does.
+            guard let b = try? memory.read(virtual: rip &+ UInt64(k), count: 1, paging: sregs.paging) else { break }
+            bytes.append(b[0])
+        }
+        guard !bytes.isEmpty, case let .success(i) = X86Decoder().decode(bytes, at: rip) else { return (nil, nil) }
+        let shown = "\(i.text) (\(i.bytes.map { String(format: "%02x", $0) }.joined(separator: " ")))"
+        let vector = ["xmm", "ymm", "zmm"].contains { i.text.contains($0) }
+            || ["fxsave", "fxrstor", "xsave", "xrstor", "ldmxcsr", "stmxcsr"].contains { i.mnemonic.hasPrefix($0) }
+        var hint: String?
+        if vector, sregs.cs.dpl == 0 {
+            if case .internalError = exit, KVMFlavor.current() == .pvm {
+                hint = "an SSE/AVX instruction at CPL0, which this host's KVM (PVM) cannot emulate: build the guest with -mgeneral-regs-only (GCC, Clang) so the compiler uses no vector registers"
+            } else if case .shutdown = exit, i.text.contains("xmmword ptr [") {
+                hint = "a vector instruction at CPL0 faulted with no IDT to take it (an unaligned 16-byte access?): build the guest with -mgeneral-regs-only, or keep the stack as the ABI aligns it"
+            }
+        }
+        return (shown, hint)
     }
 
     func vcpuHalted() {
