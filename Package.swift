@@ -38,10 +38,7 @@ let package = Package(
         .target(name: "NameSuggestions"),
         .target(name: "ELF", dependencies: ["CLibElf", "NameSuggestions"]),
         // A Linux kernel's own symbols: its compressed payload, its kallsyms tables, symbol files.
-        .target(name: "LinuxKernel", dependencies: ["CCompression", "ELF"],
-                // Decoding ~100,000 symbols from a 60 MB image: optimized even in debug builds
-                // (25 s unoptimized, under 2 s optimized).
-                swiftSettings: [.unsafeFlags(["-O"])]),
+        .target(name: "LinuxKernel", dependencies: ["CCompression", "ELF"]),
         // x86-64 decoding and control-flow graphs of guest code.
         .target(name: "FlowGraph", dependencies: ["CZydis", "ELF", "NameSuggestions"]),
         // Probes, trace modules, records, reports, filters: pure Swift over TraceTarget.

@@ -54,6 +54,18 @@ private struct Decoder {
         var end: Int
         var indexEnd: Int
         var strings: [[UInt8]]
+        /// The strings one after the other, token t at `flat[bounds[t] ..< bounds[t + 1]]`:
+        /// one array to read in the name scan instead of one per token.
+        var flat: [UInt8]
+        var bounds: [Int]
+
+        init(start: Int, end: Int, indexEnd: Int, strings: [[UInt8]]) {
+            self.start = start; self.end = end; self.indexEnd = indexEnd; self.strings = strings
+            flat = strings.flatMap { $0 }
+            var b = [0]
+            for t in strings { b.append(b[b.count - 1] + t.count) }
+            bounds = b
+        }
     }
 
     func run() throws(KallsymsError) -> [KernelSymbol] {
@@ -152,29 +164,74 @@ private struct Decoder {
         return (l, p + 1)
     }
 
+    // Plain index loops below: these run for every candidate position in a 60 MB image and
+    // every one of ~100,000 names, and must stay fast in debug builds too (no generic
+    // slices, no array literal per iteration).
+
     func expand(_ tokens: Tokens, _ p: Int, _ length: Int) -> [UInt8] {
         var out: [UInt8] = []
-        for k in p..<(p + length) { out += tokens.strings[Int(b[k])] }
+        out.reserveCapacity(length * 4)
+        var k = p
+        while k < p + length {
+            let t = tokens.strings[Int(b[k])]
+            var j = 0
+            while j < t.count { out.append(t[j]); j += 1 }
+            k += 1
+        }
         return out
     }
 
-    func plausible(_ name: [UInt8]) -> Bool {
-        guard let t = name.first, Self.typeLetters.contains(t), name.count >= 2, name.count <= 512 else { return false }
-        return name.dropFirst().allSatisfy { $0 > 0x20 && $0 < 0x7F }
+    /// Whether a name's expansion is a type letter and 1-511 printable characters, without
+    /// building it.
+    func plausibleExpansion(_ tokens: Tokens, _ p: Int, _ length: Int) -> Bool {
+        let flat = tokens.flat, bounds = tokens.bounds, image = b
+        var count = 0
+        var k = p
+        while k < p + length {
+            let token = Int(image[k])
+            var j = bounds[token]
+            let end = bounds[token + 1]
+            while j < end {
+                let c = flat[j]
+                if count == 0 {
+                    if !Self.isTypeLetter(c) { return false }
+                } else if c <= 0x20 || c >= 0x7F {
+                    return false
+                }
+                count += 1
+                j += 1
+            }
+            k += 1
+        }
+        return count >= 2 && count <= 512
     }
+
+    func plausible(_ name: [UInt8]) -> Bool {
+        guard name.count >= 2, name.count <= 512, Self.isTypeLetter(name[0]) else { return false }
+        var j = 1
+        while j < name.count {
+            if name[j] <= 0x20 || name[j] >= 0x7F { return false }
+            j += 1
+        }
+        return true
+    }
+
+    static let typeLetterTable: [Bool] = (0..<256).map { typeLetters.contains(UInt8($0)) }
+    static func isTypeLetter(_ c: UInt8) -> Bool { typeLetterTable[Int(c)] }
 
     func findNames(_ tokens: Tokens) -> Names? {
         // The names come before the token table in every layout; up to 64 MiB before it.
         var c = tokens.start & ~3
         let lowest = max(8, tokens.start - (64 << 20))
         while c >= lowest {
-            defer { c -= 4 }
-            for countAt in [c - 4, c - 8] {
-                if countAt == c - 8, u32(c - 4) != 0 { continue }
-                let n = Int(u32(countAt))
-                guard n >= 16, n < (1 << 23) else { continue }
-                if let found = names(at: c, count: n, countAt: countAt, tokens: tokens) { return found }
+            // The count just before the names, or 8 bytes before them after 4 bytes of zero.
+            let n4 = Int(u32(c - 4))
+            if n4 >= 16, n4 < (1 << 23), let found = names(at: c, count: n4, countAt: c - 4, tokens: tokens) { return found }
+            if n4 == 0 {
+                let n8 = Int(u32(c - 8))
+                if n8 >= 16, n8 < (1 << 23), let found = names(at: c, count: n8, countAt: c - 8, tokens: tokens) { return found }
             }
+            c -= 4
         }
         return nil
     }
@@ -183,7 +240,7 @@ private struct Decoder {
         // A cheap look at the first names before decoding them all.
         var p = c
         for _ in 0..<min(8, n) {
-            guard let (l, t) = nameLength(at: p), l > 0, t + l <= tokens.start, plausible(expand(tokens, t, l)) else { return nil }
+            guard let (l, t) = nameLength(at: p), l > 0, t + l <= tokens.start, plausibleExpansion(tokens, t, l) else { return nil }
             p = t + l
         }
         var names: [[UInt8]] = []

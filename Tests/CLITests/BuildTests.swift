@@ -33,3 +33,34 @@ struct GuestBuildTests {
         #expect(!FileManager.default.fileExists(atPath: target))
     }
 }
+
+@Suite("flowtrace as a versioned dependency", .serialized, .timeLimit(.minutes(5)))
+struct VersionedDependencyTests {
+    /// A package that depends on flowtrace by version (a clone of this repository's HEAD,
+    /// tagged) and uses the Machine product: SwiftPM makes its build plan, the step where it
+    /// refuses products whose targets carry unsafe flags (LinuxKernel's `-O` did).
+    @Test func aPackageDependingOnMachineByVersionIsAccepted() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-consumer-\(getpid())").path
+        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.createDirectory(atPath: dir + "/consumer/Sources/consumer", withIntermediateDirectories: true)
+        let clone = try run("/usr/bin/env", ["git", "clone", "--quiet", Guests.root.path, dir + "/flowtrace"])
+        try #require(clone.status == 0, "git clone: \(clone.stderr)")
+        let tag = try run("/usr/bin/env", ["git", "-C", dir + "/flowtrace", "tag", "99.0.0"])
+        try #require(tag.status == 0, "git tag: \(tag.stderr)")
+        let manifest = """
+        // swift-tools-version:6.1
+        import PackageDescription
+        let package = Package(
+            name: "consumer",
+            dependencies: [.package(url: "file://\(dir)/flowtrace", from: "99.0.0")],
+            targets: [.executableTarget(name: "consumer", dependencies: [.product(name: "Machine", package: "flowtrace")])]
+        )
+        """
+        try manifest.write(toFile: dir + "/consumer/Package.swift", atomically: false, encoding: .utf8)
+        try "import Machine\nprint(KernelLayout.kernelLoad)\n".write(toFile: dir + "/consumer/Sources/consumer/main.swift", atomically: false, encoding: .utf8)
+        let plan = try run("/usr/bin/env", ["swift", "build", "--package-path", dir + "/consumer", "--print-manifest-job-graph"])
+        #expect(plan.status == 0, "\(plan.stderr)")
+        #expect(!plan.stderr.contains("unsafe build flags"))
+        #expect(plan.stdout.contains("LinuxKernel"), "the plan has no LinuxKernel target: \(plan.stdout.prefix(300))")
+    }
+}
