@@ -57,9 +57,7 @@ public enum Decompression {
         let room = min(chunk, limit - out.count)
         guard room > 0 else { throw DecompressionError(format, "decompresses to more than \(limit) bytes") }
         let start = out.count
-        // An array appended whole (one copy in the standard library), not element by
-        // element: fast in debug builds too.
-        out.append(contentsOf: [UInt8](repeating: 0, count: room))
+        out.append(contentsOf: [UInt8](repeating: 0, count: room))  // whole: fast unoptimized too
         // SAFETY: `body` writes at most `room` bytes at the new tail of `out`.
         let made = try out.withUnsafeMutableBufferPointer { (b: inout UnsafeMutableBufferPointer<UInt8>) throws(DecompressionError) -> Int in
             try body(b.baseAddress! + start, room)
@@ -182,9 +180,7 @@ public enum Decompression {
             let start = out.count
             guard limit - start > 0 else { throw DecompressionError(.lz4, "decompresses to more than \(limit) bytes") }
             let room = min(blockMax, limit - start)
-            // An array appended whole (one copy in the standard library), not element by
-        // element: fast in debug builds too.
-        out.append(contentsOf: [UInt8](repeating: 0, count: room))
+            out.append(contentsOf: [UInt8](repeating: 0, count: room))  // whole: fast unoptimized too
             // SAFETY: LZ4_decompress_safe reads `size` bytes inside `input` (checked above) and
             // writes at most `room` bytes into the new tail of `out`.
             let made = input.withUnsafeBufferPointer { src in

@@ -64,3 +64,50 @@ struct VersionedDependencyTests {
         #expect(plan.stdout.contains("LinuxKernel"), "the plan has no LinuxKernel target: \(plan.stdout.prefix(300))")
     }
 }
+
+/// tools/test-nested's verdicts, with a stand-in for the nested machine (NESTED_RUN) that
+/// prints what the real one prints in each case.
+@Suite("the real-SVM tier cannot pass without running", .serialized)
+struct NestedVerdictTests {
+    /// Runs tools/test-nested with a runner that prints `console` and exits `status`.
+    func verdict(console: String, status: Int32) throws -> ProcessOutput {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-nested-\(getpid())-\(console.count)-\(status)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        try console.write(toFile: dir + "/console", atomically: false, encoding: .utf8)
+        try "#!/bin/sh\ncat \"\(dir)/console\"\nexit \(status)\n".write(toFile: dir + "/runner", atomically: false, encoding: .utf8)
+        chmod(dir + "/runner", 0o755)
+        var env = ProcessInfo.processInfo.environment
+        env["NESTED_RUN"] = dir + "/runner"
+        env["NESTED_LOG"] = dir + "/log"
+        env["NESTED_NO_PREP"] = "1"
+        env["NESTED_SUITES"] = "KernelBootTests"
+        return try run("/bin/bash", [Guests.root.appendingPathComponent("tools/test-nested").path], environment: env)
+    }
+
+    /// The machine came up and QEMU's timeout killed it before the tests ended: FAILED, with
+    /// the console's last lines (this passed as "skipped" before).
+    @Test func aMachineKilledBeforeTheEndFails() throws {
+        let r = try verdict(console: "== L1 up at 2.1s, kernel 6.1.0\n== kvm-caps start\n◇ Test boots() started.\nlast words of the console\n", status: 124)
+        #expect(r.status == 1, "\(r.stdout)\(r.stderr)")
+        #expect(r.stdout.contains("test-nested: FAILED: the nested machine came up but the tests did not finish (script exit 124: QEMU killed by its TIMEOUT)"))
+        #expect(r.stdout.contains("  | last words of the console"))
+    }
+
+    /// A machine that never came up (a download refused, QEMU not built): skipped, loudly.
+    @Test func aMachineThatCannotBeSetUpIsSkippedLoudly() throws {
+        let r = try verdict(console: "### downloading qemu\nE: download refused\n", status: 1)
+        #expect(r.status == 0)
+        #expect(r.stdout.contains("test-nested: SKIPPED (the nested machine could not be set up; the real-SVM tier did not run)"))
+    }
+
+    /// Every suite passing inside: passed; a suite missing from the log: FAILED.
+    @Test func onlyEverySuitePassingPasses() throws {
+        let ok = try verdict(console: "== L1 up at 2s\n✔ Suite \"boot protocols: the test kernels boot\" passed after 3 seconds.\n== extra exit status 0 at 9s\n", status: 0)
+        #expect(ok.status == 0, "\(ok.stdout)")
+        #expect(ok.stdout.contains("test-nested: KernelBootTests passed inside the nested KVM"))
+        let missing = try verdict(console: "== L1 up at 2s\n== extra exit status 0 at 9s\n", status: 0)
+        #expect(missing.status == 1)
+        #expect(missing.stdout.contains("FAILED: the suite \"boot protocols: the test kernels boot\" did not run or pass"))
+    }
+}
