@@ -31,8 +31,10 @@ struct GraphCommand: ParsableCommand {
         """
     )
 
-    @Argument(help: "A static x86-64 ELF executable, or a Linux kernel (bzImage or vmlinux).")
-    var guest: String
+    /// The guest and its symbol file (the image options run and inspect take too).
+    @OptionGroup var imageOptions: ImageOptions
+    var guest: String { imageOptions.guest }
+    var symbolFile: String? { imageOptions.symbolFile }
 
     @Argument(help: "The function: a symbol, or an address (0x...) inside one.")
     var function: String
@@ -49,10 +51,10 @@ struct GraphCommand: ParsableCommand {
     @Option(name: .short, help: ArgumentHelp("Write the graph to this file instead of stdout.", valueName: "file"))
     var output: String?
 
-    @Option(name: .customLong("symbol-file"), help: ArgumentHelp("A kernel's symbols from System.map, /proc/kallsyms or nm output (when the image has no .symtab).", valueName: "file"))
-    var symbolFile: String?
-
     func run() throws {
+        for o in imageOptions.bootFileOptions + (imageOptions.boot != .auto ? ["--boot"] : []) {
+            printError("flowtrace: \(o) not used: graph reads the image's code, it boots nothing")
+        }
         let image: ELFImage
         do {
             let kernel = try KernelImage(path: guest)

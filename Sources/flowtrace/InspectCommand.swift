@@ -16,21 +16,24 @@ struct InspectCommand: ParsableCommand {
         """
     )
 
-    @Argument(help: "A payload (static x86-64 ELF) or a kernel (Linux bzImage or vmlinux, PVH, Multiboot 1 or 2).")
-    var guest: String
+    /// The guest, how it boots and its symbol file (the image options run and graph take too).
+    @OptionGroup var imageOptions: ImageOptions
+    var guest: String { imageOptions.guest }
+    var symbolFile: String? { imageOptions.symbolFile }
 
     @Option(name: .customLong("symbols"), help: ArgumentHelp("List the symbols whose names match: a glob (do_*, *initcall*), or text a name contains.", valueName: "pattern"))
     var pattern: String?
 
-    @Option(name: .customLong("symbol-file"), help: ArgumentHelp("A kernel's symbols from System.map, /proc/kallsyms or nm output (when the image has no .symtab).", valueName: "file"))
-    var symbolFile: String?
 
     func run() throws {
+        for o in imageOptions.bootFileOptions {
+            printError("flowtrace: \(o) not used: inspect shows the image; run boots it with the files and command line")
+        }
         let kernel: KernelImage
         let bootProtocol: BootProtocol
         do {
             kernel = try KernelImage(path: guest)
-            bootProtocol = try kernel.resolve(.auto)
+            bootProtocol = try kernel.resolve(imageOptions.boot.request)
         } catch { throw fail(error.description, status: ExitStatus.usage) }
         var view: LinuxKernelView?
         if kernel.isLinux || symbolFile != nil {

@@ -167,23 +167,14 @@ struct RunCommand: ParsableCommand {
         """
     )
 
-    @Argument(help: "A payload (static x86-64 ELF, e.g. guests/build/fib.elf) or a kernel: Linux bzImage or vmlinux, PVH, Multiboot 1 or 2; see BOOTING KERNELS.")
-    var guest: String
-
-    @Option(help: "Boot protocol: auto (what the image is), payload, linux, pvh, multiboot or multiboot2.")
-    var boot: BootOption = .auto
-
-    @Option(help: ArgumentHelp("The kernel's command line (QEMU's -append).", valueName: "cmdline"))
-    var append: String?
-
-    @Option(help: ArgumentHelp("An initrd (Linux), or the first module (Multiboot, PVH); QEMU's -initrd.", valueName: "file"))
-    var initrd: String?
-
-    @Option(name: .customLong("module"), help: ArgumentHelp("A Multiboot or PVH module with its command line (repeatable).", valueName: "file[,args]"))
-    var modules: [String] = []
-
-    @Option(name: .customLong("symbol-file"), help: ArgumentHelp("A kernel's symbols from System.map, /proc/kallsyms or nm output, for an image without .symtab (default: the kernel's own kallsyms tables).", valueName: "file"))
-    var symbolFile: String?
+    /// The guest, --boot, --append, --initrd, --module, --symbol-file (shared with inspect, graph).
+    @OptionGroup var imageOptions: ImageOptions
+    var guest: String { imageOptions.guest }
+    var boot: BootOption { imageOptions.boot }
+    var append: String? { imageOptions.append }
+    var initrd: String? { imageOptions.initrd }
+    var modules: [String] { imageOptions.modules }
+    var symbolFile: String? { imageOptions.symbolFile }
 
     @Option(parsing: .unconditional, help: "Number of vCPUs. Payloads: each starts at the entry with its index in rdi; kernels: vCPU 0 starts, the kernel starts the others.")
     var vcpus: Int = 1
@@ -279,8 +270,7 @@ struct RunCommand: ParsableCommand {
             bootProtocol = try kernel.resolve(boot.request)
         } catch { throw fail(error.description, status: ExitStatus.usage) }
         if bootProtocol == .payload {
-            let given = [append.map { _ in "--append" }, initrd.map { _ in "--initrd" }, modules.isEmpty ? nil : "--module"].compactMap { $0 }
-            if let first = given.first {
+            if let first = imageOptions.bootFileOptions.first {
                 throw fail("\(first): \(guest) is booted as a flowtrace payload, which takes no command line, initrd or modules; give a kernel, or --boot linux|pvh|multiboot|multiboot2", status: ExitStatus.usage)
             }
         }

@@ -315,6 +315,26 @@ struct CommandLineTests {
                            "flowtrace: error: unknown option '--hitz'", "'--hits'", "(see 'flowtrace run --help')")
     }
 
+    /// run, inspect and graph take the same image options, one group: every name appears in
+    /// each one's help, a misspelt one is answered with the near name, and the options a
+    /// command does not use are said so (not refused).
+    @Test func theImageOptionsAreOneGroup() throws {
+        let fib = try Guests.path("fib")
+        for command in [["run"], ["inspect"], ["graph"]] {
+            let help = try flowtrace(command + ["--help"]).stdout
+            for option in ["<guest>", "--boot <boot>", "--append <cmdline>", "--initrd <file>", "--module <file[,args]>", "--symbol-file <file>"] {
+                #expect(help.contains(option), "\(command[0]) --help lacks \(option)")
+            }
+            let near = try flowtrace(command + [fib] + (command[0] == "graph" ? ["fib"] : []) + ["--symbl-file", "x"])
+            expectOneLineError(near, status: 64, "unknown option '--symbl-file'", "'--symbol-file'", "(see 'flowtrace \(command[0]) --help')")
+        }
+        let graph = try flowtrace(["graph", fib, "fib", "--append", "quiet"])
+        #expect(graph.status == 0)
+        #expect(graph.stderr == "flowtrace: --append not used: graph reads the image's code, it boots nothing\n")
+        let inspect = try flowtrace(["inspect", try Guests.kernelPath("multiboot.elf"), "--boot", "multiboot2"])
+        #expect(inspect.status == 64, "multiboot.elf has no Multiboot 2 header: \(inspect.stdout)")
+    }
+
     /// A negative count is a value, checked like any other (not "Missing value").
     @Test func negativeCountsAreCheckedValues() throws {
         let fib = try Guests.path("fib")
