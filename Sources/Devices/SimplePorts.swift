@@ -104,3 +104,20 @@ public final class I8042: PortDevice {
 /// What a read of `size` bytes from an empty bus returns: all ones.
 @inline(__always)
 public func allOnes(_ size: Int) -> UInt32 { size >= 4 ? UInt32.max : (1 << (UInt32(size) * 8)) - 1 }
+
+/// QEMU's `isa-debug-exit` (hw/misc/debugexit.c), for test payloads written against it: a
+/// write of V at any width to its ports ends the guest with status `(V << 1) | 1`, as QEMU's
+/// process exits; reads return 0. QEMU's defaults: iobase 0x501, iosize 2.
+public final class ISADebugExit: PortDevice {
+    public static let defaultBase: UInt16 = 0x501
+    public static let defaultSize: UInt16 = 2
+    public let name = "isa-debug-exit"
+    public let ports: ClosedRange<UInt16>
+    public init(base: UInt16 = ISADebugExit.defaultBase, size: UInt16 = ISADebugExit.defaultSize) {
+        ports = base...(base &+ max(size, 1) &- 1)
+    }
+    public func read(port: UInt16, size: Int, context: IOContext) -> UInt32 { 0 }
+    public func write(port: UInt16, size: Int, value: UInt32, context: IOContext) -> DeviceEvent? {
+        .exit(status: value << 1 | 1)
+    }
+}

@@ -176,6 +176,9 @@ struct RunCommand: ParsableCommand {
     var modules: [String] { imageOptions.modules }
     var symbolFile: String? { imageOptions.symbolFile }
 
+    @Option(name: .customLong("device"), help: ArgumentHelp("A QEMU test device, with QEMU's semantics (repeatable): isa-debug-exit[,iobase=N][,iosize=N] (a write of V ends the guest with status (V << 1) | 1; defaults iobase=0x501, iosize=2; at 0xf4 it replaces flowtrace's exit port).", valueName: "spec"))
+    var deviceSpecs: [String] = []
+
     @Option(parsing: .unconditional, help: "Number of vCPUs. Payloads: each starts at the entry with its index in rdi; kernels: vCPU 0 starts, the kernel starts the others.")
     var vcpus: Int = 1
 
@@ -310,6 +313,7 @@ struct RunCommand: ParsableCommand {
         }
         for n in notes { printError(n) }
         let serialMode = try SerialMode(parsing: serial)
+        let devices = try deviceSpecs.map(parseDevice)
         if case let .file(path) = serialMode {
             do { try ByteSink.checkWritable(path) } catch { throw fail("--serial file:\(path): \(error.description)", status: ExitStatus.usage) }
             if let o = plan.output, o == path { throw fail("--serial file:\(path): the same file as -o", status: ExitStatus.usage) }
@@ -328,6 +332,7 @@ struct RunCommand: ParsableCommand {
                                                      platform: platform.request, serial: destination,
                                                      boot: .boot(bootProtocol), files: files)
             if view != nil { configuration.symbols = image.symbols }
+            configuration.devices = devices
             machine = try Machine(kernel: kernel, configuration: configuration, host: host)
         } catch {
             if case .kvm = error { throw fail(error.description, status: ExitStatus.unavailable) }
@@ -1145,4 +1150,31 @@ private func inject(_ text: String, into machine: Machine) throws(ExitCode) {
     } else {
         machine.vcpus[spec.vcpu].faults.fail(spec.call, onCall: spec.nth, errno: spec.errno)
     }
+}
+
+/// `--device isa-debug-exit[,iobase=N][,iosize=N]` (QEMU's names and defaults).
+func parseDevice(_ text: String) throws(ExitCode) -> DeviceRequest {
+    let parts = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+    guard let name = parts.first, name == "isa-debug-exit" else {
+        throw fail("--device '\(text)': unknown device '\(parts.first ?? "")' (devices: isa-debug-exit[,iobase=N][,iosize=N])", status: ExitStatus.usage)
+    }
+    var base = ISADebugExit.defaultBase, size = ISADebugExit.defaultSize
+    for p in parts.dropFirst() {
+        let kv = p.split(separator: "=", maxSplits: 1).map(String.init)
+        guard kv.count == 2, let n = parseNumber(kv[1]) else {
+            throw fail("--device '\(text)': '\(p)' is not NAME=NUMBER (iobase=0xf4, iosize=4)", status: ExitStatus.usage)
+        }
+        switch kv[0] {
+        case "iobase":
+            guard n <= 0xFFFF else { throw fail("--device '\(text)': iobase \(kv[1]) is beyond the 16-bit port space", status: ExitStatus.usage) }
+            base = UInt16(n)
+        case "iosize":
+            guard n >= 1, n <= 4 else { throw fail("--device '\(text)': iosize \(kv[1]) must be 1 to 4", status: ExitStatus.usage) }
+            size = UInt16(n)
+        default:
+            throw fail("--device '\(text)': isa-debug-exit has no property '\(kv[0])' (iobase, iosize)", status: ExitStatus.usage)
+        }
+    }
+    guard UInt32(base) + UInt32(size) <= 0x10000 else { throw fail("--device '\(text)': ports past 0xffff", status: ExitStatus.usage) }
+    return .isaDebugExit(base: base, size: size)
 }

@@ -510,3 +510,44 @@ struct OwnGuestTests {
         #expect(r.stderr.contains("flowtrace: an SSE/AVX instruction at CPL0, which this host's KVM (PVM) cannot emulate: build the guest with -mgeneral-regs-only"))
     }
 }
+
+@Suite("QEMU's test devices")
+struct QEMUDeviceTests {
+    /// isa-debug-exit with QEMU's semantics: the port reads 0, a write of V at any width ends
+    /// the guest with (V << 1) | 1 (its low byte the exit status, as QEMU's process): a byte
+    /// at 0x501 and a word at 0x502 (the defaults: iobase 0x501, iosize 2), a dword at 0xf4
+    /// (iobase=0xf4,iosize=4 replaces flowtrace's exit port). Without the device the guest's
+    /// write goes nowhere and it ends through flowtrace's port with 0xEE.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func isaDebugExitEndsTheGuestAsQEMUDoes() throws {
+        let guest = try Guests.path("qemu-exit")
+        let cases: [(vcpus: String, device: String, port: Int, status: UInt32)] = [
+            ("1", "isa-debug-exit", 0x501, 0x10 << 1 | 1), ("2", "isa-debug-exit", 0x502, 0x1234 << 1 | 1),
+            ("3", "isa-debug-exit,iobase=0xf4,iosize=4", 0xf4, 0x7 << 1 | 1),
+        ]
+        for c in cases {
+            let r = try flowtrace(["run", guest, "--vcpus", c.vcpus, "--device", c.device])
+            #expect(r.stdout == "qemu-exit: port \(c.port) reads 0\n", "\(c.device): \(r.stderr)")
+            #expect(r.status == Int32(c.status & 0xFF))
+            #expect(r.stderr.contains("guest exited with status \(c.status) after"))
+        }
+        let without = try flowtrace(["run", guest])
+        #expect(without.stdout == "qemu-exit: port 1281 reads 255\n")
+        #expect(without.status == 0xEE)
+        #expect(without.stderr.contains("port 0x501: first read (1 byte)"))
+    }
+
+    @Test func badDeviceSpecsAreOneLineErrors() throws {
+        let fib = try Guests.path("fib")
+        expectOneLineError(try flowtrace(["run", fib, "--device", "pc-testdevv"]), status: 64, "unknown device 'pc-testdevv'", "isa-debug-exit")
+        expectOneLineError(try flowtrace(["run", fib, "--device", "isa-debug-exit,iosize=9"]), status: 64, "iosize 9 must be 1 to 4")
+        expectOneLineError(try flowtrace(["run", fib, "--device", "isa-debug-exit,port=1"]), status: 64, "has no property 'port' (iobase, iosize)")
+        expectOneLineError(try flowtrace(["run", fib, "--device", "isa-debug-exit,iobase=x"]), status: 64, "'iobase=x' is not NAME=NUMBER")
+    }
+
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func aDeviceOnAnotherDevicesPortsIsRefused() throws {
+        expectOneLineError(try flowtrace(["run", try Guests.path("fib"), "--device", "isa-debug-exit,iobase=0x3f8"]), status: 64,
+                           "--device: port 0x3f8 is claimed by both 16550A UART (COM1) and isa-debug-exit")
+    }
+}

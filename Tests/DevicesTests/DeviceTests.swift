@@ -110,3 +110,20 @@ private let ctx = IOContext(vcpu: 0)
         #expect(p.read(port: 0x61, size: 1, context: ctx) & 0x23 == 0x23)
     }
 }
+
+@Suite("isa-debug-exit")
+struct ISADebugExitTests {
+    /// Every port of the device, every width: reads 0, a write of V is an exit with (V << 1) | 1.
+    @Test func everyPortAndWidth() {
+        let d = ISADebugExit(base: 0x501, size: 2)
+        #expect(d.ports == 0x501...0x502)
+        for port: UInt16 in [0x501, 0x502] {
+            for (size, value) in [(1, UInt32(0x10)), (2, 0x1234), (4, 0x8000_0001)] {
+                #expect(d.read(port: port, size: size, context: IOContext(vcpu: 0)) == 0)
+                #expect(d.write(port: port, size: size, value: value, context: IOContext(vcpu: 0)) == .exit(status: value << 1 | 1))
+            }
+        }
+        #expect(ISADebugExit().ports == 0x501...0x502)
+        #expect(ISADebugExit(base: 0xF4, size: 4).ports == 0xF4...0xF7)
+    }
+}

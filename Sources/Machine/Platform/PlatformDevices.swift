@@ -54,7 +54,8 @@ final class PlatformDevices: Sendable {
     let unknown = UnknownAccesses()
     let interruptLines: KVMInterruptLines?
 
-    init(platform: Platform, console: Console, serial: SerialDestination, memorySize: UInt64, vm: VirtualMachine?) throws(MachineError) {
+    init(platform: Platform, console: Console, serial: SerialDestination, memorySize: UInt64, vm: VirtualMachine?,
+         extra: [DeviceRequest] = []) throws(MachineError) {
         let lines = platform.hasInterruptController ? vm.map { KVMInterruptLines(vm: $0) } : nil
         interruptLines = lines
         let output: SerialOutput = switch serial {
@@ -77,12 +78,23 @@ final class PlatformDevices: Sendable {
             (PCIConfigPorts.ports, PCIConfigPorts()),
         ]
         if platform == .payload { list.append((SystemControlPort.port...SystemControlPort.port, SystemControlPort())) }
+        for d in extra {
+            switch d {
+            case let .isaDebugExit(base, size):
+                let device = ISADebugExit(base: base, size: size)
+                // QEMU's device where flowtrace's exit port is replaces it (payloads for QEMU
+                // use iobase=0xf4); any other overlap is a conflict the bus reports.
+                if device.ports.contains(ExitPort.port) { list.removeAll { $0.device is ExitPort } }
+                list.append((device.ports, device))
+            }
+        }
         do {
             ports = try PortBus(list)
             mmio = try MMIOBus([])
         } catch {
-            // The list above is fixed: a conflict in it is a bug of flowtrace.
-            throw MachineError.deviceMap(error.description)
+            // Without extra devices the list is fixed: a conflict is a bug of flowtrace; with
+            // them, the message names the ports (MachineError.deviceMap).
+            throw extra.isEmpty ? MachineError.deviceMap(error.description) : MachineError.deviceConflict(error.description)
         }
     }
 }

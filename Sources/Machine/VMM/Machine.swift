@@ -198,7 +198,7 @@ public final class Machine: TraceTarget {
         let sink = consoleSink
         let console = Console(vcpuCount: n) { line in sink.withLock { $0 }?(line) }
         let devices = try PlatformDevices(platform: platform, console: console, serial: configuration.serial,
-                                          memorySize: configuration.memorySize, vm: vm)
+                                          memorySize: configuration.memorySize, vm: vm, extra: configuration.devices)
         self.image = boot.image
         self.bootProtocol = boot.bootProtocol
         self.configuration = configuration

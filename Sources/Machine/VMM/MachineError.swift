@@ -19,6 +19,8 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
     case thread(String)
     /// Two of flowtrace's own devices claim the same address (a bug).
     case deviceMap(String)
+    /// A device asked for (`MachineConfiguration.devices`) overlaps another one's ports.
+    case deviceConflict(String)
     /// The image is no kind flowtrace boots.
     case notBootable(path: String, found: String)
     /// `--boot P` on an image without what P needs.
@@ -66,6 +68,8 @@ public enum MachineError: Error, Equatable, Sendable, CustomStringConvertible {
             return "the machine is not stopped at a halt: nothing to resume"
         case let .deviceMap(why):
             return "the device map is inconsistent: \(why)"
+        case let .deviceConflict(why):
+            return "--device: \(why)"
         case let .thread(why):
             return "cannot start a vCPU thread: \(why)"
         case let .notBootable(path, found):

@@ -23,6 +23,8 @@ public struct MachineConfiguration: Sendable, Equatable {
     /// Symbols for describing guest addresses when the image has none of its own (a
     /// kernel's, from `KernelImage.linuxView`).
     public var symbols: [Symbol] = []
+    /// Devices beyond the platform's own (QEMU's test devices), on both platforms.
+    public var devices: [DeviceRequest] = []
 
     public static let defaultMemorySize: UInt64 = 64 << 20
     /// What the CLI gives a kernel when `--memory` is not given.
@@ -120,4 +122,11 @@ public enum StepInterruptBlocking: Sendable, Equatable {
 /// What a machine's step-overs do about interrupts (resolved from `StepInterruptBlocking`).
 enum StepInterruptMode: Sendable, Equatable {
     case blockIRQ, interruptShadow, none
+}
+
+/// A device the guest asks for by QEMU's name (`--device`).
+public enum DeviceRequest: Sendable, Equatable {
+    /// QEMU's `isa-debug-exit` at `base` (`size` ports); it replaces flowtrace's exit port
+    /// when it covers 0xF4.
+    case isaDebugExit(base: UInt16, size: UInt16)
 }
