@@ -225,6 +225,14 @@ public final class VCPU: @unchecked Sendable {
 
     /// The general-purpose registers, from the sync area after an exit when available.
     /// Wraps `KVM_GET_REGS`.
+    /// rip as KVM left it in the sync area at the last exit, without an ioctl; nil without
+    /// register sync. For this vCPU's thread, right after `run()` (a progress display).
+    public var syncedRIP: UInt64? {
+        guard usesSyncRegisters else { return nil }
+        // SAFETY: the shared kvm_run page, mapped for the vCPU's life; read on its own thread.
+        return shared.pointee.s.regs.regs.rip
+    }
+
     public func registers() throws(KVMError) -> Registers {
         try faults.check(.getRegisters)
         if usesSyncRegisters { return Registers(shared.pointee.s.regs.regs) }

@@ -1,6 +1,7 @@
 import FlowTrace
 import Foundation
 import Locking
+import Machine
 import Sys
 
 /// flowtrace's own text on stdout and stderr: whole lines, from any thread, and the live
@@ -139,6 +140,15 @@ final class ProgressLine: Sendable {
             let c = module.counters
             return String(format: "  %.1f s  %llu hits  %@ hits/s  %llu records", s, c.hitsSeen,
                           formatRate(s > 0 ? Double(c.hitsSeen) / s : 0), c.recordsTaken)
+        }
+    }
+
+    /// A run without probes: elapsed time, exits, and where vCPU 0 was at its last exit.
+    static func running(_ machine: Machine) -> ProgressLine? {
+        ProgressLine { s in
+            let p = machine.liveProgress
+            let at = p.vcpu0.map { "  vCPU 0 at 0x\(String($0.rip, radix: 16))" + ($0.location.hasPrefix("0x") ? "" : " (\($0.location))") } ?? ""
+            return String(format: "  %.1f s  %llu exits", s, p.exits) + at
         }
     }
 

@@ -384,7 +384,7 @@ struct RunCommand: ParsableCommand {
         // A progress line on a terminal that also shows the records as they stream would
         // cut through them: then there is none.
         let recordsOnStderrTerminal = plan.output == nil && plan.streams && standardOutput.shareTerminal
-        let progress = recordsOnStderrTerminal ? nil : tracer.flatMap { ProgressLine.tracing($0.module) }
+        let progress = recordsOnStderrTerminal ? nil : tracer.map { ProgressLine.tracing($0.module) } ?? ProgressLine.running(machine)
         let consoleToStderr = tracer != nil && plan.output == nil
         var result: RunResult
         let origin = monotonicNanoseconds()

@@ -261,6 +261,20 @@ struct ProgressLineTests {
         #expect(try parseJSONLines(records.joined(separator: "\n")).count == 200)
     }
 
+    /// Without probes a terminal still gets a progress line: elapsed time, exits, and where
+    /// vCPU 0 was (rip and symbol: spin's loop); the console's lines start lines of their own.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func aRunWithoutProbesShowsWhereVCPU0Is() throws {
+        let (status, text) = try onTerminal(["run", try Guests.path("spin"), "--timeout", "2"])
+        #expect(status == 124)
+        let progress = text.ranges(of: /[0-9.]+ s  [0-9]+ exits  vCPU 0 at 0x[0-9a-f]+ \((guest_main|spin_step|console_puts|console_putc|console_u64)[^)]*\)/)
+        #expect(!progress.isEmpty, "no progress line with vCPU 0's place in: \(text.suffix(300))")
+        for r in text.ranges(of: "spin: ") {
+            let scalars = text[..<r.lowerBound].unicodeScalars
+            #expect(scalars.isEmpty || scalars.last == "\n" || text[..<r.lowerBound].hasSuffix("\r\u{1B}[K"))
+        }
+    }
+
     /// A console shown while the progress runs (-o FILE): the progress is drawn, and each
     /// console line starts a line of its own (the progress erased first).
     @Test(.enabled(if: kvmUsable, kvmSkipReason))

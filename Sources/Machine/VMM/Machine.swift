@@ -82,6 +82,13 @@ public final class Machine: TraceTarget {
     let rendezvous: Rendezvous
     /// The exits of vCPU threads that left their loop.
     let exitTally = Locked(ExitTally())
+    /// Per vCPU, updated at every exit on its thread: the exits so far and rip at the last
+    /// one (for a live progress display; the tally above is merged only at the end).
+    final class LiveExits: Sendable {
+        let exits = Atomic<UInt64>(0)
+        let rip = Atomic<UInt64>(0)
+    }
+    let live: [LiveExits]
     /// Whether the guest can never run again (pc platform; see `HaltCensus`).
     let census: HaltCensus
     let snapshots: [VCPUSnapshot]
@@ -205,6 +212,7 @@ public final class Machine: TraceTarget {
         self.layout = boot.layout
         self.platform = platform
         self.symbolizer = Symbolizer(symbols: configuration.symbols.isEmpty ? boot.image.symbols : configuration.symbols)
+        self.live = (0..<n).map { _ in LiveExits() }
         self.vm = vm
         self.memory = memory
         self.vcpus = vcpus
@@ -266,6 +274,15 @@ public final class Machine: TraceTarget {
     /// other vCPUs ran on) or in place (the other vCPUs were held for the step).
     public var stepOvers: (outOfLine: UInt64, inPlace: UInt64) {
         (stepOver.outOfLine.load(ordering: .relaxed), stepOver.inPlace.load(ordering: .relaxed))
+    }
+
+    /// While the guest runs, from any thread: the exits every vCPU has taken so far, and
+    /// where vCPU 0 was at its last exit (nil before its first, or where the host has no
+    /// register sync).
+    public var liveProgress: (exits: UInt64, vcpu0: (rip: UInt64, location: String)?) {
+        let exits = live.reduce(0) { $0 + $1.exits.load(ordering: .relaxed) }
+        let rip = live.first?.rip.load(ordering: .relaxed) ?? 0
+        return (exits, rip == 0 ? nil : (rip, symbolizer.describe(rip)))
     }
 
     /// The engine armed probes use and why it was chosen (nil while none is armed).

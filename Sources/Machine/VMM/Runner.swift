@@ -6,6 +6,8 @@ import KVM
 extension Machine {
     func runLoop(_ vcpu: VCPU) {
         let id = vcpu.id
+        let liveSlot = live[id]
+        let syncsRIP = vcpu.usesSyncRegisters
         rendezvous.gate(id, starting: true)
         defer { rendezvous.finished(id) }
         var stepping: Stepping?
@@ -45,6 +47,8 @@ extension Machine {
                 return
             }
             tally.count(exit)
+            liveSlot.exits.add(1, ordering: .relaxed)
+            if syncsRIP, let rip = vcpu.syncedRIP { liveSlot.rip.store(rip, ordering: .relaxed) }
             if exit == .interrupted, census.isAsked { answerCensus(vcpu) }
             if reinjected {
                 // The injection is done; the debug state it rode on comes back without it.
