@@ -339,6 +339,11 @@ struct RunCommand: ParsableCommand {
             throw fail(error.description, status: ExitStatus.usage)
         }
         if let fault = faultInjection { try inject(fault, into: machine) }
+        if let area = machine.movedBootArea {
+            let low = machine.image.segments.filter { $0.physicalAddress < KernelLayout.kernelLoad }.map(\.physicalRange)
+            let span = "\(hex(low.map(\.lowerBound).min() ?? 0))-\(hex(low.map(\.upperBound).max() ?? 0))"
+            printError("flowtrace: note: \((guest as NSString).lastPathComponent) loads below 1 MiB (\(span)), where flowtrace keeps its boot structures: its GDT, boot information and boot stack are at \(hex(area.range.lowerBound))-\(hex(area.range.upperBound)) instead, reserved in the memory map")
+        }
         // Software probes wait until the kernel has done its boot-time patching.
         if patching != nil, let gate = symbols.address(of: "rest_init"), let view {
             machine.deferSoftwareProbes(until: ProbeGate(name: "rest_init", address: gate) { view.imageByte(at: $0) })

@@ -124,6 +124,29 @@ struct BootImageTests {
         #expect(map.e820Bytes.count == 20 * map.entries.count)
     }
 
+    /// A Multiboot kernel linked at 0x8000 (where real-mode test payloads load; QEMU's
+    /// loader takes them): flowtrace's GDT, boot information and stack move above 1 MiB, out
+    /// of its way; the map then gives low RAM from 0x1000 (the kernel's own range in it) and
+    /// reserves the moved area; a module follows the area.
+    @Test func aMultibootKernelBelow1MiBGetsTheRoomItNeeds() throws {
+        let image = try KernelImage(path: try Guests.kernelPath("multiboot-low.elf"))
+        let plan = try KernelBootPlan(image, files: .init(commandLine: "x", initrd: try Guests.path("fib")), memorySize: 64 << 20)
+        #expect(plan.bootArea == .after(1 << 20))
+        #expect(plan.bootArea.range == 0x100000 ..< 0x121000)
+        let kernel = try #require(plan.segments.map(\.lowerBound).min()) ..< (try #require(plan.segments.map(\.upperBound).max()))
+        #expect(kernel.lowerBound == 0x8000)
+        // Nothing of flowtrace's lands on the kernel: the MBI, command line and GDT are in the area.
+        for a in [plan.bootInformation, plan.commandLine] { #expect(plan.bootArea.bootInfo.contains(a)) }
+        #expect(plan.bytes(at: plan.bootArea.gdt + 8, count: 8) == [0xFF, 0xFF, 0, 0, 0, 0x9A, 0xCF, 0])
+        #expect(plan.modules.allSatisfy { $0.lowerBound >= plan.bootArea.range.upperBound })
+        let ram = plan.memoryMap.entries.filter { $0.kind == .ram }
+        #expect(ram.contains { $0.base <= kernel.lowerBound && kernel.upperBound <= $0.end })
+        #expect(plan.memoryMap.entries.contains { $0.kind == .reserved && $0.base == 0x100000 && $0.size == 0x21000 })
+        for (a, b) in zip(plan.memoryMap.entries, plan.memoryMap.entries.dropFirst()) { #expect(a.end <= b.base) }
+        // The standard kernel keeps the standard area.
+        #expect(try KernelBootPlan(try KernelImage(path: try Guests.kernelPath("multiboot.elf")), files: .init(), memorySize: 64 << 20).bootArea == .standard)
+    }
+
     /// The MP table's checksums, its CPU entries (one per vCPU, the BSP flagged once), and
     /// the floating pointer's address of the table, parsed here per the MP specification.
     @Test("MP table", arguments: [1, 2, 8])
@@ -229,6 +252,25 @@ struct KernelBootTests {
         try Data(a).write(to: pa)
         try Data(b).write(to: pb)
         return (pa.path, pb.path, [a, b])
+    }
+
+    /// The kernel linked at 0x8000 boots and reports what it got: the magic, its command line,
+    /// the module after flowtrace's moved area, low RAM from 0x1000 in its map.
+    @Test func theMultibootKernelBelow1MiBBoots() throws {
+        let files = try moduleFiles()
+        let path = try Guests.kernelPath("multiboot-low.elf")
+        let m = try Machine(path: path, configuration: .init(memorySize: 64 << 20, files: BootFiles(commandLine: "low=1", initrd: files.initrd)))
+        #expect(m.movedBootArea?.range == 0x100000 ..< 0x121000)
+        let r = try m.run(timeout: .seconds(60))
+        #expect(r.ending == .exited(status: 0x4B), "\(r.console.map(\.text))")
+        let report = KernelReport(lines: r.console.filter { $0.source == .serial }.map(\.text))
+        #expect(report.lines.contains("magic: 0x2badb002"))
+        #expect(report.lines.last == "kernel: done")
+        #expect(report.commandLine == "\(path) low=1")
+        #expect(report.modules.map(\.start) == [0x121000])
+        #expect(report.modules.map(\.fnv) == [fnv1a(files.bytes[0])])
+        #expect(report.map.contains { $0.kind == .ram && $0.base == 0x1000 && $0.end == 0x9FC00 })
+        #expect(report.map.contains { $0.kind == .reserved && $0.base == 0x100000 && $0.size == 0x21000 })
     }
 
     @Test("each protocol hands the kernel its magic, command line, modules and memory map", arguments: 0 ..< cases.count)

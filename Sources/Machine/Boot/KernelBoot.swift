@@ -48,7 +48,9 @@ enum EntryMode: Sendable, Equatable {
 struct KernelBoot {
     let bootProtocol: BootProtocol
     let layout: BootLayout
-    let map: MemoryMap
+    private(set) var map: MemoryMap
+    /// Where flowtrace's own structures are (GDT, boot information, boot stack).
+    private(set) var area: KernelBootArea = .standard
     /// The loadable view (segments at their physical addresses, symbols when the file has them).
     let image: ELFImage
     let entry: UInt64
@@ -135,13 +137,27 @@ struct KernelBoot {
         }
         segments = segments.filter { $0.memorySize > 0 }
 
-        // Every piece must lie in RAM from 1 MiB on, below the hole or above 4 GiB.
-        let kernelEnd = max(segments.map { $0.physicalAddress + $0.memorySize }.max() ?? 0, reservedEnd)
+        // Every piece must lie in RAM: from 1 MiB on, below the hole or above 4 GiB; or, for
+        // a kernel entered in 32-bit mode with paging off (Multiboot, PVH), also in low RAM
+        // (0x1000 up to the EBDA at 0x9fc00), as QEMU loads real-mode test payloads at
+        // 0x8000: flowtrace's own structures then move above the kernel (`KernelBootArea`).
+        var kernelEnd = max(segments.map { $0.physicalAddress + $0.memorySize }.max() ?? 0, reservedEnd)
+        var low = false
         for (i, s) in segments.enumerated() {
             let start = s.physicalAddress, end = s.physicalAddress + s.memorySize
-            guard start >= KernelLayout.kernelLoad else {
-                throw unbootable("segment \(i) at \(hexString(start))-\(hexString(end)) is below 1 MiB, where flowtrace keeps its boot structures")
+            guard start < KernelLayout.kernelLoad else { continue }
+            guard p != .linux else {
+                throw unbootable("segment \(i) at \(hexString(start))-\(hexString(end)) is below 1 MiB: the Linux protocol loads a kernel from 1 MiB on")
             }
+            guard start >= KernelLayout.lowRAMStart, end <= KernelLayout.mpTable else {
+                throw unbootable("segment \(i) at \(hexString(start))-\(hexString(end)) overlaps \(start < KernelLayout.lowRAMStart ? "the first page (the real-mode interrupt table)" : "the EBDA and BIOS area (0x9fc00-0x100000)"), which a PC keeps")
+            }
+            low = true
+        }
+        if low {
+            area = .after(max(kernelEnd, KernelLayout.kernelLoad))
+            kernelEnd = area.range.upperBound
+            map = MemoryMap(ramSize: memorySize, bootArea: area.range)
         }
         if kernelEnd > map.lowRAMEnd {
             if kernelEnd <= KernelLayout.pciHoleStart {
@@ -193,7 +209,7 @@ struct KernelBoot {
         }
 
         // Boot information.
-        var area = BootInfoArea()
+        var info_ = BootInfoArea(range: area.bootInfo)
         let info: UInt64
         switch p {
         case .linux:
@@ -202,7 +218,7 @@ struct KernelBoot {
             guard files.commandLine.utf8.count <= maximum else {
                 throw MachineError.bootFile("--append: \(files.commandLine.utf8.count) bytes; this kernel takes at most \(maximum)")
             }
-            commandLineAddress = try area.place(Array(files.commandLine.utf8) + [0])
+            commandLineAddress = try info_.place(Array(files.commandLine.utf8) + [0])
             var zp = [UInt8](repeating: 0, count: 4096)
             if let h {
                 zp.replaceSubrange(LinuxSetupHeader.start ..< LinuxSetupHeader.start + h.bytes.count, with: h.bytes)
@@ -223,34 +239,34 @@ struct KernelBoot {
             let e820 = map.e820Bytes
             zp[0x1E8] = UInt8(map.entries.count)
             zp.replaceSubrange(0x2D0 ..< 0x2D0 + e820.count, with: e820)
-            info = try area.place(zp, align: 4096)
+            info = try info_.place(zp, align: 4096)
             mode = .long64(info: info)
         case .pvh:
-            commandLineAddress = try area.place(Array(files.commandLine.utf8) + [0])
-            let memmap = try area.place(map.entryBytes24, align: 8)
+            commandLineAddress = try info_.place(Array(files.commandLine.utf8) + [0])
+            let memmap = try info_.place(map.entryBytes24, align: 8)
             var list: [UInt8] = []
             for m in placedModules {
-                let cmd = try area.place(Array(m.commandLine.utf8) + [0])
+                let cmd = try info_.place(Array(m.commandLine.utf8) + [0])
                 list += le(m.range.lowerBound) + le(UInt64(m.range.count)) + le(cmd) + le(UInt64(0))
             }
-            let modlist = list.isEmpty ? 0 : try area.place(list, align: 8)
+            let modlist = list.isEmpty ? 0 : try info_.place(list, align: 8)
             var si = le(UInt32(0x336E_C578)) + le(UInt32(1)) + le(UInt32(0)) + le(UInt32(placedModules.count))
             si += le(modlist) + le(commandLineAddress) + le(UInt64(0)) + le(memmap) + le(UInt32(map.entries.count)) + le(UInt32(0))
-            info = try area.place(si, align: 8)
+            info = try info_.place(si, align: 8)
             mode = .protected32(magic: 0x336E_C578, info: info)
         case .multiboot:
             // The kernel's own path first, then --append's text, as GRUB and QEMU's -kernel
             // loader pass it (kernels that take the first word as their name rely on it).
             let line = files.commandLine.isEmpty ? path : path + " " + files.commandLine
-            commandLineAddress = try area.place(Array(line.utf8) + [0])
-            let name = try area.place(Array("flowtrace".utf8) + [0])
-            let mmap = try area.place(map.multibootBytes, align: 8)
+            commandLineAddress = try info_.place(Array(line.utf8) + [0])
+            let name = try info_.place(Array("flowtrace".utf8) + [0])
+            let mmap = try info_.place(map.multibootBytes, align: 8)
             var mods: [UInt8] = []
             for m in placedModules {
-                let cmd = try area.place(Array(m.commandLine.utf8) + [0])
+                let cmd = try info_.place(Array(m.commandLine.utf8) + [0])
                 mods += le(UInt32(m.range.lowerBound)) + le(UInt32(m.range.upperBound)) + le(UInt32(cmd)) + le(UInt32(0))
             }
-            let modsAddress = mods.isEmpty ? 0 : try area.place(mods, align: 8)
+            let modsAddress = mods.isEmpty ? 0 : try info_.place(mods, align: 8)
             var mbi = [UInt8](repeating: 0, count: 120)
             var flags: UInt32 = 1 << 0 | 1 << 2 | 1 << 6 | 1 << 9     // mem, cmdline, mmap, loader name
             if !placedModules.isEmpty { flags |= 1 << 3 }
@@ -263,7 +279,7 @@ struct KernelBoot {
             mbi.put(UInt32(map.multibootBytes.count), at: 44)
             mbi.put(UInt32(mmap), at: 48)
             mbi.put(UInt32(name), at: 64)
-            info = try area.place(mbi, align: 8)
+            info = try info_.place(mbi, align: 8)
             mode = .protected32(magic: MultibootHeader.bootloaderMagic, info: info)
         case .multiboot2:
             var tags: [UInt8] = []
@@ -280,18 +296,18 @@ struct KernelBoot {
             tag(6, le(UInt32(24)) + le(UInt32(0)) + map.entryBytes24)
             tag(0, [])
             let mbi = le(UInt32(8 + tags.count)) + le(UInt32(0)) + tags
-            info = try area.place(mbi, align: 8)
+            info = try info_.place(mbi, align: 8)
             // The command line is the first tag's string.
             commandLineAddress = info + 8 + 8
             mode = .protected32(magic: Multiboot2Header.bootloaderMagic, info: info)
         case .payload:
             throw unbootable("a payload is booted by PayloadBoot")
         }
-        writes += area.writes
+        writes += info_.writes
 
         // The loader's GDT for kernels, and the MP table.
         let gdt: [UInt64] = [0, 0x00CF_9A00_0000_FFFF, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF]
-        writes.append((KernelLayout.gdt, gdt.flatMap { le($0) }))
+        writes.append((area.gdt, gdt.flatMap { le($0) }))
         let mp = MPTable.bytes(vcpus: vcpuCount)
         writes.append((MPTable.pointerAddress, mp.pointer))
         writes.append((MPTable.tableAddress, mp.table))
@@ -300,7 +316,9 @@ struct KernelBoot {
     /// Writes the loader's page tables (all of the low 4 GiB identity-mapped), then everything
     /// computed above.
     func load(into memory: GuestMemory) throws(KVMError) {
-        try layout.writeTables(into: memory, mapLow4G: true)
+        // The page tables (0x2000-0x8000) would overwrite a kernel loaded there; its 32-bit
+        // entry runs with paging off and needs none.
+        if area == .standard { try layout.writeTables(into: memory, mapLow4G: true) }
         for z in zeroed { try memory.fill(physical: z.address, count: z.count) }
         for w in writes { try memory.write(physical: w.address, bytes: w.bytes) }
     }
@@ -318,7 +336,7 @@ struct KernelBoot {
         var s = base
         let data = Segment.data(selector: KernelLayout.dataSelector)
         s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
-        s.gdt = DescriptorTable(base: KernelLayout.gdt, limit: 4 * 8 - 1)
+        s.gdt = DescriptorTable(base: area.gdt, limit: 4 * 8 - 1)
         s.idt = DescriptorTable(base: 0, limit: 0)
         switch mode {
         case .long64:
@@ -341,7 +359,7 @@ struct KernelBoot {
     var registers: Registers {
         var r = Registers()
         r.rip = entry
-        r.rsp = KernelLayout.bootStackTop
+        r.rsp = area.stackTop
         switch mode {
         case let .long64(info): r.rsi = info
         case let .protected32(magic, info): r.rax = UInt64(magic); r.rbx = info
@@ -351,14 +369,38 @@ struct KernelBoot {
 }
 
 /// Bump allocation of boot information in `KernelLayout.bootInfo`.
+/// Where flowtrace puts its own structures for a kernel boot: below 1 MiB (`standard`:
+/// GDT at 0x1000, boot information 0x10000-0x2f000, stack top 0x30000), or, for a kernel
+/// loaded there, in the 136 KiB after the kernel (`after`), reserved in the memory map.
+public struct KernelBootArea: Sendable, Equatable {
+    public var gdt: UInt64
+    public var bootInfo: Range<UInt64>
+    public var stackTop: UInt64
+    /// All of it, for the memory map and the placement of what follows.
+    public var range: Range<UInt64>
+
+    public static let standard = KernelBootArea(gdt: KernelLayout.gdt, bootInfo: KernelLayout.bootInfo,
+                                                stackTop: KernelLayout.bootStackTop, range: 0 ..< KernelLayout.lowReservedEnd)
+
+    /// From the first 64 KiB boundary at or after `address`: GDT, boot information, stack.
+    public static func after(_ address: UInt64) -> KernelBootArea {
+        let base = (address + 0xFFFF) & ~0xFFFF
+        let info = base + 0x1000 ..< base + 0x1000 + UInt64(KernelLayout.bootInfo.count)
+        return KernelBootArea(gdt: base, bootInfo: info, stackTop: info.upperBound + 0x1000, range: base ..< info.upperBound + 0x1000)
+    }
+}
+
 private struct BootInfoArea {
-    var next = KernelLayout.bootInfo.lowerBound
+    let range: Range<UInt64>
+    var next: UInt64
     var writes: [(address: UInt64, bytes: [UInt8])] = []
+
+    init(range: Range<UInt64>) { self.range = range; next = range.lowerBound }
 
     mutating func place(_ bytes: [UInt8], align: UInt64 = 16) throws(MachineError) -> UInt64 {
         let at = roundUp(next, to: align)
-        guard at + UInt64(bytes.count) <= KernelLayout.bootInfo.upperBound else {
-            throw MachineError.bootFile("the boot information (command lines, memory map, module list) is over the \(KernelLayout.bootInfo.count / 1024) KiB flowtrace reserves for it; shorten --append or the module arguments")
+        guard at + UInt64(bytes.count) <= range.upperBound else {
+            throw MachineError.bootFile("the boot information (command lines, memory map, module list) is over the \(range.count / 1024) KiB flowtrace reserves for it; shorten --append or the module arguments")
         }
         writes.append((at, bytes))
         next = at + UInt64(bytes.count)
@@ -440,6 +482,10 @@ public struct KernelBootPlan: Sendable {
     /// The protocol's boot information (zero page, start info, MBI) and command line.
     public let bootInformation: UInt64
     public let commandLine: UInt64
+    /// Where flowtrace's own structures went (above the kernel when it loads below 1 MiB).
+    public let bootArea: KernelBootArea
+    /// The memory map the kernel is handed.
+    public let memoryMap: MemoryMap
     private let writes: [(address: UInt64, bytes: [UInt8])]
 
     public init(_ kernel: KernelImage, boot: BootRequest = .auto, files: BootFiles, memorySize: UInt64, vcpus: Int = 1) throws(MachineError) {
@@ -453,6 +499,8 @@ public struct KernelBootPlan: Sendable {
         case let .protected32(_, info): bootInformation = info
         }
         commandLine = b.commandLineAddress
+        bootArea = b.area
+        memoryMap = b.map
         writes = b.writes
     }
 

@@ -21,22 +21,33 @@ public struct MemoryMap: Sendable, Equatable {
 
     /// The PC's memory map for `ramSize` bytes of RAM: RAM below the PCI hole (3 GiB, where
     /// cloud-hypervisor puts its 32-bit device window) and the rest from 4 GiB on.
-    public init(ramSize: UInt64) {
+    /// `bootArea`: where flowtrace's boot structures are when a kernel loads below 1 MiB
+    /// (then low RAM is usable from 0x1000 and that range above 1 MiB is reserved); nil: the
+    /// standard place, the first 0x30000 bytes.
+    public init(ramSize: UInt64, bootArea: Range<UInt64>? = nil) {
         let low = min(ramSize, KernelLayout.pciHoleStart)
+        let lowStart = bootArea == nil ? KernelLayout.lowReservedEnd : KernelLayout.lowRAMStart
         var e: [Entry] = [
-            Entry(base: 0, size: KernelLayout.lowReservedEnd, kind: .reserved),
-            Entry(base: KernelLayout.lowReservedEnd, size: KernelLayout.mpTable - KernelLayout.lowReservedEnd, kind: .ram),
+            Entry(base: 0, size: lowStart, kind: .reserved),
+            Entry(base: lowStart, size: KernelLayout.mpTable - lowStart, kind: .ram),
             Entry(base: KernelLayout.mpTable, size: 0xA0000 - KernelLayout.mpTable, kind: .reserved),
             Entry(base: 0xF0000, size: 0x10000, kind: .reserved),
         ]
-        if low > KernelLayout.kernelLoad { e.append(Entry(base: KernelLayout.kernelLoad, size: low - KernelLayout.kernelLoad, kind: .ram)) }
+        if let b = bootArea, b.lowerBound >= KernelLayout.kernelLoad, b.upperBound < low {
+            if b.lowerBound > KernelLayout.kernelLoad { e.append(Entry(base: KernelLayout.kernelLoad, size: b.lowerBound - KernelLayout.kernelLoad, kind: .ram)) }
+            e.append(Entry(base: b.lowerBound, size: UInt64(b.count), kind: .reserved))
+            e.append(Entry(base: b.upperBound, size: low - b.upperBound, kind: .ram))
+        } else if low > KernelLayout.kernelLoad {
+            e.append(Entry(base: KernelLayout.kernelLoad, size: low - KernelLayout.kernelLoad, kind: .ram))
+        }
         if ramSize > low { e.append(Entry(base: 4 << 30, size: ramSize - low, kind: .ram)) }
         entries = e
     }
 
-    /// End of the RAM range that starts at 1 MiB (below the hole).
+    /// End of the RAM below the hole that starts at 1 MiB (past a reserved boot area).
     public var lowRAMEnd: UInt64 {
-        entries.first { $0.kind == .ram && $0.base == KernelLayout.kernelLoad }?.end ?? KernelLayout.kernelLoad
+        entries.filter { $0.kind == .ram && $0.base >= KernelLayout.kernelLoad && $0.base < KernelLayout.pciHoleStart }.map(\.end).max()
+            ?? KernelLayout.kernelLoad
     }
 
     /// Multiboot's `mem_lower` (KiB of conventional memory, as firmware reports it: up to
@@ -88,6 +99,8 @@ func le<T: FixedWidthInteger>(_ v: T) -> [UInt8] {
 public enum KernelLayout {
     public static let gdt: UInt64 = BootLayout.gdtAddress
     public static let lowReservedEnd: UInt64 = 0x30000
+    /// Low RAM a kernel may load into (Multiboot, PVH): from here to the EBDA (`mpTable`).
+    public static let lowRAMStart: UInt64 = 0x1000
     public static let bootInfo: Range<UInt64> = 0x10000 ..< 0x2F000
     public static let bootStackTop: UInt64 = 0x30000
     public static let mpTable: UInt64 = 0x9FC00

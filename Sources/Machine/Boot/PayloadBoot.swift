@@ -80,6 +80,12 @@ enum Boot {
         }
     }
 
+    /// Where a kernel boot moved flowtrace's own structures (a kernel loaded below 1 MiB).
+    var movedBootArea: KernelBootArea? {
+        if case let .kernel(b) = self, b.area != .standard { return b.area }
+        return nil
+    }
+
     func load(into memory: GuestMemory, platform: Platform) throws(KVMError) {
         switch self {
         case let .payload(b): try b.load(into: memory, platform: platform)

@@ -35,6 +35,9 @@ public final class Machine: TraceTarget {
     public let layout: BootLayout
     public let platform: Platform
     public let symbolizer: Symbolizer
+    /// Where flowtrace put its GDT, boot information and boot stack when the kernel loads
+    /// below 1 MiB, where they usually are (nil: the usual place, 0x1000-0x30000).
+    public let movedBootArea: KernelBootArea?
     public let vm: VirtualMachine
     public let memory: GuestMemory
     public let vcpus: [VCPU]
@@ -208,6 +211,7 @@ public final class Machine: TraceTarget {
                                           memorySize: configuration.memorySize, vm: vm, extra: configuration.devices)
         self.image = boot.image
         self.bootProtocol = boot.bootProtocol
+        self.movedBootArea = boot.movedBootArea
         self.configuration = configuration
         self.layout = boot.layout
         self.platform = platform
