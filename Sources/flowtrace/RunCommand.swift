@@ -176,7 +176,7 @@ struct RunCommand: ParsableCommand {
     var modules: [String] { imageOptions.modules }
     var symbolFile: String? { imageOptions.symbolFile }
 
-    @Option(name: .customLong("device"), help: ArgumentHelp("A QEMU test device, with QEMU's semantics (repeatable): isa-debug-exit[,iobase=N][,iosize=N] (a write of V ends the guest with status (V << 1) | 1; defaults iobase=0x501, iosize=2; at 0xf4 it replaces flowtrace's exit port).", valueName: "spec"))
+    @Option(name: .customLong("device"), help: ArgumentHelp("A QEMU test device, with QEMU's semantics (repeatable): isa-debug-exit[,iobase=N][,iosize=N] (a write of V ends the guest with status (V << 1) | 1; defaults iobase=0x501, iosize=2; at 0xf4 it replaces flowtrace's exit port), pc-testdev (ports 0xe0-0xeb and 0x2000-0x2017, MMIO 0xff000000-0xff00ffff; see the README).", valueName: "spec"))
     var deviceSpecs: [String] = []
 
     @Option(parsing: .unconditional, help: "Number of vCPUs. Payloads: each starts at the entry with its index in rdi; kernels: vCPU 0 starts, the kernel starts the others.")
@@ -1160,8 +1160,12 @@ private func inject(_ text: String, into machine: Machine) throws(ExitCode) {
 /// `--device isa-debug-exit[,iobase=N][,iosize=N]` (QEMU's names and defaults).
 func parseDevice(_ text: String) throws(ExitCode) -> DeviceRequest {
     let parts = text.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
+    if parts.first == "pc-testdev" {
+        guard parts.count == 1 else { throw fail("--device '\(text)': pc-testdev has no properties", status: ExitStatus.usage) }
+        return .pcTestdev
+    }
     guard let name = parts.first, name == "isa-debug-exit" else {
-        throw fail("--device '\(text)': unknown device '\(parts.first ?? "")' (devices: isa-debug-exit[,iobase=N][,iosize=N])", status: ExitStatus.usage)
+        throw fail("--device '\(text)': unknown device '\(parts.first ?? "")' (devices: isa-debug-exit[,iobase=N][,iosize=N], pc-testdev)", status: ExitStatus.usage)
     }
     var base = ISADebugExit.defaultBase, size = ISADebugExit.defaultSize
     for p in parts.dropFirst() {

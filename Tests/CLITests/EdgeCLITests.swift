@@ -565,3 +565,35 @@ struct QEMUDeviceTests {
                            "--device: port 0x3f8 is claimed by both 16550A UART (COM1) and isa-debug-exit")
     }
 }
+
+@Suite("QEMU's pc-testdev")
+struct PCTestdevTests {
+    /// testdev drives every register of the device (see guests/testdev.c) and prints what it
+    /// read back: the values QEMU's semantics give, one interrupt from raising IRQ 5, the
+    /// MMIO window's memory (an add to it emulated by the host). Without the device every
+    /// port reads all ones and no interrupt comes.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func everyRegisterAsQEMUHasIt() throws {
+        let guest = try Guests.path("testdev")
+        let r = try flowtrace(["run", guest, "--platform", "pc", "--device", "pc-testdev"])
+        #expect(r.status == 0x54, "\(r.stderr)")
+        #expect(r.stdout == """
+            testdev: data 0x11223344
+            testdev: byte 1 0x33
+            testdev: word at 2 0x1122
+            testdev: after byte 0xaa at 0xea 0x11aa3344
+            testdev: after word 0xbeef at 0xe8 0x11aabeef
+            testdev: flush reads 0x0
+            testdev: interrupts on irq 5 0x1
+            testdev: irq port reads 0x0
+            testdev: mmio qword 0x102030405060708
+            testdev: mmio dword at +4 0x1020304
+            testdev: mmio after add 3 0x8
+            testdev: mmio last word 0x1234
+
+            """)
+        let without = try flowtrace(["run", guest, "--platform", "pc"])
+        #expect(without.stdout.contains("testdev: data 0xffffffff\n") && without.stdout.contains("testdev: interrupts on irq 5 0x0\n"))
+        #expect(without.stderr.contains("no device answers"))
+    }
+}

@@ -127,3 +127,41 @@ struct ISADebugExitTests {
         #expect(ISADebugExit(base: 0xF4, size: 4).ports == 0xF4...0xF7)
     }
 }
+
+@Suite("pc-testdev")
+struct PCTestDeviceTests {
+    final class Recorded: InterruptLines, @unchecked Sendable {
+        // SAFETY: the test calls the device from one thread only.
+        var levels: [(UInt32, Bool)] = []
+        func set(irq: UInt32, level: Bool) { levels.append((irq, level)) }
+    }
+
+    /// The data register at every width and offset through both windows, the flush and
+    /// line ports, the memory window (QEMU's semantics).
+    @Test func everyRegister() {
+        let lines = Recorded()
+        let d = PCTestDevice(interrupts: lines)
+        _ = d.write(port: 0xE0, size: 4, value: 0x1122_3344, context: ctx)
+        #expect(d.read(port: 0xE0, size: 4, context: ctx) == 0x1122_3344)
+        #expect((0..<4).map { d.read(port: 0xE0 + UInt16($0), size: 1, context: ctx) } == [0x44, 0x33, 0x22, 0x11])
+        #expect(d.read(port: 0xE9, size: 2, context: ctx) == 0x2233)
+        _ = d.write(port: 0xEB, size: 1, value: 0xAB, context: ctx)
+        _ = d.write(port: 0xE1, size: 2, value: 0xCDEF, context: ctx)
+        #expect(d.read(port: 0xE8, size: 4, context: ctx) == 0xABCD_EF44)
+        #expect(d.read(port: 0xE4, size: 4, context: ctx) == 0)
+        #expect(d.write(port: 0xE4, size: 4, value: 0x1000, context: ctx) == nil)
+        for irq in [0, 5, 23] {
+            _ = d.write(port: 0x2000 + UInt16(irq), size: 1, value: 1, context: ctx)
+            _ = d.write(port: 0x2000 + UInt16(irq), size: 1, value: 0, context: ctx)
+            #expect(d.read(port: 0x2000 + UInt16(irq), size: 1, context: ctx) == 0)
+        }
+        #expect(lines.levels.map(\.0) == [0, 0, 5, 5, 23, 23] && lines.levels.map(\.1) == [true, false, true, false, true, false])
+        _ = d.write(offset: 0x10, size: 8, value: 0x0102_0304_0506_0708, context: ctx)
+        #expect(d.read(offset: 0x14, size: 4, context: ctx) == 0x0102_0304)
+        #expect(d.read(offset: 0x10, size: 1, context: ctx) == 0x08)
+        _ = d.write(offset: 0xFFFE, size: 2, value: 0x1234, context: ctx)
+        #expect(d.read(offset: 0xFFFE, size: 2, context: ctx) == 0x1234)
+        #expect(d.memoryRange == 0xFF00_0000 ..< 0xFF01_0000)
+        #expect(!d.portRanges.contains { $0.contains(0xE9) })
+    }
+}

@@ -78,8 +78,13 @@ final class PlatformDevices: Sendable {
             (PCIConfigPorts.ports, PCIConfigPorts()),
         ]
         if platform == .payload { list.append((SystemControlPort.port...SystemControlPort.port, SystemControlPort())) }
+        var memoryDevices: [(range: Range<UInt64>, device: any MMIODevice)] = []
         for d in extra {
             switch d {
+            case .pcTestdev:
+                let device = PCTestDevice(interrupts: lines ?? NoInterruptLines())
+                for r in device.portRanges { list.append((r, device)) }
+                memoryDevices.append((device.memoryRange, device))
             case let .isaDebugExit(base, size):
                 let device = ISADebugExit(base: base, size: size)
                 // QEMU's device where flowtrace's exit port is replaces it (payloads for QEMU
@@ -90,7 +95,7 @@ final class PlatformDevices: Sendable {
         }
         do {
             ports = try PortBus(list)
-            mmio = try MMIOBus([])
+            mmio = try MMIOBus(memoryDevices)
         } catch {
             // Without extra devices the list is fixed: a conflict is a bug of flowtrace; with
             // them, the message names the ports (MachineError.deviceMap).

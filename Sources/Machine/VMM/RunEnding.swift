@@ -129,4 +129,6 @@ public enum DeviceRequest: Sendable, Equatable {
     /// QEMU's `isa-debug-exit` at `base` (`size` ports); it replaces flowtrace's exit port
     /// when it covers 0xF4.
     case isaDebugExit(base: UInt16, size: UInt16)
+    /// QEMU's `pc-testdev`: ports 0xE0-0xEB and 0x2000-0x2017, MMIO 0xFF000000-0xFF00FFFF.
+    case pcTestdev
 }
