@@ -1083,6 +1083,13 @@ final class Interruption: Sendable {
 
     init() {
         let state = self.state
+        // A parent may have started flowtrace with these blocked (the mask is inherited, as
+        // from a thread of a test runner): unblocked here, on the main thread, before any
+        // thread of the run exists, so every thread that takes signals inherits that.
+        var unblock = sigset_t()
+        sigemptyset(&unblock)
+        for sig in Self.signals { sigaddset(&unblock, sig) }
+        pthread_sigmask(SIG_UNBLOCK, &unblock, nil)
         var sources: [any DispatchSourceSignal] = []
         for sig in Self.signals {
             signal(sig, SIG_IGN)

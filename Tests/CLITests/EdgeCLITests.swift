@@ -188,6 +188,46 @@ struct EdgeOutputTests {
         #expect(r.stderr.contains("flowtrace: \(rdi.count) records written to \(out) (table)"))
     }
 
+    /// A second signal stops at once: -o is a FIFO nobody reads, so after the first SIGTERM
+    /// the run cannot finish writing (the FIFO holds 64 KiB; spin's records by its 1000-steps
+    /// line are about 130 KB); the second ends flowtrace with 143 and its one line.
+    @Test(.enabled(if: kvmUsable, kvmSkipReason))
+    func aSecondSignalStopsAtOnce() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-fifo2-\(getpid())").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        let fifo = dir + "/never-read.jsonl"
+        try #require(mkfifo(fifo, 0o600) == 0)
+        // A reader that never reads, so flowtrace's open for writing succeeds.
+        let reader = open(fifo, O_RDONLY | O_NONBLOCK)
+        try #require(reader >= 0)
+        defer { close(reader) }
+        let (p, out, stderr) = try startFlowtrace(["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", fifo, "--timeout", "300"])
+        var seen = Data()
+        while !String(decoding: seen, as: UTF8.self).contains("spin: 1000 steps\n") {
+            let d = out.fileHandleForReading.availableData
+            if d.isEmpty { break }
+            seen += d
+        }
+        kill(p.processIdentifier, SIGTERM)
+        // Two signals sent together arrive as one: the second goes once the first has
+        // stopped the guest (its vCPU thread gone) and the run is stuck writing.
+        let tasks = "/proc/\(p.processIdentifier)/task"
+        let deadline = Date().addingTimeInterval(60)
+        func vcpuThreadLeft() -> Bool {
+            ((try? FileManager.default.contentsOfDirectory(atPath: tasks)) ?? []).contains { t in
+                (try? String(contentsOfFile: "\(tasks)/\(t)/comm", encoding: .utf8))?.hasPrefix("vcpu") == true
+            }
+        }
+        while vcpuThreadLeft(), Date() < deadline { usleep(10_000) }
+        #expect(!vcpuThreadLeft(), "the first SIGTERM did not stop the guest")
+        kill(p.processIdentifier, SIGTERM)
+        let err = stderr()
+        p.waitUntilExit()
+        #expect(p.terminationStatus == 143, "\(err)")
+        #expect(err.contains("flowtrace: second signal (SIGTERM): stopping now"), "\(err)")
+    }
+
     /// SIGHUP (a closed terminal) with jsonl streamed: every record taken, exit 129.
     @Test(.enabled(if: kvmUsable, kvmSkipReason))
     func sighupWritesEveryRecordTaken() throws {
