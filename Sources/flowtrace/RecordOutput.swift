@@ -27,12 +27,21 @@ final class RecordOutput {
     /// Ends the output once every record is written. `failure`: a write error seen while
     /// writing (the stream writer stopped at it). Returns the error line for the end of the
     /// run, and the summary's words for where the `written` records are.
-    func close(written: Int, failure: String?) -> (error: String?, outcome: String) {
+    /// `counted`: `written` is exactly the whole records in the output (streamed formats,
+    /// cut back to a record boundary); a table or document cut short holds no count.
+    func close(written: Int, failure: String?, counted: Bool = true) -> (error: String?, outcome: String) {
         let temporary = self.temporary
         if let failure {
             if let kept = sink.keepPartial() {
+                guard counted else {
+                    return ("writing the \(what) to \(destination): \(failure); \(destination) was left as it was, and what was written before the failure is in \(kept)",
+                            "the \(what) could not all be written (\(destination) was left as it was; the part written is in \(kept))")
+                }
                 return ("writing the \(what) to \(destination): \(failure); \(destination) was left as it was, and the \(written) \(what) written before the failure are in \(kept)",
                         "\(written) \(what) reached \(kept) before writing failed (\(destination) was left as it was)")
+            }
+            guard counted else {
+                return ("writing the \(what) to \(destination): \(failure)", "the \(what) could not all be written to \(destination)")
             }
             return ("writing the \(what) to \(destination): \(failure) (\(written) whole \(what) were written before it)",
                     "\(written) \(what) written to \(destination) before writing failed")

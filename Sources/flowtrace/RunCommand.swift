@@ -414,7 +414,7 @@ struct RunCommand: ParsableCommand {
             } else {
                 (written, failure) = plan.writeReport(tracer, to: output.sink, symbols: symbols, timeOrigin: origin, title: title)
             }
-            let (error, outcome) = output.close(written: written, failure: failure)
+            let (error, outcome) = output.close(written: written, failure: failure, counted: stream != nil)
             return (written, error, outcome)
         }
         let consoleWhat = "the guest's console"
