@@ -20,7 +20,7 @@ struct GuestBuildTests {
     @Test func aFailingStageFailsTheRecipe() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-build-\(getpid())").path
         try FileManager.default.createDirectory(atPath: dir + "/bin", withIntermediateDirectories: true)
-        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        defer { removeDirectory(dir) }
         try "#!/bin/sh\necho 'cpio: refusing' >&2\nexit 1\n".write(toFile: dir + "/bin/cpio", atomically: false, encoding: .utf8)
         chmod(dir + "/bin/cpio", 0o755)
         let guests = Guests.root.appendingPathComponent("guests").path
@@ -41,7 +41,7 @@ struct VersionedDependencyTests {
     /// refuses products whose targets carry unsafe flags (LinuxKernel's `-O` did).
     @Test func aPackageDependingOnMachineByVersionIsAccepted() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-consumer-\(getpid())").path
-        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        defer { removeDirectory(dir) }
         try FileManager.default.createDirectory(atPath: dir + "/consumer/Sources/consumer", withIntermediateDirectories: true)
         let clone = try run("/usr/bin/env", ["git", "clone", "--quiet", Guests.root.path, dir + "/flowtrace"])
         try #require(clone.status == 0, "git clone: \(clone.stderr)")
@@ -73,7 +73,7 @@ struct NestedVerdictTests {
     func verdict(console: String, status: Int32) throws -> ProcessOutput {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-nested-\(getpid())-\(console.count)-\(status)").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        defer { removeDirectory(dir) }
         try console.write(toFile: dir + "/console", atomically: false, encoding: .utf8)
         try "#!/bin/sh\ncat \"\(dir)/console\"\nexit \(status)\n".write(toFile: dir + "/runner", atomically: false, encoding: .utf8)
         chmod(dir + "/runner", 0o755)

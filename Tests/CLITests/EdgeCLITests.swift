@@ -35,6 +35,18 @@ private func flowtrace(_ args: [String], stdoutTo: String? = nil, stderrTo: Stri
                          stderr: String(decoding: errText.get(), as: UTF8.self))
 }
 
+/// Removes a test's own temporary directory; a failure is the test's.
+func removeDirectory(_ dir: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    do { try FileManager.default.removeItem(atPath: dir) } catch { Issue.record("removing \(dir): \(error)", sourceLocation: sourceLocation) }
+}
+
+/// Removes what is in `dir` (a mount point that stays), a failure the test's.
+func emptyDirectory(_ dir: String, sourceLocation: SourceLocation = #_sourceLocation) {
+    do {
+        for f in try FileManager.default.contentsOfDirectory(atPath: dir) { try FileManager.default.removeItem(atPath: dir + "/" + f) }
+    } catch { Issue.record("emptying \(dir): \(error)", sourceLocation: sourceLocation) }
+}
+
 /// No Swift runtime trap or backtrace in `text`.
 private func expectNoCrash(_ text: String, sourceLocation: SourceLocation = #_sourceLocation) {
     for crash in ["Fatal error", "Backtracing", "Program crashed", "Illegal instruction"] {
@@ -134,7 +146,7 @@ struct EdgeOutputTests {
         let dir = try #require(smallFilesystem)
         let out = dir + "/trace.jsonl"
         try "previous trace\n".write(toFile: out, atomically: false, encoding: .utf8)
-        defer { for f in (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? [] { unlink(dir + "/" + f) } }
+        defer { emptyDirectory(dir) }
         let r = try flowtrace(["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", out, "--timeout", "300"])
         expectNoCrash(r.stderr)
         #expect(r.status == 74, "\(r.stderr)")
@@ -161,7 +173,7 @@ struct EdgeOutputTests {
     func aReadOnlyOutputIsRefusedForItsUnprivilegedOwner() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-nobody-\(getpid())").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        defer { removeDirectory(dir) }
         let out = dir + "/trace.jsonl"
         try "previous trace\n".write(toFile: out, atomically: false, encoding: .utf8)
         #expect(chown(dir, 65534, 65534) == 0 && chown(out, 65534, 65534) == 0 && chmod(out, 0o444) == 0)
@@ -195,37 +207,43 @@ struct EdgeOutputTests {
     func aSecondSignalStopsAtOnce() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("flowtrace-fifo2-\(getpid())").path
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { _ = try? FileManager.default.removeItem(atPath: dir) }
+        defer { removeDirectory(dir) }
         let fifo = dir + "/never-read.jsonl"
         try #require(mkfifo(fifo, 0o600) == 0)
         // A reader that never reads, so flowtrace's open for writing succeeds.
         let reader = open(fifo, O_RDONLY | O_NONBLOCK)
         try #require(reader >= 0)
         defer { close(reader) }
-        let (p, out, stderr) = try startFlowtrace(["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", fifo, "--timeout", "300"])
-        var seen = Data()
-        while !String(decoding: seen, as: UTF8.self).contains("spin: 1000 steps\n") {
-            let d = out.fileHandleForReading.availableData
-            if d.isEmpty { break }
-            seen += d
-        }
-        kill(p.processIdentifier, SIGTERM)
-        // Two signals sent together arrive as one: the second goes once the first has
-        // stopped the guest (its vCPU thread gone) and the run is stuck writing.
-        let tasks = "/proc/\(p.processIdentifier)/task"
-        let deadline = Date().addingTimeInterval(60)
-        func vcpuThreadLeft() -> Bool {
-            ((try? FileManager.default.contentsOfDirectory(atPath: tasks)) ?? []).contains { t in
-                (try? String(contentsOfFile: "\(tasks)/\(t)/comm", encoding: .utf8))?.hasPrefix("vcpu") == true
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Guests.flowtrace)
+        p.arguments = ["run", try Guests.path("spin"), "--probe", "spin_step:rdi", "-o", fifo, "--timeout", "300"]
+        let out = Pipe(), errPipe = Pipe()
+        p.standardOutput = out
+        p.standardError = errPipe
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        /// Reads `handle` until `marker` has come (or the stream ends).
+        func read(_ handle: FileHandle, until marker: String, into seen: inout Data) {
+            while !String(decoding: seen, as: UTF8.self).contains(marker) {
+                let d = handle.availableData
+                if d.isEmpty { return }
+                seen += d
             }
         }
-        while vcpuThreadLeft(), Date() < deadline { usleep(10_000) }
-        #expect(!vcpuThreadLeft(), "the first SIGTERM did not stop the guest")
+        var console = Data(), err = Data()
+        read(out.fileHandleForReading, until: "spin: 1000 steps\n", into: &console)
         kill(p.processIdentifier, SIGTERM)
-        let err = stderr()
+        // Two signals sent together arrive as one: the second goes once flowtrace has said it
+        // took the first (the run is then stuck writing into the FIFO).
+        read(errPipe.fileHandleForReading, until: "flowtrace: SIGTERM: stopping every vCPU", into: &err)
+        kill(p.processIdentifier, SIGTERM)
+        err += errPipe.fileHandleForReading.readDataToEndOfFile()
+        _ = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
-        #expect(p.terminationStatus == 143, "\(err)")
-        #expect(err.contains("flowtrace: second signal (SIGTERM): stopping now"), "\(err)")
+        let errText = String(decoding: err, as: UTF8.self)
+        #expect(p.terminationStatus == 143, "\(errText)")
+        #expect(errText.contains("flowtrace: SIGTERM: stopping every vCPU; every record taken so far is written (a second signal stops at once)\n"))
+        #expect(errText.contains("flowtrace: second signal (SIGTERM): stopping now"), "\(errText)")
     }
 
     /// SIGHUP (a closed terminal) with jsonl streamed: every record taken, exit 129.

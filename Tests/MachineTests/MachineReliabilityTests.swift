@@ -10,13 +10,18 @@ import TestSupport
 
 /// The names of this process's threads that run `m`'s vCPUs (`vcpuN-mSERIAL`), as the
 /// kernel lists them.
-/// A thread that ends between the listing and the read is skipped (it is not running).
+/// A thread that ends between the listing and the read is skipped (it is not running), and
+/// so is one past the end of its exit (joined, not yet gone from the list).
 func vcpuThreads(of m: Machine) throws -> [String] {
     var names: [String] = []
     for task in try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task") {
         let comm = "/proc/self/task/\(task)/comm"
         guard FileManager.default.fileExists(atPath: comm), let data = FileManager.default.contents(atPath: comm) else { continue }
         let name = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        // A joined thread can still be listed while the kernel finishes its exit; by then it
+        // has given up the address space (no Vm lines in its status): not running.
+        guard let status = FileManager.default.contents(atPath: "/proc/self/task/\(task)/status"),
+              String(decoding: status, as: UTF8.self).contains("VmSize:") else { continue }
         if name.hasSuffix("-m\(m.serial)") { names.append(name) }
     }
     return names
